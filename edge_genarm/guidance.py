@@ -36,8 +36,11 @@ def log_softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, float]:
     s = float(e.sum())
     lp = shifted
     lp -= math.log(s)
-    entropy = -float(np.dot(e, lp)) / s
-    return lp, entropy
+    with np.errstate(invalid="ignore"):
+        d = float(np.dot(e, lp))
+    if d != d:  # -inf logits (masked tokens): 0 * -inf is NaN, their true term is 0
+        d = float(np.dot(e, np.where(e > 0, lp, 0.0)))
+    return lp, -d / s
 
 
 def entropy(logits: np.ndarray) -> float:

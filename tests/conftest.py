@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random bundle built once by the real exporters, then cached.
+
+The bundle is keyed by the source of the code that builds it, so editing the
+exporters rebuilds it; everything else reuses it (building takes ~30 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fixture_key() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "export").glob("*.py")) + [ROOT / "edge_genarm" / "bundle.py"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def tiny_root() -> Path:
+    from edge_genarm.paths import cache_dir
+    from export.tiny import build_tiny_bundle
+
+    return build_tiny_bundle(cache_dir() / "fixtures" / f"tiny-{_fixture_key()}")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_root) -> Path:
+    return tiny_root / "bundle"
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A private copy to damage."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_bundle):
+    from edge_genarm import load
+
+    e = load(str(tiny_bundle), n_ctx=512)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from export.tiny import smollm2_gguf
+
+    return smollm2_gguf()

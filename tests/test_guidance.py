@@ -1,0 +1,111 @@
+"""The guidance math against direct, independent computations on small arrays."""
+
+import math
+
+import numpy as np
+import pytest
+
+from edge_genarm import guidance as G
+
+from .reference import ref_distribution, ref_log_softmax
+
+
+def test_log_softmax_and_entropy_match_direct():
+    x = np.array([1.0, 2.0, 3.0, -1.0], dtype=np.float32)
+    lp, h = G.log_softmax_entropy(x)
+    ref = ref_log_softmax(x)
+    np.testing.assert_allclose(lp, ref, atol=1e-6)
+    p = np.exp(ref)
+    assert h == pytest.approx(-(p * np.log(p)).sum(), abs=1e-6)
+    assert G.entropy(np.zeros(8)) == pytest.approx(math.log(8), abs=1e-6)
+    assert G.entropy(np.array([0.0, -np.inf, -np.inf])) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_log_softmax_does_not_mutate_input():
+    x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    G.log_softmax(x)
+    assert x.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_combine_is_the_plain_weighted_sum():
+    base = ref_log_softmax([0.0, 1.0, 2.0, 3.0]).astype(np.float32)
+    a1 = ref_log_softmax([3.0, 2.0, 1.0, 0.0]).astype(np.float32)
+    a2 = ref_log_softmax([0.0, 0.0, 5.0, 0.0]).astype(np.float32)
+    s = G.combine(base, [a1, a2], [0.5, 2.0])
+    np.testing.assert_allclose(s, base + 0.5 * a1 + 2.0 * a2, atol=1e-6)
+    # temperature 1, no truncation: exactly p_base * p_a1^0.5 * p_a2^2, renormalised
+    p = G.sampling_distribution(s, G.SamplingParams(1.0, 0, 1.0, 0.0))
+    target = np.exp(base) * np.exp(a1) ** 0.5 * np.exp(a2) ** 2
+    np.testing.assert_allclose(p, target / target.sum(), atol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        G.combine(base, [a1], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("params", [
+    (1.0, 0, 1.0, 0.0), (0.7, 2, 1.0, 0.0), (1.0, 0, 0.6, 0.0), (1.0, 0, 1.0, 0.3),
+    (1.3, 3, 0.8, 0.1), (0.0, 0, 1.0, 0.0), (0.5, 1, 1.0, 0.0),
+])
+def test_truncation_on_four_tokens(params):
+    s = np.array([0.1, 2.0, 1.5, -1.0], dtype=np.float32)
+    p = G.sampling_distribution(s, G.SamplingParams(*params))
+    np.testing.assert_allclose(p, ref_distribution(s, *params), atol=1e-6)
+
+
+def test_top_p_exact_values():
+    # p = [0.5, 0.3, 0.2]: top_p 0.6 keeps two tokens, renormalised to 5/8, 3/8
+    s = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    p = G.sampling_distribution(s, G.SamplingParams(1.0, 0, 0.6, 0.0))
+    np.testing.assert_allclose(p, [0.625, 0.375, 0.0], atol=1e-6)
+    p = G.sampling_distribution(s, G.SamplingParams(1.0, 0, 1.0, 0.5))  # min_p: >= 0.25
+    np.testing.assert_allclose(p, [0.625, 0.375, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_paths_equal_full_sort_on_large_vocab(seed):
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal(49152) * rng.uniform(0.5, 6)).astype(np.float32)
+    for params in [(0.8, 40, 0.95, 0.05), (1.0, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (0.6, 1000, 0.99, 0.0),
+                   (1.0, 5, 1.0, 0.0), (2.0, 0, 0.5, 0.0)]:
+        p = G.sampling_distribution(s, G.SamplingParams(*params))
+        np.testing.assert_allclose(p, ref_distribution(s, *params), atol=1e-6, err_msg=str(params))
+
+
+def test_sample_frequencies_follow_the_distribution():
+    s = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+    params = G.SamplingParams(1.0, 0, 1.0, 0.0)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([G.sample(s, params, rng) for _ in range(20000)], minlength=4)
+    np.testing.assert_allclose(counts / 20000, [0.1, 0.2, 0.3, 0.4], atol=0.015)
+
+
+def test_sample_is_inverse_cdf_with_one_uniform():
+    s = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+    params = G.SamplingParams(1.0, 0, 1.0, 0.0)
+    a, b = np.random.default_rng(42), np.random.default_rng(42)
+    for _ in range(100):
+        tok = G.sample(s, params, a)
+        u = b.random()
+        assert tok == int(np.searchsorted(np.cumsum([0.1, 0.2, 0.3, 0.4]), u, side="right"))
+
+
+def test_greedy_and_masked_scores():
+    s = np.array([0.0, -np.inf, 3.0, 1.0], dtype=np.float32)
+    assert G.sample(s, G.SamplingParams(0.0), np.random.default_rng()) == 2
+    p = G.sampling_distribution(s, G.SamplingParams(1.0, 0, 1.0, 0.0))
+    assert p[1] == 0.0
+
+
+def test_is_finite():
+    assert G.is_finite(np.array([0.0, -np.inf]))
+    assert not G.is_finite(np.array([0.0, np.nan]))
+    assert not G.is_finite(np.array([0.0, np.inf]))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1), "temperature"), (dict(temperature="hot"), "temperature must be a number"),
+    (dict(top_k=-2), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(temperature=float("nan")), "temperature"),
+])
+def test_bad_sampling_params_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        G.SamplingParams(**kw)
