@@ -15,8 +15,15 @@ from .guidance import SamplingParams
 
 
 def _run(engine, prompt, n, weights, guidance):
-    c = engine.generate(prompt, max_tokens=n, sampling=SamplingParams(0.0, 0, 1.0, 0.0), seed=0,
-                        weights=weights, guidance=guidance, ignore_eos=True)
+    c = engine.generate(
+        prompt,
+        max_tokens=n,
+        sampling=SamplingParams(0.0, 0, 1.0, 0.0),
+        seed=0,
+        weights=weights,
+        guidance=guidance,
+        ignore_eos=True,
+    )
     return c.timings.summary()
 
 
@@ -28,8 +35,13 @@ def _best(engine, prompt, n, repeats, guidance):
 def run_bench(engine, prompt: str, n: int, repeats: int = 2) -> dict:
     engine.base.reset()  # prompt evaluation is measured apart; decode steps are what we compare
     unguided = _best(engine, prompt, n, repeats, guidance=False)
-    report = {"base": engine.base.path.name, "arms": dict(engine.weights), "tokens": n,
-              "base_threads": engine.base.threads, "unguided": unguided}
+    report = {
+        "base": engine.base.path.name,
+        "arms": dict(engine.weights),
+        "tokens": n,
+        "base_threads": engine.base.threads,
+        "unguided": unguided,
+    }
     if engine.arms:
         engine._pool = None
         report["guided_sequential"] = _best(engine, prompt, n, repeats, guidance=True)
@@ -47,17 +59,25 @@ def run_bench(engine, prompt: str, n: int, repeats: int = 2) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"base {r['base']}  arms {r['arms'] or 'none'}  {r['tokens']} tokens/run  "
-             f"base threads {r['base_threads']}", ""]
+    lines = [
+        f"base {r['base']}  arms {r['arms'] or 'none'}  {r['tokens']} tokens/run  "
+        f"base threads {r['base_threads']}",
+        "",
+    ]
     lines.append(f"{'mode':<20}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
     for mode in ("unguided", "guided_sequential", "guided_parallel"):
         if mode in r:
             s = r[mode]
             arms = " ".join(f"{k}={v:.2f}" for k, v in s["arm_ms"].items()) or "-"
-            lines.append(f"{mode:<20}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}")
+            lines.append(
+                f"{mode:<20}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}"
+            )
     if "forward_bound_tok_per_s" in r:
-        lines += ["", f"forward bound 1/(t_base + sum t_arm): {r['forward_bound_tok_per_s']:.1f} tok/s",
-                  f"best guided / bound:     {r['guided_vs_bound']:.2f}",
-                  f"best guided / unguided:  {r['guided_vs_unguided']:.2f}"]
+        lines += [
+            "",
+            f"forward bound 1/(t_base + sum t_arm): {r['forward_bound_tok_per_s']:.1f} tok/s",
+            f"best guided / bound:     {r['guided_vs_bound']:.2f}",
+            f"best guided / unguided:  {r['guided_vs_unguided']:.2f}",
+        ]
     lines.append(f"peak RSS: {r['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

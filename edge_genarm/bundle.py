@@ -85,8 +85,13 @@ class Bundle:
         self.arms: dict[str, ArmEntry] = {}
         for name, a in manifest.get("arms", {}).items():
             tok = a.get("tokens")
-            self.arms[name] = ArmEntry(name, root / a["file"], root / tok if tok else None,
-                                       a.get("beta_r"), float(a.get("default_weight", 1.0)))
+            self.arms[name] = ArmEntry(
+                name,
+                root / a["file"],
+                root / tok if tok else None,
+                a.get("beta_r"),
+                float(a.get("default_weight", 1.0)),
+            )
 
     @property
     def chat_template(self) -> str | None:
@@ -99,20 +104,28 @@ class Bundle:
             return cls(root.parent, {"base": {"file": root.name}, "arms": {}})
         mpath = root / MANIFEST
         if not root.is_dir():
-            raise BundleError(f"bundle folder '{root}' does not exist: pass --weights BUNDLE_DIR "
-                              "(made by `edge-genarm export`) or a .gguf file")
+            raise BundleError(
+                f"bundle folder '{root}' does not exist: pass --weights BUNDLE_DIR "
+                "(made by `edge-genarm export`) or a .gguf file"
+            )
         if not mpath.is_file():
-            raise BundleError(f"'{root}' has no {MANIFEST}: it is not an edge-genarm bundle; "
-                              "create one with `edge-genarm export base`, or pass a .gguf file")
+            raise BundleError(
+                f"'{root}' has no {MANIFEST}: it is not an edge-genarm bundle; "
+                "create one with `edge-genarm export base`, or pass a .gguf file"
+            )
         try:
             manifest = json.loads(mpath.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise BundleError(f"'{mpath}' is not valid JSON ({e}): restore it or re-export the bundle") from None
+            raise BundleError(
+                f"'{mpath}' is not valid JSON ({e}): restore it or re-export the bundle"
+            ) from None
         if manifest.get("format") != FORMAT or "base" not in manifest:
             raise BundleError(f"'{mpath}' is not an {FORMAT} manifest: re-export the bundle")
         if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise BundleError(f"'{mpath}' is format {manifest['format_version']}, newer than this "
-                              f"edge-genarm ({FORMAT_VERSION}): upgrade edge-genarm")
+            raise BundleError(
+                f"'{mpath}' is format {manifest['format_version']}, newer than this "
+                f"edge-genarm ({FORMAT_VERSION}): upgrade edge-genarm"
+            )
         bundle = cls(root, manifest)
         bundle.check_files(verify)
         return bundle
@@ -122,14 +135,20 @@ class Bundle:
         for rel, rec in self.manifest.get("files", {}).items():
             p = self.root / rel
             if not p.is_file():
-                raise BundleError(f"bundle '{self.root}' is missing '{rel}': copy the whole bundle "
-                                  "folder again or re-export it")
+                raise BundleError(
+                    f"bundle '{self.root}' is missing '{rel}': copy the whole bundle "
+                    "folder again or re-export it"
+                )
             if p.stat().st_size != rec["size"]:
-                raise BundleError(f"'{p}' has {p.stat().st_size} bytes, the manifest says "
-                                  f"{rec['size']}: the file is truncated or was replaced; re-export it")
+                raise BundleError(
+                    f"'{p}' has {p.stat().st_size} bytes, the manifest says "
+                    f"{rec['size']}: the file is truncated or was replaced; re-export it"
+                )
             if verify and _verified_hash(p) != rec["sha256"]:
-                raise BundleError(f"'{p}' does not match its sha256 in the manifest: the file is "
-                                  "corrupt or was replaced; re-export it")
+                raise BundleError(
+                    f"'{p}' does not match its sha256 in the manifest: the file is "
+                    "corrupt or was replaced; re-export it"
+                )
 
 
 def load_arm_tokens(path: Path | None, arm: str) -> list[str] | None:
@@ -157,13 +176,13 @@ def find_arm_tokens(onnx_path: Path) -> Path | None:
     return None
 
 
-def check_arm_tokens(arm: str, arm_tokens: list[str] | None, base_tokens: list[str],
-                     base_name: str) -> None:
+def check_arm_tokens(arm: str, arm_tokens: list[str] | None, base_tokens: list[str], base_name: str) -> None:
     """Refuse an ARM whose token ids differ from the base's on the shared id range."""
     if arm_tokens is None:
         raise TokenizerMismatchError(
             f"ARM '{arm}' has no tokens.json or tokenizer.json beside it, so its token ids cannot "
-            "be checked against the base: export it with `edge-genarm export arm`")
+            "be checked against the base: export it with `edge-genarm export arm`"
+        )
     n = min(len(arm_tokens), len(base_tokens))
     if vocab_fingerprint(arm_tokens, n) == vocab_fingerprint(base_tokens, n):
         return
@@ -171,7 +190,8 @@ def check_arm_tokens(arm: str, arm_tokens: list[str] | None, base_tokens: list[s
     raise TokenizerMismatchError(
         f"ARM '{arm}' uses a different tokenizer from base '{base_name}': token id {i} is "
         f"{arm_tokens[i]!r} in the ARM but {base_tokens[i]!r} in the base. An ARM must share the "
-        "base's token ids: train or export it from a model with the base's tokenizer")
+        "base's token ids: train or export it from a model with the base's tokenizer"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +209,9 @@ def parse_arm_spec(spec: str) -> tuple[str, float | None]:
     try:
         weight = float(w)
     except ValueError:
-        raise ConfigError(f"ARM weight for '{name}' must be a number, got {w!r}: "
-                          f"e.g. --arm {name}=0.5") from None
+        raise ConfigError(
+            f"ARM weight for '{name}' must be a number, got {w!r}: e.g. --arm {name}=0.5"
+        ) from None
     if weight != weight or weight in (float("inf"), float("-inf")):
         raise ConfigError(f"ARM weight for '{name}' must be finite, got {w!r}")
     return name, weight
@@ -236,23 +257,34 @@ def add_base(root: str | Path, gguf_path: str | Path, name: str = "base.gguf") -
         shutil.copyfile(src, tmp)
         tmp.replace(dst)
     m = read_manifest(root)
-    m["base"] = {"file": name, "architecture": info.architecture, "n_vocab": len(info.tokens),
-                 "tokenizer_fingerprint": vocab_fingerprint(info.tokens)}
+    m["base"] = {
+        "file": name,
+        "architecture": info.architecture,
+        "n_vocab": len(info.tokens),
+        "tokenizer_fingerprint": vocab_fingerprint(info.tokens),
+    }
     m.setdefault("files", {})[name] = file_record(dst)
     write_manifest(root, m)
     return m
 
 
-def add_arm(root: str | Path, onnx_dir: str | Path, name: str, beta_r: float | None = None,
-            weight: float = 1.0, extra: dict | None = None) -> dict:
+def add_arm(
+    root: str | Path,
+    onnx_dir: str | Path,
+    name: str,
+    beta_r: float | None = None,
+    weight: float = 1.0,
+    extra: dict | None = None,
+) -> dict:
     """Copy an exported ARM folder (model.onnx [+ data], tokens.json) into the bundle."""
     root, src = Path(root), Path(onnx_dir)
     m = read_manifest(root)
     if "base" not in m:
         raise BundleError(f"bundle '{root}' has no base model yet: run `edge-genarm export base` first")
     base_tokens = read_gguf(root / m["base"]["file"]).tokens
-    check_arm_tokens(name, load_arm_tokens(find_arm_tokens(src / "model.onnx"), name),
-                     base_tokens, m["base"]["file"])
+    check_arm_tokens(
+        name, load_arm_tokens(find_arm_tokens(src / "model.onnx"), name), base_tokens, m["base"]["file"]
+    )
     rel_dir = Path("arms") / name
     dst = root / rel_dir
     tmp = root / "arms" / f".{name}.partial"
@@ -269,8 +301,11 @@ def add_arm(root: str | Path, onnx_dir: str | Path, name: str, beta_r: float | N
     for p in files:
         recs[f"{rel_dir}/{p.name}"] = file_record(dst / p.name)
     m.setdefault("arms", {})[name] = {
-        "file": f"{rel_dir}/model.onnx", "tokens": f"{rel_dir}/tokens.json", "beta_r": beta_r,
-        "default_weight": weight, **(extra or {}),
+        "file": f"{rel_dir}/model.onnx",
+        "tokens": f"{rel_dir}/tokens.json",
+        "beta_r": beta_r,
+        "default_weight": weight,
+        **(extra or {}),
     }
     write_manifest(root, m)
     return m

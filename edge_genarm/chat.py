@@ -19,13 +19,22 @@ def check_messages(messages) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise ConfigError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
     return messages
 
 
-def render(template: str, messages: list[Message], bos_token: str = "", eos_token: str = "",
-           add_generation_prompt: bool = True) -> str:
+def render(
+    template: str,
+    messages: list[Message],
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -33,11 +42,15 @@ def render(template: str, messages: list[Message], bos_token: str = "", eos_toke
         raise ConfigError(f"the chat template refused the messages: {msg}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         return env.from_string(template).render(
-            messages=check_messages(messages), bos_token=bos_token, eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt)
+            messages=check_messages(messages),
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
     except TemplateError as e:
-        raise ConfigError(f"cannot render the chat template: {e}; pass another with --chat-template") from None
+        raise ConfigError(
+            f"cannot render the chat template: {e}; pass another with --chat-template"
+        ) from None

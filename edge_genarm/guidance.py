@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConfigError
+
 # ---------------------------------------------------------------------------
 # normalisation: logits -> log-probabilities (+ entropy, for free)
 # ---------------------------------------------------------------------------
@@ -86,7 +88,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, lo=0.0, fix="use 0 for greedy, 1 for plain sampling")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, fix="use 1.0 to disable it")
         _check_number("min_p", self.min_p, lo=0.0, hi=1.0, hi_open=True, fix="use 0 to disable it")
 
@@ -97,7 +99,7 @@ class SamplingParams:
 
 def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, fix=""):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     v = float(value)
     bad = not math.isfinite(v)
     bad |= lo is not None and (v <= lo if lo_open else v < lo)
@@ -105,7 +107,7 @@ def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, f
     if bad:
         lo_s = "" if lo is None else ("(" if lo_open else "[") + str(lo)
         hi_s = "" if hi is None else str(hi) + (")" if hi_open else "]")
-        raise ValueError(f"{name} must be in {lo_s or '(-inf'}, {hi_s or 'inf)'}, got {value!r}: {fix}")
+        raise ConfigError(f"{name} must be in {lo_s or '(-inf'}, {hi_s or 'inf)'}, got {value!r}: {fix}")
 
 
 def candidates(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

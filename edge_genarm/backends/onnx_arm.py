@@ -42,8 +42,10 @@ def resolve_providers(device: str, available: list[str]) -> list[str]:
         raise ConfigError(f"unknown ARM device {device!r}: use one of auto, cpu, cuda, coreml")
     wanted = DEVICE_PROVIDERS[device][0]
     if wanted not in available:
-        extra = {"cuda": "pip install 'edge-genarm[gpu]' (onnxruntime-gpu, CUDA 12)",
-                 "coreml": "use onnxruntime >= 1.16 on macOS"}.get(device, "")
+        extra = {
+            "cuda": "pip install 'edge-genarm[gpu]' (onnxruntime-gpu, CUDA 12)",
+            "coreml": "use onnxruntime >= 1.16 on macOS",
+        }.get(device, "")
         raise ConfigError(
             f"ARM device {device!r} needs {wanted}, which this onnxruntime lacks "
             f"(available: {', '.join(available)}): {extra}"
@@ -107,8 +109,10 @@ class OnnxARM:
 
     def _run(self, new: list[int]) -> np.ndarray:
         n_past, n_new = len(self.tokens), len(new)
-        feed = {"input_ids": np.asarray([new], dtype=np.int64),
-                "attention_mask": np.ones((1, n_past + n_new), dtype=np.int64)}
+        feed = {
+            "input_ids": np.asarray([new], dtype=np.int64),
+            "attention_mask": np.ones((1, n_past + n_new), dtype=np.int64),
+        }
         if "position_ids" in self._inputs:
             feed["position_ids"] = np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :]
         feed.update(self._past)

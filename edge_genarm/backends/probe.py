@@ -40,8 +40,9 @@ def probe_gguf(path: str | Path, timeout: float = 120.0) -> None:
     key = _key(path)
     if seen.get(key) == "ok":
         return
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0 or not proc.stdout.startswith("OK"):
         why = (proc.stderr or proc.stdout).strip().splitlines()
         raise ModelFileError(

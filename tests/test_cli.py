@@ -1,0 +1,111 @@
+"""The command line through click's runner, and the chat REPL in a real terminal."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm.cli import main
+
+
+def run(args, input=None):
+    r = CliRunner().invoke(main, args, input=input)
+    return r
+
+
+def test_generate_json_is_reproducible(tiny_bundle):
+    args = [
+        "generate",
+        "--weights",
+        str(tiny_bundle),
+        "--arm",
+        "alpha=1.0",
+        "--arm",
+        "beta=0.5",
+        "--seed",
+        "4",
+        "-n",
+        "8",
+        "--json",
+        "Hello",
+    ]
+    a, b = run(args), run(args)
+    assert a.exit_code == 0, a.output
+    out = json.loads(a.output)
+    assert out == json.loads(b.output) | {"timings": out["timings"]}
+    assert out["weights"] == {"alpha": 1.0, "beta": 0.5}
+    assert len(out["records"]) == len(out["tokens"]) <= 8
+    assert set(out["records"][0]["arm_contrib"]) == {"alpha", "beta"}
+
+
+def test_no_guidance_and_prompt_from_stdin(tiny_bundle):
+    r = run(
+        ["generate", "--weights", str(tiny_bundle), "--no-guidance", "--seed", "1", "-n", "5", "--json"],
+        input="Hi from stdin",
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert all(rec["arm_contrib"] == {} for rec in out["records"])
+
+
+def test_bad_values_are_named(tiny_bundle):
+    r = run(["generate", "--weights", str(tiny_bundle), "--arm", "alpha=much", "Hi"])
+    assert r.exit_code != 0 and "ARM weight for 'alpha' must be a number" in r.output
+    r = run(["generate", "--weights", str(tiny_bundle), "--arm", "nosuch=1", "Hi"])
+    assert r.exit_code != 0 and "unknown ARM 'nosuch'" in r.output
+    r = run(["generate", "--weights", str(tiny_bundle), "--top-p", "0", "Hi"])
+    assert r.exit_code != 0 and "top_p" in r.output
+    r = run(["generate", "--weights", "/nonexistent/bundle", "Hi"])
+    assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_stop_string_from_the_cli(tiny_bundle):
+    base = ["generate", "--weights", str(tiny_bundle), "--seed", "9", "-n", "30", "--json", "Hi"]
+    full = json.loads(run(base).output)["text"]
+    stop = full[10:13]
+    cut = json.loads(run(base + ["--stop", stop]).output)
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_bench_prints_every_figure(tiny_bundle):
+    r = run(["bench", "--weights", str(tiny_bundle), "-n", "8", "--repeats", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    for key in ("unguided", "guided_sequential", "guided_parallel", "forward_bound_tok_per_s", "peak_rss_mb"):
+        assert key in rep
+    assert rep["guided_sequential"]["tokens"] == 8 and set(rep["guided_sequential"]["arm_ms"]) == {
+        "alpha",
+        "beta",
+    }
+
+
+def test_chat_repl_in_a_real_terminal(tiny_bundle):
+    pexpect = pytest.importorskip("pexpect")
+    exe = Path(sys.executable).with_name("edge-genarm")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edge_genarm.cli"]
+    child = pexpect.spawn(
+        cmd[0],
+        cmd[1:] + ["chat", "--weights", str(tiny_bundle), "-n", "6", "--seed", "1"],
+        env={**os.environ, "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect(">>> ")
+        child.sendline("/arms")
+        child.expect("alpha = 1")
+        child.sendline("/set arm alpha 0.25")
+        child.expect("alpha = 0.25")
+        child.sendline("/set arm alpha lots")
+        child.expect("error")
+        child.sendline("/frobnicate")
+        child.expect("unknown command")
+        child.sendline("Hello there")
+        child.expect(r"\[\d+ tokens, [\d.]+ tok/s\]")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
