@@ -210,3 +210,66 @@ def bench(prompt, max_tokens, repeats, as_json, **o):
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------
+# export and bundle commands: the heavy tooling is imported only when they run
+# ---------------------------------------------------------------------------
+
+
+@main.group("export")
+def export_group():
+    """Build bundles: base -> GGUF, ARM -> ONNX, each checked against its source."""
+
+
+@export_group.command("base")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Bundle folder.")
+@click.option("--quant", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--force", is_flag=True, help="Redo / replace an existing export.")
+def export_base_cmd(source, out, quant, force):
+    """SOURCE: a Hugging Face folder (converted by llama.cpp's converter) or a .gguf (adopted)."""
+    from export.commands import export_base
+
+    try:
+        export_base(source, out, quant, force)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"base written to {out}")
+
+
+@export_group.command("arm")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
+@click.option("--name", required=True, help="The ARM's name in the bundle (e.g. positive).")
+@click.option("--beta-r", type=float, help="beta_r the ARM was trained with (weights compare only at equal beta_r).")
+@click.option("--weight", default=1.0, show_default=True, help="Default weight.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 (faster, drifts: parity is printed).")
+@click.option("--layers", type=int, help="Keep only the first N decoder layers (a smaller ARM).")
+@click.option("--force", is_flag=True)
+def export_arm_cmd(source, out, name, beta_r, weight, quantize, layers, force):
+    """SOURCE: a Hugging Face folder or a .gguf (dequantized) sharing the base's tokenizer."""
+    from export.commands import export_arm
+
+    try:
+        export_arm(source, out, name, beta_r, weight, quantize, layers, force)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"ARM '{name}' added to {out}")
+
+
+@main.group("bundle")
+def bundle_group():
+    """Look inside bundles."""
+
+
+@bundle_group.command("inspect")
+@click.argument("path", type=click.Path(exists=True))
+def bundle_inspect(path):
+    """Models, sizes, vocab, chat template, ARMs, weights, beta_r, hashes, parity."""
+    from export.commands import inspect_bundle
+
+    try:
+        click.echo(inspect_bundle(path))
+    except EdgeGenarmError as e:
+        fail(e)

@@ -1,0 +1,187 @@
+"""`edge-genarm export base|arm` and `bundle inspect`: sources -> a checked bundle.
+
+Each export: check the source, convert into a temporary name, check parity
+against the source, then rename into place and record it in the manifest. A run
+killed at any point leaves the previous manifest (or none) untouched, so the
+bundle never loads a half-written model; a re-run of a finished export skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
+from edge_genarm.errors import BundleError
+from export.parity import format_parity, run_parity
+from export.sources import SourceError, load_source, save_hf
+
+
+def _stages(names: list[str], desc: str):
+    from tqdm import tqdm
+
+    return tqdm(names, desc=desc, unit="stage", file=sys.stderr, leave=True,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {bar:20} {postfix}")
+
+
+def source_fingerprint(source: Path, layers: int | None = None) -> str:
+    """Identifies a source version: names, sizes and mtimes of its files (+ the cut)."""
+    h = hashlib.sha256(f"{source.resolve()}|{layers}".encode())
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
+    """True when `out` already holds this exact export (skip); refuse a different one."""
+    if not (out / MANIFEST).is_file():
+        if out.exists() and any(out.iterdir()) and key == "base":
+            raise BundleError(f"'{out}' exists and is not an edge-genarm bundle: choose an empty "
+                              "or new folder for -o")
+        return False
+    m = read_manifest(out)
+    entry = m.get("base") if key == "base" else m.get("arms", {}).get(key)
+    if not entry:
+        return False
+    same = entry.get("source", {}).get("fingerprint") == fp and entry.get("parity", {}).get("passed", True)
+    if same and not force:
+        print(f"{what} is already exported from this source: skipping (--force to redo)", file=sys.stderr)
+        return True
+    if not same and not force and key == "base":
+        raise BundleError(f"'{out}' already holds a different bundle (base from "
+                          f"{entry.get('source', {}).get('path', '?')}): choose another -o, or --force "
+                          "to replace its base")
+    return False
+
+
+def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: bool = False) -> dict:
+    from export.converter import convert_hf_to_gguf
+
+    source, out = Path(source), Path(out)
+    fp = source_fingerprint(source)
+    if _check_output(out, "base", fp, force, "base"):
+        return read_manifest(out)
+    if source.suffix == ".gguf":  # adopt as is: no source to compare against
+        m = add_base(out, source)
+        m["base"]["source"] = {"path": str(source.resolve()), "fingerprint": fp, "kind": "gguf"}
+        m["base"]["parity"] = {"type": "adopted", "passed": True}
+        write_manifest(out, m)
+        return m
+    stages = _stages(["load", "convert", "parity", "write"], "export base")
+    model, tok = load_source(source)
+    stages.update()
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        gguf = convert_hf_to_gguf(source, Path(tmp) / "base.gguf", quant)
+        stages.update()
+        from edge_genarm.backends.llama_base import LlamaBase
+
+        parity = run_parity(model, tok, LlamaBase(gguf, n_ctx=512), quant)
+        stages.set_postfix_str(f"KL {parity['mean_kl']:.1e}")
+        stages.update()
+        print(format_parity("base", parity), file=sys.stderr)
+        if not parity["passed"]:
+            raise BundleError(f"the GGUF of '{source}' failed parity ({format_parity('base', parity)}): "
+                              "not written; try --quant f32 or report the model")
+        m = add_base(out, gguf)
+    m["base"]["source"] = {"path": str(source.resolve()), "fingerprint": fp, "kind": "hf", "type": quant}
+    m["base"]["parity"] = parity
+    write_manifest(out, m)
+    stages.update()
+    stages.close()
+    return m
+
+
+def export_arm(source: str | Path, out: str | Path, name: str, beta_r: float | None,
+               weight: float = 1.0, quantize: str | None = None, layers: int | None = None,
+               force: bool = False) -> dict:
+    from edge_genarm.backends.onnx_arm import OnnxARM
+    from export.onnx_export import export_arm_onnx
+
+    source, out = Path(source), Path(out)
+    if not (out / MANIFEST).is_file():
+        raise BundleError(f"'{out}' has no bundle yet: run `edge-genarm export base SOURCE -o {out}` first")
+    fp = source_fingerprint(source, layers)
+    if _check_output(out, name, fp, force, f"ARM '{name}'"):
+        return read_manifest(out)
+    stages = _stages(["load", "onnx", "parity", "write"], f"export arm {name}")
+    model, tok = load_source(source, layers)
+    stages.update()
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        hf = save_hf(model, tok, Path(tmp) / "hf")
+        onnx_dir = Path(tmp) / "onnx"
+        export_arm_onnx(hf, onnx_dir)
+        kind = "f32"
+        if quantize == "int8":
+            _quantize_int8(onnx_dir)
+            kind = "int8"
+        stages.update()
+        parity = run_parity(model, tok, OnnxARM(onnx_dir / "model.onnx", name), kind)
+        stages.set_postfix_str(f"KL {parity['mean_kl']:.1e}")
+        stages.update()
+        print(format_parity(f"ARM '{name}'", parity), file=sys.stderr)
+        if not parity["passed"]:
+            raise BundleError(f"the ONNX export of '{source}' failed parity: not added to the bundle")
+        extra = {"source": {"path": str(source.resolve()), "fingerprint": fp, "layers": layers},
+                 "parity": parity, "n_layers": model.config.num_hidden_layers,
+                 "n_params": int(sum(p.numel() for p in model.parameters()))}
+        m = add_arm(out, onnx_dir, name, beta_r=beta_r, weight=weight, extra=extra)
+    stages.update()
+    stages.close()
+    return m
+
+
+def _quantize_int8(onnx_dir: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = onnx_dir / "model.onnx"
+    dst = onnx_dir / "model.int8.onnx"
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=False)
+    for p in onnx_dir.glob("model.onnx*"):
+        p.unlink()
+    dst.rename(src)
+
+
+def inspect_bundle(path: str | Path) -> str:
+    from edge_genarm.bundle import Bundle
+    from edge_genarm.gguf import read_gguf
+
+    b = Bundle.open(path, verify=True)
+    info = read_gguf(b.base_path)
+    m = b.manifest
+    lines = [f"bundle {b.root}  ({m.get('created_by', '?')}; all file hashes verified)",
+             f"base   {m['base']['file']}: {info.architecture}, {info.get('general.name', '?')}, "
+             f"{info.arch_get('block_count')} layers, vocab {len(info.tokens)}, context "
+             f"{info.arch_get('context_length')}, {_size(b.base_path)}"]
+    lines.append(f"       chat template: {'yes' if info.get('tokenizer.chat_template') else 'no'}, "
+                 f"bos {info.get('tokenizer.ggml.bos_token_id')}, eos {info.get('tokenizer.ggml.eos_token_id')}, "
+                 f"add_bos {info.get('tokenizer.ggml.add_bos_token', False)}")
+    lines.append(f"       parity: {_parity(m['base'].get('parity'))}")
+    for name, a in m.get("arms", {}).items():
+        arm = b.arms[name]
+        lines.append(f"arm    {name}: {a['file']} {_size(arm.path)}, beta_r {a.get('beta_r')}, default "
+                     f"weight {a.get('default_weight')}, layers {a.get('n_layers', '?')}")
+        lines.append(f"       parity: {_parity(a.get('parity'))}")
+    lines.append("files")
+    for rel, rec in m.get("files", {}).items():
+        lines.append(f"       {rel}  {rec['size']:,} bytes  sha256 {rec['sha256'][:16]}")
+    return "\n".join(lines)
+
+
+def _size(p: Path) -> str:
+    n = sum(q.stat().st_size for q in p.parent.glob(p.name + "*")) if p.exists() else 0
+    return f"{n / 1e6:.1f} MB"
+
+
+def _parity(p: dict | None) -> str:
+    if not p:
+        return "not recorded"
+    if p.get("type") == "adopted":
+        return "adopted as is (no source to compare)"
+    return (f"top-1 {p['top1_agreement']:.3f}, max |dlogit| {p['max_abs_logit_diff']:.2e}, "
+            f"KL {p['mean_kl']:.2e} ({p['type']}): {'passed' if p['passed'] else 'FAILED'}")
+
+

@@ -1,0 +1,80 @@
+"""Where models come from: a Hugging Face folder or a GGUF file (dequantized).
+
+Checks a source before any slow work starts, with errors that name the folder
+and the fix: no weights, no tokenizer, an architecture the exporters lack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_genarm.errors import EdgeGenarmError
+
+# model_type values that both llama.cpp's converter and optimum's ONNX exporter handle
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+             "granite", "olmo", "stablelm", "smollm3"}
+
+
+class SourceError(EdgeGenarmError):
+    """A source model folder or file that cannot be exported."""
+
+
+def check_hf_dir(path: str | Path) -> dict:
+    """Return config.json of a Hugging Face causal-LM folder, or say what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise SourceError(f"'{p}' is not a folder: pass a Hugging Face model folder or a .gguf file")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError(f"'{p}' has no config.json: it is not a Hugging Face model folder")
+    cfg = json.loads(cfg_path.read_text())
+    weights = list(p.glob("*.safetensors")) + list(p.glob("pytorch_model*.bin"))
+    if not weights:
+        raise SourceError(f"'{p}' has no weights (*.safetensors or pytorch_model*.bin): "
+                          "download the full checkpoint, not only its config")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise SourceError(f"'{p}' has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): "
+                          "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED:
+        raise SourceError(f"'{p}' is a '{mt}' model, which edge-genarm cannot export: supported "
+                          f"architectures are {', '.join(sorted(SUPPORTED))}")
+    return cfg
+
+
+def load_source(source: str | Path, layers: int | None = None):
+    """(model, tokenizer) in float32 from a HF folder or a GGUF file; optionally cut to `layers`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(source)
+    if src.suffix == ".gguf":
+        from export.gguf_tokenizer import build_tokenizer
+
+        tok = build_tokenizer(src)  # transformers' own GGUF tokenizer gets EOS/add_bos wrong
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")
+    else:
+        check_hf_dir(src)
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="float32")
+    if layers is not None:
+        truncate_layers(model, layers)
+    return model.eval(), tok
+
+
+def truncate_layers(model, n: int) -> None:
+    """Keep the first n decoder layers; the final norm and LM head stay."""
+    total = model.config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise SourceError(f"--layers must be between 1 and {total} for this model, got {n}")
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+
+
+def save_hf(model, tok, out: str | Path) -> Path:
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
