@@ -242,9 +242,13 @@ def export_base_cmd(source, out, quant, force):
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
 @click.option("--name", required=True, help="The ARM's name in the bundle (e.g. positive).")
-@click.option("--beta-r", type=float, help="beta_r the ARM was trained with (weights compare only at equal beta_r).")
+@click.option(
+    "--beta-r", type=float, help="beta_r the ARM was trained with (weights compare only at equal beta_r)."
+)
 @click.option("--weight", default=1.0, show_default=True, help="Default weight.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 (faster, drifts: parity is printed).")
+@click.option(
+    "--quantize", type=click.Choice(["int8"]), help="Dynamic int8 (faster, drifts: parity is printed)."
+)
 @click.option("--layers", type=int, help="Keep only the first N decoder layers (a smaller ARM).")
 @click.option("--force", is_flag=True)
 def export_arm_cmd(source, out, name, beta_r, weight, quantize, layers, force):

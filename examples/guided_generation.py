@@ -1,6 +1,6 @@
 """Guided generation from Python: load a bundle, change objective weights between turns.
 
-    python examples/guided_generation.py BUNDLE_DIR
+python examples/guided_generation.py BUNDLE_DIR
 """
 
 import sys

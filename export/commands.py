@@ -16,14 +16,20 @@ from pathlib import Path
 from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
 from edge_genarm.errors import BundleError
 from export.parity import format_parity, run_parity
-from export.sources import SourceError, load_source, save_hf
+from export.sources import load_source, save_hf
 
 
 def _stages(names: list[str], desc: str):
     from tqdm import tqdm
 
-    return tqdm(names, desc=desc, unit="stage", file=sys.stderr, leave=True,
-                bar_format="{desc}: {n_fmt}/{total_fmt} {bar:20} {postfix}")
+    return tqdm(
+        names,
+        desc=desc,
+        unit="stage",
+        file=sys.stderr,
+        leave=True,
+        bar_format="{desc}: {n_fmt}/{total_fmt} {bar:20} {postfix}",
+    )
 
 
 def source_fingerprint(source: Path, layers: int | None = None) -> str:
@@ -40,8 +46,9 @@ def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
     """True when `out` already holds this exact export (skip); refuse a different one."""
     if not (out / MANIFEST).is_file():
         if out.exists() and any(out.iterdir()) and key == "base":
-            raise BundleError(f"'{out}' exists and is not an edge-genarm bundle: choose an empty "
-                              "or new folder for -o")
+            raise BundleError(
+                f"'{out}' exists and is not an edge-genarm bundle: choose an empty or new folder for -o"
+            )
         return False
     m = read_manifest(out)
     entry = m.get("base") if key == "base" else m.get("arms", {}).get(key)
@@ -52,9 +59,11 @@ def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
         print(f"{what} is already exported from this source: skipping (--force to redo)", file=sys.stderr)
         return True
     if not same and not force and key == "base":
-        raise BundleError(f"'{out}' already holds a different bundle (base from "
-                          f"{entry.get('source', {}).get('path', '?')}): choose another -o, or --force "
-                          "to replace its base")
+        raise BundleError(
+            f"'{out}' already holds a different bundle (base from "
+            f"{entry.get('source', {}).get('path', '?')}): choose another -o, or --force "
+            "to replace its base"
+        )
     return False
 
 
@@ -84,8 +93,10 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
         stages.update()
         print(format_parity("base", parity), file=sys.stderr)
         if not parity["passed"]:
-            raise BundleError(f"the GGUF of '{source}' failed parity ({format_parity('base', parity)}): "
-                              "not written; try --quant f32 or report the model")
+            raise BundleError(
+                f"the GGUF of '{source}' failed parity ({format_parity('base', parity)}): "
+                "not written; try --quant f32 or report the model"
+            )
         m = add_base(out, gguf)
     m["base"]["source"] = {"path": str(source.resolve()), "fingerprint": fp, "kind": "hf", "type": quant}
     m["base"]["parity"] = parity
@@ -95,9 +106,16 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
     return m
 
 
-def export_arm(source: str | Path, out: str | Path, name: str, beta_r: float | None,
-               weight: float = 1.0, quantize: str | None = None, layers: int | None = None,
-               force: bool = False) -> dict:
+def export_arm(
+    source: str | Path,
+    out: str | Path,
+    name: str,
+    beta_r: float | None,
+    weight: float = 1.0,
+    quantize: str | None = None,
+    layers: int | None = None,
+    force: bool = False,
+) -> dict:
     from edge_genarm.backends.onnx_arm import OnnxARM
     from export.onnx_export import export_arm_onnx
 
@@ -109,6 +127,7 @@ def export_arm(source: str | Path, out: str | Path, name: str, beta_r: float | N
         return read_manifest(out)
     stages = _stages(["load", "onnx", "parity", "write"], f"export arm {name}")
     model, tok = load_source(source, layers)
+    _check_tokenizer(out, name, tok)  # before the slow part
     stages.update()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         hf = save_hf(model, tok, Path(tmp) / "hf")
@@ -125,13 +144,25 @@ def export_arm(source: str | Path, out: str | Path, name: str, beta_r: float | N
         print(format_parity(f"ARM '{name}'", parity), file=sys.stderr)
         if not parity["passed"]:
             raise BundleError(f"the ONNX export of '{source}' failed parity: not added to the bundle")
-        extra = {"source": {"path": str(source.resolve()), "fingerprint": fp, "layers": layers},
-                 "parity": parity, "n_layers": model.config.num_hidden_layers,
-                 "n_params": int(sum(p.numel() for p in model.parameters()))}
+        extra = {
+            "source": {"path": str(source.resolve()), "fingerprint": fp, "layers": layers},
+            "parity": parity,
+            "n_layers": model.config.num_hidden_layers,
+            "n_params": int(sum(p.numel() for p in model.parameters())),
+        }
         m = add_arm(out, onnx_dir, name, beta_r=beta_r, weight=weight, extra=extra)
     stages.update()
     stages.close()
     return m
+
+
+def _check_tokenizer(out: Path, name: str, tok) -> None:
+    from edge_genarm.bundle import check_arm_tokens
+    from edge_genarm.gguf import read_gguf
+    from export.onnx_export import tokens_from_hf_tokenizer
+
+    base = read_manifest(out)["base"]["file"]
+    check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)
 
 
 def _quantize_int8(onnx_dir: Path) -> None:
@@ -152,18 +183,24 @@ def inspect_bundle(path: str | Path) -> str:
     b = Bundle.open(path, verify=True)
     info = read_gguf(b.base_path)
     m = b.manifest
-    lines = [f"bundle {b.root}  ({m.get('created_by', '?')}; all file hashes verified)",
-             f"base   {m['base']['file']}: {info.architecture}, {info.get('general.name', '?')}, "
-             f"{info.arch_get('block_count')} layers, vocab {len(info.tokens)}, context "
-             f"{info.arch_get('context_length')}, {_size(b.base_path)}"]
-    lines.append(f"       chat template: {'yes' if info.get('tokenizer.chat_template') else 'no'}, "
-                 f"bos {info.get('tokenizer.ggml.bos_token_id')}, eos {info.get('tokenizer.ggml.eos_token_id')}, "
-                 f"add_bos {info.get('tokenizer.ggml.add_bos_token', False)}")
+    lines = [
+        f"bundle {b.root}  ({m.get('created_by', '?')}; all file hashes verified)",
+        f"base   {m['base']['file']}: {info.architecture}, {info.get('general.name', '?')}, "
+        f"{info.arch_get('block_count')} layers, vocab {len(info.tokens)}, context "
+        f"{info.arch_get('context_length')}, {_size(b.base_path)}",
+    ]
+    lines.append(
+        f"       chat template: {'yes' if info.get('tokenizer.chat_template') else 'no'}, "
+        f"bos {info.get('tokenizer.ggml.bos_token_id')}, eos {info.get('tokenizer.ggml.eos_token_id')}, "
+        f"add_bos {info.get('tokenizer.ggml.add_bos_token', False)}"
+    )
     lines.append(f"       parity: {_parity(m['base'].get('parity'))}")
     for name, a in m.get("arms", {}).items():
         arm = b.arms[name]
-        lines.append(f"arm    {name}: {a['file']} {_size(arm.path)}, beta_r {a.get('beta_r')}, default "
-                     f"weight {a.get('default_weight')}, layers {a.get('n_layers', '?')}")
+        lines.append(
+            f"arm    {name}: {a['file']} {_size(arm.path)}, beta_r {a.get('beta_r')}, default "
+            f"weight {a.get('default_weight')}, layers {a.get('n_layers', '?')}"
+        )
         lines.append(f"       parity: {_parity(a.get('parity'))}")
     lines.append("files")
     for rel, rec in m.get("files", {}).items():
@@ -181,7 +218,7 @@ def _parity(p: dict | None) -> str:
         return "not recorded"
     if p.get("type") == "adopted":
         return "adopted as is (no source to compare)"
-    return (f"top-1 {p['top1_agreement']:.3f}, max |dlogit| {p['max_abs_logit_diff']:.2e}, "
-            f"KL {p['mean_kl']:.2e} ({p['type']}): {'passed' if p['passed'] else 'FAILED'}")
-
-
+    return (
+        f"top-1 {p['top1_agreement']:.3f}, max |dlogit| {p['max_abs_logit_diff']:.2e}, "
+        f"KL {p['mean_kl']:.2e} ({p['type']}): {'passed' if p['passed'] else 'FAILED'}"
+    )

@@ -19,8 +19,13 @@ PROMPTS = [
 ]
 
 # per export type: (max mean KL, min top-1 agreement)
-THRESHOLDS = {"f32": (1e-3, 0.98), "f16": (1e-2, 0.95), "bf16": (3e-2, 0.9), "q8_0": (3e-2, 0.9),
-              "int8": (0.25, 0.6)}
+THRESHOLDS = {
+    "f32": (1e-3, 0.98),
+    "f16": (1e-2, 0.95),
+    "bf16": (3e-2, 0.9),
+    "q8_0": (3e-2, 0.9),
+    "int8": (0.25, 0.6),
+}
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:
@@ -45,9 +50,12 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     lp_r = np.stack([log_softmax(r) for r in ref]).astype(np.float64)
     lp_g = np.stack([log_softmax(g) for g in got]).astype(np.float64)
     kl = float(np.mean(np.sum(np.exp(lp_r) * (lp_r - lp_g), axis=-1)))
-    return {"top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
-            "max_abs_logit_diff": float(np.max(np.abs(ref - got))), "mean_kl": max(kl, 0.0),
-            "positions": int(ref.shape[0])}
+    return {
+        "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+        "max_abs_logit_diff": float(np.max(np.abs(ref - got))),
+        "mean_kl": max(kl, 0.0),
+        "positions": int(ref.shape[0]),
+    }
 
 
 def run_parity(model, tok, backend, kind: str, continuation: int = 8) -> dict:
@@ -70,5 +78,7 @@ def run_parity(model, tok, backend, kind: str, continuation: int = 8) -> dict:
 
 def format_parity(label: str, r: dict) -> str:
     verdict = "passed" if r["passed"] else "FAILED"
-    return (f"parity {label} ({r['type']}): top-1 {r['top1_agreement']:.3f}, max |dlogit| "
-            f"{r['max_abs_logit_diff']:.2e}, mean KL {r['mean_kl']:.2e} over {r['positions']} positions: {verdict}")
+    return (
+        f"parity {label} ({r['type']}): top-1 {r['top1_agreement']:.3f}, max |dlogit| "
+        f"{r['max_abs_logit_diff']:.2e}, mean KL {r['mean_kl']:.2e} over {r['positions']} positions: {verdict}"
+    )

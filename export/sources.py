@@ -12,8 +12,21 @@ from pathlib import Path
 from edge_genarm.errors import EdgeGenarmError
 
 # model_type values that both llama.cpp's converter and optimum's ONNX exporter handle
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
-             "granite", "olmo", "stablelm", "smollm3"}
+SUPPORTED = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "granite",
+    "olmo",
+    "stablelm",
+    "smollm3",
+}
 
 
 class SourceError(EdgeGenarmError):
@@ -31,15 +44,21 @@ def check_hf_dir(path: str | Path) -> dict:
     cfg = json.loads(cfg_path.read_text())
     weights = list(p.glob("*.safetensors")) + list(p.glob("pytorch_model*.bin"))
     if not weights:
-        raise SourceError(f"'{p}' has no weights (*.safetensors or pytorch_model*.bin): "
-                          "download the full checkpoint, not only its config")
+        raise SourceError(
+            f"'{p}' has no weights (*.safetensors or pytorch_model*.bin): "
+            "download the full checkpoint, not only its config"
+        )
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise SourceError(f"'{p}' has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): "
-                          "save the tokenizer beside the model (tokenizer.save_pretrained)")
+        raise SourceError(
+            f"'{p}' has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): "
+            "save the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
-        raise SourceError(f"'{p}' is a '{mt}' model, which edge-genarm cannot export: supported "
-                          f"architectures are {', '.join(sorted(SUPPORTED))}")
+        raise SourceError(
+            f"'{p}' is a '{mt}' model, which edge-genarm cannot export: supported "
+            f"architectures are {', '.join(sorted(SUPPORTED))}"
+        )
     return cfg
 
 

@@ -1,0 +1,112 @@
+"""Export end to end on tiny Hugging Face models, and its bad inputs."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm import load
+from edge_genarm.bundle import Bundle
+from edge_genarm.cli import main
+from edge_genarm.errors import BundleError, TokenizerMismatchError
+
+pytest.importorskip("torch")
+from export import commands  # noqa: E402
+from export.sources import SourceError, check_hf_dir  # noqa: E402
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "bundle"
+    r = cli("export", "base", tiny_root / "hf" / "base", "-o", out, "--quant", "f32")
+    assert r.exit_code == 0, r.output
+    r = cli("export", "arm", tiny_root / "hf" / "alpha", "-o", out, "--name", "alpha", "--beta-r", "0.1")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_export_then_generate(exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["base"]["parity"]["passed"] and m["base"]["parity"]["top1_agreement"] == 1.0
+    assert m["arms"]["alpha"]["parity"]["max_abs_logit_diff"] < 1e-3 and m["arms"]["alpha"]["beta_r"] == 0.1
+    e = load(str(exported), ["alpha=1.0"])
+    assert e.generate("Hello", max_tokens=4, seed=0).tokens
+
+
+def test_inspect_lists_everything(exported):
+    r = cli("bundle", "inspect", exported)
+    assert r.exit_code == 0, r.output
+    for s in (
+        "vocab 49152",
+        "chat template: yes",
+        "arm    alpha",
+        "beta_r 0.1",
+        "parity: top-1 1.000",
+        "sha256",
+    ):
+        assert s in r.output
+
+
+def test_rerun_skips_and_different_base_is_refused(exported, tiny_root, tmp_path):
+    r = CliRunner().invoke(
+        main, ["export", "arm", str(tiny_root / "hf" / "alpha"), "-o", str(exported), "--name", "alpha"]
+    )
+    assert r.exit_code == 0 and "skipping" in r.output
+    other = tmp_path / "otherbase"
+    shutil.copytree(tiny_root / "hf" / "beta", other)
+    r = cli("export", "base", other, "-o", exported)
+    assert r.exit_code != 0 and "already holds a different bundle" in r.output
+
+
+def test_interrupted_export_leaves_no_valid_bundle_and_resumes(tiny_root, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "run_parity", boom)
+    with pytest.raises(KeyboardInterrupt):
+        commands.export_base(tiny_root / "hf" / "base", out, "f32")
+    with pytest.raises(BundleError):
+        Bundle.open(out)
+    monkeypatch.undo()
+    commands.export_base(tiny_root / "hf" / "base", out, "f32")
+    assert Bundle.open(out).base_path.is_file()
+    assert not list(out.glob("*.partial")) and not list(out.glob("tmp*"))
+
+
+def test_source_folder_problems_are_named(tiny_root, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_root / "hf" / "alpha", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "bert"}))
+    with pytest.raises(SourceError, match="'bert' model.*supported architectures"):
+        check_hf_dir(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(SourceError, match="no tokenizer"):
+        check_hf_dir(d)
+    for p in d.glob("*.safetensors"):
+        p.unlink()
+    with pytest.raises(SourceError, match="no weights"):
+        check_hf_dir(d)
+    r = cli("export", "arm", d, "-o", tmp_path, "--name", "x")
+    assert r.exit_code != 0 and "no bundle yet" in r.output
+
+
+def test_arm_with_a_different_tokenizer_is_refused_before_export(exported, tiny_root, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_root / "hf" / "beta", d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = "hello", "world"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerMismatchError, match="ARM 'beta2' uses a different tokenizer"):
+        commands.export_arm(d, exported, "beta2", 0.1)
+    assert "beta2" not in json.loads((exported / "manifest.json").read_text())["arms"]
