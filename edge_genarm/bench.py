@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from .guidance import SamplingParams
 
@@ -32,8 +31,10 @@ def _best(engine, prompt, n, repeats, guidance):
     return max(runs, key=lambda s: s["tok_per_s"])
 
 
-def run_bench(engine, prompt: str, n: int, repeats: int = 2) -> dict:
-    engine.base.reset()  # prompt evaluation is measured apart; decode steps are what we compare
+def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
+    """`load_engine(parallel)` -> Engine. Sequential mode gives each forward all the
+    cores; parallel mode splits them and overlaps the forwards (engine.split_threads)."""
+    engine = load_engine(False)
     unguided = _best(engine, prompt, n, repeats, guidance=False)
     report = {
         "base": engine.base.path.name,
@@ -43,9 +44,13 @@ def run_bench(engine, prompt: str, n: int, repeats: int = 2) -> dict:
         "unguided": unguided,
     }
     if engine.arms:
-        engine._pool = None
         report["guided_sequential"] = _best(engine, prompt, n, repeats, guidance=True)
-        engine._pool = ThreadPoolExecutor(max_workers=len(engine.arms))
+        engine.close()
+        engine = load_engine(True)
+        report["parallel_threads"] = {
+            "base": engine.base.threads,
+            "arm": next(iter(engine.arms.values())).threads,
+        }
         report["guided_parallel"] = _best(engine, prompt, n, repeats, guidance=True)
         seq = report["guided_sequential"]
         bound = 1e3 / (seq["base_ms"] + sum(seq["arm_ms"].values()))
@@ -53,6 +58,7 @@ def run_bench(engine, prompt: str, n: int, repeats: int = 2) -> dict:
         best = max(report["guided_sequential"]["tok_per_s"], report["guided_parallel"]["tok_per_s"])
         report["guided_vs_bound"] = best / bound
         report["guided_vs_unguided"] = best / unguided["tok_per_s"]
+    engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report["peak_rss_mb"] = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
     return report
@@ -72,6 +78,10 @@ def format_report(r: dict) -> str:
             lines.append(
                 f"{mode:<20}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}"
             )
+    if "parallel_threads" in r:
+        lines.append(
+            f"(parallel: base {r['parallel_threads']['base']} threads, each ARM {r['parallel_threads']['arm']})"
+        )
     if "forward_bound_tok_per_s" in r:
         lines += [
             "",

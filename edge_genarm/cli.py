@@ -53,8 +53,12 @@ def model_options(f):
             type=click.Choice(["auto", "cpu", "cuda", "coreml"]),
             help="onnxruntime device for ARMs.",
         ),
-        click.option("--arm-threads", default=1, show_default=True, help="onnxruntime threads per ARM."),
-        click.option("--sequential", is_flag=True, help="Do not overlap base and ARM forwards."),
+        click.option("--arm-threads", type=int, help="onnxruntime threads per ARM (default: by --parallel)."),
+        click.option(
+            "--parallel",
+            is_flag=True,
+            help="Overlap base and ARM forwards in threads, splitting the cores between them.",
+        ),
         click.option(
             "--chat-template",
             type=click.Path(exists=True, dir_okay=False),
@@ -96,7 +100,7 @@ def load_engine(o: dict):
         gpu_layers=o["gpu_layers"],
         arm_device=o["arm_device"],
         arm_threads=o["arm_threads"],
-        parallel=not o["sequential"],
+        parallel=o["parallel"],
         chat_template=template,
     )
 
@@ -200,9 +204,9 @@ def bench(prompt, max_tokens, repeats, as_json, **o):
     from .bench import format_report, run_bench
 
     try:
-        o["sequential"] = True  # run_bench measures both modes itself
-        engine = load_engine(o)
-        report = run_bench(engine, prompt, max_tokens, repeats)
+        report = run_bench(
+            lambda parallel: load_engine({**o, "parallel": parallel}), prompt, max_tokens, repeats
+        )
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import guidance as G
-from .backends.llama_base import LlamaBase
+from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
 from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
 from .chat import CHATML, render
@@ -197,7 +197,9 @@ class Engine:
             tok = G.sample(scores, params, rng)
             rec.token = tok
             self._fill_record(rec, tok, active)
-            rec.combined_logprob = float(G.log_softmax(scores)[tok]) if self._arm_lp else rec.base_logprob
+            rec.combined_logprob = (
+                (float(scores[tok]) - G.logsumexp(scores)) if self._arm else rec.base_logprob
+            )
             if tok in eos:
                 self._finish = "stop"
                 t.total_s += time.perf_counter() - t1
@@ -239,37 +241,43 @@ class Engine:
         return base_logits, arm_logits
 
     def _combine(self, logits, active) -> tuple[np.ndarray, StepRecord]:
+        """scores = log p_base + sum_i w_i (z_i - logZ_i), z_i the ARM's raw logits.
+
+        Only logZ_i is computed for each ARM (not its whole log-softmax): the
+        sum of w_i * logZ_i is one scalar subtracted at the end.
+        """
         base_logits, arm_logits = logits
-        if not G.is_finite(base_logits):
+        base_lp, h = G.log_softmax_entropy(base_logits)
+        if h != h:  # NaN entropy <=> a NaN or +inf among the logits
             raise EdgeGenarmError(
                 f"the base model '{self.base.path.name}' produced NaN/inf logits: the GGUF may be "
                 "corrupt or GPU offload broken; re-export it or try --gpu-layers 0"
             )
-        base_lp, h = G.log_softmax_entropy(base_logits)
         rec = StepRecord(-1, "", 0.0, 0.0, h)
-        self._arm_lp, self._base_lp = {}, base_lp
+        self._arm, self._base_lp = {}, base_lp
         if not active:
             return base_lp, rec
         v = base_lp.size
         for n in active:
-            lg = arm_logits[n][:v]
-            if not G.is_finite(lg):
+            z = arm_logits[n][:v]
+            lse = G.logsumexp(z)
+            if not np.isfinite(lse):
                 log.warning("ARM '%s' produced NaN/inf logits; skipping its guidance for this step", n)
                 rec.fallback.append(n)
                 continue
-            self._arm_lp[n] = G.log_softmax(lg)
-        names = list(self._arm_lp)
-        short = min((self._arm_lp[n].size for n in names), default=v)
-        lps = [_pad(self._arm_lp[n], v) for n in names]
-        scores = G.combine(base_lp, lps, [active[n] for n in names])
+            self._arm[n] = (z, lse)
+        names = list(self._arm)
+        scores = G.combine(base_lp, [_pad(self._arm[n][0], v) for n in names], [active[n] for n in names])
+        scores -= np.float32(sum(active[n] * self._arm[n][1] for n in names))
+        short = min((self._arm[n][0].size for n in names), default=v)
         if short < v:
             scores[short:] = -np.inf  # ids the ARM does not have: not real shared tokens
         return scores, rec
 
     def _fill_record(self, rec: StepRecord, tok: int, active) -> None:
         rec.base_logprob = float(self._base_lp[tok])
-        for n, lp in self._arm_lp.items():
-            rec.arm_contrib[n] = active[n] * float(lp[tok]) if tok < lp.size else float("-inf")
+        for n, (z, lse) in self._arm.items():
+            rec.arm_contrib[n] = active[n] * (float(z[tok]) - lse) if tok < z.size else float("-inf")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -299,6 +307,16 @@ def _is_token_list(x) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
+    """(base threads, threads per ARM). Sequential: every forward gets all cores.
+    Overlapped: the cores are split so that llama.cpp's and onnxruntime's threads
+    do not fight over the same cores (FACTS.md: spinning threads on 2 cores)."""
+    if not parallel or n_arms == 0:
+        return cores, cores
+    arm = max(1, cores // (n_arms + 1))
+    return max(1, cores - arm * n_arms), arm
+
+
 def load(
     weights: str,
     arms: list[str] | dict[str, float] | None = None,
@@ -307,8 +325,8 @@ def load(
     threads: int | None = None,
     gpu_layers: int = 0,
     arm_device: str = "cpu",
-    arm_threads: int = 1,
-    parallel: bool = True,
+    arm_threads: int | None = None,
+    parallel: bool = False,
     chat_template: str | None = None,
     verify: bool = True,
 ) -> Engine:
@@ -316,17 +334,21 @@ def load(
 
     `arms`: None loads every ARM of the bundle at its default weight; a list of
     "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
+    `parallel` overlaps base and ARM forwards in threads, with the cores split.
     """
     bundle = Bundle.open(weights, verify=verify)
-    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     specs = _arm_specs(bundle, arms)
+    auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
+    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
     loaded, w = {}, {}
     for name, weight in specs:
         entry = resolve_arm(bundle, name)
         check_arm_tokens(
             entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
         )
-        loaded[entry.name] = OnnxARM(entry.path, entry.name, device=arm_device, threads=arm_threads)
+        loaded[entry.name] = OnnxARM(
+            entry.path, entry.name, device=arm_device, threads=arm_threads or auto_arm
+        )
         w[entry.name] = entry.default_weight if weight is None else weight
     return Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
 

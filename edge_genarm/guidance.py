@@ -30,19 +30,26 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def log_softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, float]:
-    """(log p, H) where H = -sum p log p in nats; one exp pass serves both."""
+    """(log p, H) where H = -sum p log p in nats; one exp pass serves both.
+
+    Non-finite input (NaN, +inf) gives NaN entropy: check with `is_finite` first.
+    """
     x = np.asarray(logits, dtype=np.float32)
     m = x.max()
-    shifted = x - m
-    e = np.exp(shifted)
+    lp = np.subtract(x, m)
+    e = np.exp(lp)
     s = float(e.sum())
-    lp = shifted
-    lp -= math.log(s)
+    lp -= np.float32(math.log(s)) if s > 0 and s == s else np.float32("nan")
     with np.errstate(invalid="ignore"):
         d = float(np.dot(e, lp))
-    if d != d:  # -inf logits (masked tokens): 0 * -inf is NaN, their true term is 0
+    if d != d and s == s and m == m:  # -inf logits (masked): 0 * -inf is NaN, their true term is 0
         d = float(np.dot(e, np.where(e > 0, lp, 0.0)))
     return lp, -d / s
+
+
+def logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    return m + math.log(float(np.exp(x - np.float32(m)).sum()))
 
 
 def entropy(logits: np.ndarray) -> float:
@@ -51,9 +58,12 @@ def entropy(logits: np.ndarray) -> float:
 
 
 def is_finite(logits: np.ndarray) -> bool:
-    """True when no NaN and no +inf is present (-inf is a legal mask value)."""
+    """True when no NaN and no +inf is present (-inf is a legal mask value).
+
+    One reduction: max() is NaN if any element is NaN, +inf if any is +inf.
+    """
     m = logits.max()
-    return bool(np.isfinite(m)) and not bool(np.isnan(logits).any())
+    return bool(m == m) and m != np.inf
 
 
 def combine(
@@ -119,15 +129,18 @@ def candidates(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     """
     if params.greedy:
         return np.array([int(np.argmax(scores))]), np.zeros(1, dtype=np.float32)
-    lp = log_softmax(scores / np.float32(params.temperature))
-    if params.top_k > 0:
-        ids = _top_k_ids(lp, params.top_k)
-    elif params.top_p == 1.0 and params.min_p == 0.0:
-        return np.arange(lp.size), lp  # plain sampling: nothing to sort
+    t = np.float32(params.temperature)
+    if params.top_k > 0:  # top-k is blind to temperature and renormalises: no full softmax needed
+        ids = _top_k_ids(scores, params.top_k, width=12.0 * float(t))
+        ids = ids[np.argsort(-scores[ids], kind="stable")]
+        sub = log_softmax(scores[ids] / t)
     else:
+        lp = log_softmax(scores / t)
+        if params.top_p == 1.0 and params.min_p == 0.0:
+            return np.arange(lp.size), lp  # plain sampling: nothing to sort
         ids = _prefilter(lp, params)
-    ids = ids[np.argsort(-lp[ids], kind="stable")]
-    sub = log_softmax(lp[ids]) if params.top_k > 0 else lp[ids]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        sub = lp[ids]
     if params.top_p < 1.0:
         cum = np.cumsum(np.exp(sub.astype(np.float64)))
         n = int(np.searchsorted(cum, params.top_p, side="left")) + 1
@@ -138,13 +151,13 @@ def candidates(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     return ids, log_softmax(sub)
 
 
-def _top_k_ids(lp: np.ndarray, k: int) -> np.ndarray:
+def _top_k_ids(lp: np.ndarray, k: int, width: float = 12.0) -> np.ndarray:
     """The k highest ids, unordered. A cheap threshold pass first: partitioning
     the full vocabulary costs ~10x more than a comparison, and almost always
-    the k best lie within 12 nats of the best."""
+    the k best lie within `width` of the best (falls back to a full partition)."""
     if k >= lp.size:
         return np.arange(lp.size)
-    pool = np.flatnonzero(lp >= lp.max() - 12.0)
+    pool = np.flatnonzero(lp >= lp.max() - width)
     if pool.size < k:
         pool = np.arange(lp.size)
     if pool.size > k:
@@ -183,7 +196,7 @@ def sample(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     ids, sub = candidates(scores, params)
     if ids.size == 1:
         return int(ids[0])
-    cum = np.cumsum(np.exp(sub.astype(np.float64)))
+    cum = np.cumsum(np.exp(sub), dtype=np.float64)
     u = rng.random() * cum[-1]
     j = min(int(np.searchsorted(cum, u, side="right")), ids.size - 1)
     return int(ids[j])

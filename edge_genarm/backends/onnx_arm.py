@@ -60,7 +60,7 @@ class OnnxARM:
         import onnxruntime as ort
 
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        self.path, self.name = Path(path), name
+        self.path, self.name, self.threads = Path(path), name, max(1, int(threads))
         if not self.path.is_file():
             raise ModelFileError(f"ARM '{name}': ONNX file '{self.path}' does not exist: re-export it")
         opts = ort.SessionOptions()
