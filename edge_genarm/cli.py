@@ -55,9 +55,9 @@ def model_options(f):
         ),
         click.option("--arm-threads", type=int, help="onnxruntime threads per ARM (default: by --parallel)."),
         click.option(
-            "--parallel",
-            is_flag=True,
-            help="Overlap base and ARM forwards in threads, splitting the cores between them.",
+            "--parallel/--sequential",
+            default=None,
+            help="Overlap base and ARM forwards in threads, splitting the cores (default: by model sizes).",
         ),
         click.option(
             "--chat-template",

@@ -307,6 +307,20 @@ def _is_token_list(x) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def overlap_pays(base_path, arm_paths) -> bool:
+    """Overlapping forwards pays when the ARMs cost about as much as the base.
+
+    Measured on 2 cores (bench): a 25 MB ARM beside a 98 MB base ran 0.72x as fast
+    overlapped (the base lost a core for a short ARM step); 170 MB and 540 MB ARMs
+    ran 1.19x and 1.26x faster overlapped. Rule: overlap when the ARM files weigh
+    at least half the base's.
+    """
+    if not arm_paths:
+        return False
+    arm_bytes = sum(p.stat().st_size for ap in arm_paths for p in ap.parent.glob(ap.name + "*"))
+    return arm_bytes >= 0.5 * base_path.stat().st_size
+
+
 def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
     """(base threads, threads per ARM). Sequential: every forward gets all cores.
     Overlapped: the cores are split so that llama.cpp's and onnxruntime's threads
@@ -326,7 +340,7 @@ def load(
     gpu_layers: int = 0,
     arm_device: str = "cpu",
     arm_threads: int | None = None,
-    parallel: bool = False,
+    parallel: bool | None = None,
     chat_template: str | None = None,
     verify: bool = True,
 ) -> Engine:
@@ -334,10 +348,14 @@ def load(
 
     `arms`: None loads every ARM of the bundle at its default weight; a list of
     "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
-    `parallel` overlaps base and ARM forwards in threads, with the cores split.
+    `parallel` overlaps base and ARM forwards in threads, with the cores split;
+    None decides by size (see `overlap_pays`).
     """
     bundle = Bundle.open(weights, verify=verify)
     specs = _arm_specs(bundle, arms)
+    if parallel is None:
+        paths = [resolve_arm(bundle, n).path for n, _ in specs]
+        parallel = overlap_pays(bundle.base_path, paths)
     auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
     base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
     loaded, w = {}, {}
