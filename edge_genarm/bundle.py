@@ -246,6 +246,11 @@ def write_manifest(root: Path, manifest: dict) -> None:
     atomic_write_json(root / MANIFEST, manifest)
 
 
+def add_file(root: Path, manifest: dict, rel: str) -> None:
+    """Record a file already written into the bundle (size + sha256)."""
+    manifest.setdefault("files", {})[rel] = file_record(Path(root) / rel)
+
+
 def add_base(root: str | Path, gguf_path: str | Path, name: str = "base.gguf") -> dict:
     """Copy (atomically) a GGUF into the bundle and record it in the manifest."""
     root, src = Path(root), Path(gguf_path)

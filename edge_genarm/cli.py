@@ -11,8 +11,10 @@ import click
 
 from .errors import EdgeGenarmError
 from .guidance import SamplingParams
+from .nudge import NudgeConfig
 
 _D = SamplingParams()  # the one home of the sampling defaults
+_N = NudgeConfig()
 
 
 def default_weights() -> str:
@@ -105,6 +107,27 @@ def load_engine(o: dict):
     )
 
 
+def nudge_options(f):
+    opts = [
+        click.option("--nudge", is_flag=True, help="Entropy-triggered nudging (GGRO, edge variant)."),
+        click.option("--nudge-tau", default=_N.tau, show_default=True, type=float, help="Entropy trigger (nats)."),
+        click.option("--nudge-gap", default=_N.min_gap, show_default=True, type=int, help="Min tokens between sites."),
+        click.option("--nudge-k", default=_N.top_k, show_default=True, type=int, help="Base top-K candidates."),
+        click.option("--nudge-mode", default=_N.mode, show_default=True, type=click.Choice(["force", "bias"])),
+        click.option("--nudge-strength", default=_N.strength, show_default=True, type=float),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def nudge_config(o: dict) -> NudgeConfig | None:
+    if not o.get("nudge"):
+        return None
+    return NudgeConfig(tau=o["nudge_tau"], min_gap=o["nudge_gap"], top_k=o["nudge_k"],
+                       mode=o["nudge_mode"], strength=o["nudge_strength"])
+
+
 def gen_kwargs(o: dict) -> dict:
     return dict(
         sampling=SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"]),
@@ -113,6 +136,7 @@ def gen_kwargs(o: dict) -> dict:
         stop=list(o["stop"]),
         guidance=not o["no_guidance"],
         system=o["system"],
+        nudge=nudge_config(o),
     )
 
 
@@ -134,13 +158,18 @@ def main():
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, records and timings.")
 @click.option("--no-stream", is_flag=True, help="Print the text when done.")
-def generate(prompt, raw, as_json, no_stream, **o):
+@nudge_options
+@click.option("--explain", is_flag=True, help="Mark nudged tokens «new|was» and list what nudging did.")
+def generate(prompt, raw, as_json, no_stream, explain, **o):
     """Generate a reply to PROMPT (or to standard input when PROMPT is absent or '-')."""
     if prompt in (None, "-"):
         prompt = sys.stdin.read()
     try:
         engine = load_engine(o)
         kw = gen_kwargs(o)
+        if explain:
+            click.echo(explain_text(engine, engine.generate(prompt, raw=raw, **kw)))
+            return
         if as_json or no_stream:
             c = engine.generate(prompt, raw=raw, **kw)
             if as_json:
@@ -157,6 +186,24 @@ def generate(prompt, raw, as_json, no_stream, **o):
         fail(e)
 
 
+def explain_text(engine, c) -> str:
+    """The reply with nudged tokens marked «new|was», then the nudge summary."""
+    piece = engine.base.token_bytes
+    parts = []
+    for r in c.records:
+        if r.nudged_from is not None:
+            was = piece(r.nudged_from).decode("utf-8", "replace")
+            parts.append(f"«{r.text}|{was}»")
+        else:
+            parts.append(r.text)
+    out = "".join(parts)
+    if c.nudge is not None:
+        s = c.nudge.summary()
+        out += (f"\n[nudge: {s['sites']} sites in {s['steps']} steps ({s['trigger_rate']:.0%}), "
+                f"{s['changed']} changed the token]")
+    return out
+
+
 def completion_json(c, engine) -> dict:
     return {
         "text": c.text,
@@ -164,6 +211,7 @@ def completion_json(c, engine) -> dict:
         "tokens": c.tokens,
         "weights": engine.weights,
         "timings": c.timings.summary(),
+        "nudge": None if c.nudge is None else {**c.nudge.summary(), "changes": c.nudge.changes},
         "records": [
             dict(
                 token=r.token,
@@ -173,6 +221,8 @@ def completion_json(c, engine) -> dict:
                 entropy=r.entropy,
                 arm_contrib=r.arm_contrib,
                 fallback=r.fallback,
+                site=r.site,
+                nudged_from=r.nudged_from,
             )
             for r in c.records
         ],
@@ -182,6 +232,7 @@ def completion_json(c, engine) -> dict:
 @main.command()
 @model_options
 @sampling_options
+@nudge_options
 def chat(**o):
     """A streaming chat REPL. /help lists the commands."""
     from .repl import run_repl
@@ -281,3 +332,47 @@ def bundle_inspect(path):
         click.echo(inspect_bundle(path))
     except EdgeGenarmError as e:
         fail(e)
+
+
+@export_group.command("nudges")
+@click.option("--reward-model", "source", required=True, type=click.Path(exists=True),
+              help="A sequence-classification reward model or an ARM (HF folder or .gguf) sharing the base's tokenizer.")
+@click.option("--calibration", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of {\"prompt\": ...}.")
+@click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
+@click.option("--prompts", "n_prompts", default=32, show_default=True, help="Calibration prompts used.")
+@click.option("--max-tokens", default=48, show_default=True, help="Response length per prompt.")
+@click.option("--clusters", default=0, show_default=True, help="Context clusters (0: one global direction).")
+@click.option("--tau", default=NudgeConfig().tau, show_default=True, help="Positions with base entropy >= tau give gradients.")
+def export_nudges_cmd(source, calibration, out, n_prompts, max_tokens, clusters, tau):
+    """Precompute nudge-token scores from a reward model's gradients into the bundle."""
+    from export.nudges import export_nudges
+
+    try:
+        meta = export_nudges(out, source, calibration, n_prompts, max_tokens, clusters, tau=tau)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"nudges written to {out}: {meta['n_sites']} gradient sites, {meta['clusters']} clusters")
+
+
+@main.command("calibrate-tau")
+@model_options
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--target-rate", default=0.1, show_default=True, help="Wanted fraction of steps that trigger.")
+@click.option("--n", "n_prompts", default=16, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--nudge-gap", default=NudgeConfig().min_gap, show_default=True)
+def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, **o):
+    """Choose the entropy threshold tau that fires on about --target-rate of the steps."""
+    from .nudge import choose_tau
+
+    try:
+        engine = load_engine(o)
+        entropies = []
+        for i, line in enumerate(Path(prompts_file).read_text().splitlines()[:n_prompts]):
+            c = engine.generate(json.loads(line)["prompt"], seed=i, max_tokens=max_tokens, guidance=False)
+            entropies.append([r.entropy for r in c.records])
+        tau = choose_tau(entropies, target_rate, nudge_gap)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"tau = {tau} (fires on ~{target_rate:.0%} of steps over {sum(map(len, entropies))} steps)")

@@ -21,6 +21,7 @@ from .backends.onnx_arm import OnnxARM
 from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
 from .chat import CHATML, render
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
+from .nudge import NudgeConfig, NudgeReport, NudgeTable, apply_site, is_site
 from .text import TextStream
 
 log = logging.getLogger("edge_genarm")
@@ -37,6 +38,23 @@ class StepRecord:
     entropy: float  # entropy (nats) of the base's raw next-token distribution
     arm_contrib: dict[str, float] = field(default_factory=dict)  # name -> w * log p_arm(token)
     fallback: list[str] = field(default_factory=list)  # ARMs skipped this step (NaN/inf logits)
+    site: bool = False  # a nudge site (entropy trigger fired)
+    nudged_from: int | None = None  # the token sampling chose before the nudge changed it
+
+
+@dataclass
+class _Request:
+    """Per-request state of the loop."""
+
+    params: G.SamplingParams
+    rng: np.random.Generator
+    active: dict[str, float]
+    stream: TextStream
+    on_step: object
+    eos: set[int]
+    nudge: NudgeConfig | None = None
+    report: NudgeReport | None = None
+    last_site: int | None = None
 
 
 @dataclass
@@ -70,6 +88,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     records: list[StepRecord]
     timings: Timings
+    nudge: NudgeReport | None = None
 
 
 class Engine:
@@ -90,6 +109,8 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(arms))) if parallel and arms else None
         self._arm_vocab = {n: a.vocab_size or base.n_vocab for n, a in arms.items()}
         self.last_timings = Timings()
+        self.nudge_table: NudgeTable | None = None
+        self.last_nudge_report: NudgeReport | None = None
 
     # -- configuration ------------------------------------------------------
     def set_weights(self, weights: dict[str, float]) -> None:
@@ -137,7 +158,14 @@ class Engine:
             records.append(rec)
             text.append(rec.text)
         records = [r for r in records if r.token >= 0]  # a token -1 record only carries held text
-        return Completion("".join(text), [r.token for r in records], self._finish, records, self.last_timings)
+        return Completion(
+            "".join(text),
+            [r.token for r in records],
+            self._finish,
+            records,
+            self.last_timings,
+            self.last_nudge_report,
+        )
 
     def stream(
         self,
@@ -153,9 +181,19 @@ class Engine:
         system: str | None = None,
         on_step=None,
         ignore_eos: bool = False,
+        nudge: NudgeConfig | None = None,
         **sampling_kw,
     ) -> Iterator[StepRecord]:
-        """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores."""
+        """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores.
+
+        `nudge` turns on entropy-triggered nudging (nudge.py) with the bundle's
+        nudge table when it has one; `self.last_nudge_report` then says what it did.
+        """
+        if nudge is not None and self.nudge_table is None and not self.weights:
+            raise ConfigError(
+                "nudging needs a nudge table (`edge-genarm export nudges`) or ARMs to score "
+                "candidates: this bundle has neither"
+            )
         params = sampling or G.SamplingParams(**sampling_kw)
         if weights:
             self.set_weights(weights)
@@ -166,9 +204,18 @@ class Engine:
             else self.tokenize_prompt(self.format_prompt(prompt, raw, system))
         )
         budget = self._budget(len(ids), max_tokens)
-        rng = np.random.default_rng(seed)
-        eos = set() if ignore_eos else self.base.eos_ids
-        yield from self._loop(ids, budget, params, rng, active, TextStream(stop), on_step, eos)
+        req = _Request(
+            params,
+            np.random.default_rng(seed),
+            active,
+            TextStream(stop),
+            on_step,
+            set() if ignore_eos else self.base.eos_ids,
+            nudge,
+            NudgeReport() if nudge is not None else None,
+        )
+        self.last_nudge_report = req.report
+        yield from self._loop(ids, budget, req)
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
         """Prompt too long: an error. Prompt + max_tokens too long: generate until the context is full."""
@@ -183,7 +230,9 @@ class Engine:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         return room if max_tokens is None else min(max_tokens, room)
 
-    def _loop(self, ids, budget, params, rng, active, stream: TextStream, on_step, eos):
+    def _loop(self, ids, budget, req: _Request):
+        active, stream, eos = req.active, req.stream, req.eos
+        seq = list(ids)
         t = self.last_timings = Timings(prompt_tokens=len(ids), arm_s={n: 0.0 for n in active})
         self._finish = "length"
         t0 = time.perf_counter()
@@ -192,9 +241,10 @@ class Engine:
         for i in range(budget):
             t1 = time.perf_counter()
             scores, rec = self._combine(logits, active)
-            if on_step is not None:
-                on_step(i, scores, params)
-            tok = G.sample(scores, params, rng)
+            if req.on_step is not None:
+                req.on_step(i, scores, req.params)
+            tok = self._choose(i, scores, rec, req, seq)
+            seq.append(tok)
             rec.token = tok
             self._fill_record(rec, tok, active)
             rec.combined_logprob = (
@@ -219,6 +269,27 @@ class Engine:
         tail = stream.flush()
         if tail:
             yield StepRecord(-1, tail, 0.0, 0.0, 0.0)
+
+    def _choose(self, i: int, scores, rec: StepRecord, req: _Request, seq: list[int]) -> int:
+        """Sample; at a nudge site, let the nudge change the pick (same uniform draw)."""
+        u = req.rng.random()
+        tok = G.sample_u(scores, req.params, u)
+        if req.nudge is None:
+            return tok
+        req.report.steps += 1
+        if not is_site(i, rec.entropy, req.last_site, req.nudge):
+            return tok
+        req.last_site = i
+        req.report.sites.append(i)
+        rec.site = True
+        table = self.nudge_table
+        direction = table.direction_for(seq[-req.nudge.context :]) if table is not None else None
+        forced, biased = apply_site(self._base_lp, scores, req.nudge, direction)
+        new = forced if forced is not None else G.sample_u(biased, req.params, u)
+        if new != tok:
+            req.report.changes.append((i, tok, new))
+            rec.nudged_from = tok
+        return new
 
     def _forward(self, call, active, t: Timings, count: bool = True):
         """Run `call` on the base and on each active ARM, overlapped when a pool exists."""
@@ -368,7 +439,11 @@ def load(
             entry.path, entry.name, device=arm_device, threads=arm_threads or auto_arm
         )
         w[entry.name] = entry.default_weight if weight is None else weight
-    return Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
+    engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
+    nudges = bundle.manifest.get("nudges")
+    if nudges:
+        engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
+    return engine
 
 
 def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:

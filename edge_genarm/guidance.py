@@ -193,10 +193,16 @@ def sampling_distribution(scores: np.ndarray, params: SamplingParams) -> np.ndar
 
 def sample(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Draw one token: inverse CDF over the candidates with one uniform from `rng`."""
+    return sample_u(scores, params, rng.random())
+
+
+def sample_u(scores: np.ndarray, params: SamplingParams, u: float) -> int:
+    """Inverse CDF with a given uniform u in [0, 1): the same u on two score
+    vectors shows what a change of scores did to the draw."""
     ids, sub = candidates(scores, params)
     if ids.size == 1:
         return int(ids[0])
     cum = np.cumsum(np.exp(sub), dtype=np.float64)
-    u = rng.random() * cum[-1]
+    u = u * cum[-1]
     j = min(int(np.searchsorted(cum, u, side="right")), ids.size - 1)
     return int(ids[j])
