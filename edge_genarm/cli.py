@@ -110,10 +110,18 @@ def load_engine(o: dict):
 def nudge_options(f):
     opts = [
         click.option("--nudge", is_flag=True, help="Entropy-triggered nudging (GGRO, edge variant)."),
-        click.option("--nudge-tau", default=_N.tau, show_default=True, type=float, help="Entropy trigger (nats)."),
-        click.option("--nudge-gap", default=_N.min_gap, show_default=True, type=int, help="Min tokens between sites."),
-        click.option("--nudge-k", default=_N.top_k, show_default=True, type=int, help="Base top-K candidates."),
-        click.option("--nudge-mode", default=_N.mode, show_default=True, type=click.Choice(["force", "bias"])),
+        click.option(
+            "--nudge-tau", default=_N.tau, show_default=True, type=float, help="Entropy trigger (nats)."
+        ),
+        click.option(
+            "--nudge-gap", default=_N.min_gap, show_default=True, type=int, help="Min tokens between sites."
+        ),
+        click.option(
+            "--nudge-k", default=_N.top_k, show_default=True, type=int, help="Base top-K candidates."
+        ),
+        click.option(
+            "--nudge-mode", default=_N.mode, show_default=True, type=click.Choice(["force", "bias"])
+        ),
         click.option("--nudge-strength", default=_N.strength, show_default=True, type=float),
     ]
     for o in reversed(opts):
@@ -124,8 +132,13 @@ def nudge_options(f):
 def nudge_config(o: dict) -> NudgeConfig | None:
     if not o.get("nudge"):
         return None
-    return NudgeConfig(tau=o["nudge_tau"], min_gap=o["nudge_gap"], top_k=o["nudge_k"],
-                       mode=o["nudge_mode"], strength=o["nudge_strength"])
+    return NudgeConfig(
+        tau=o["nudge_tau"],
+        min_gap=o["nudge_gap"],
+        top_k=o["nudge_k"],
+        mode=o["nudge_mode"],
+        strength=o["nudge_strength"],
+    )
 
 
 def gen_kwargs(o: dict) -> dict:
@@ -199,8 +212,10 @@ def explain_text(engine, c) -> str:
     out = "".join(parts)
     if c.nudge is not None:
         s = c.nudge.summary()
-        out += (f"\n[nudge: {s['sites']} sites in {s['steps']} steps ({s['trigger_rate']:.0%}), "
-                f"{s['changed']} changed the token]")
+        out += (
+            f"\n[nudge: {s['sites']} sites in {s['steps']} steps ({s['trigger_rate']:.0%}), "
+            f"{s['changed']} changed the token]"
+        )
     return out
 
 
@@ -335,15 +350,29 @@ def bundle_inspect(path):
 
 
 @export_group.command("nudges")
-@click.option("--reward-model", "source", required=True, type=click.Path(exists=True),
-              help="A sequence-classification reward model or an ARM (HF folder or .gguf) sharing the base's tokenizer.")
-@click.option("--calibration", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSONL of {\"prompt\": ...}.")
+@click.option(
+    "--reward-model",
+    "source",
+    required=True,
+    type=click.Path(exists=True),
+    help="A sequence-classification reward model or an ARM (HF folder or .gguf) sharing the base's tokenizer.",
+)
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='JSONL of {"prompt": ...}.',
+)
 @click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
 @click.option("--prompts", "n_prompts", default=32, show_default=True, help="Calibration prompts used.")
 @click.option("--max-tokens", default=48, show_default=True, help="Response length per prompt.")
 @click.option("--clusters", default=0, show_default=True, help="Context clusters (0: one global direction).")
-@click.option("--tau", default=NudgeConfig().tau, show_default=True, help="Positions with base entropy >= tau give gradients.")
+@click.option(
+    "--tau",
+    default=NudgeConfig().tau,
+    show_default=True,
+    help="Positions with base entropy >= tau give gradients.",
+)
 def export_nudges_cmd(source, calibration, out, n_prompts, max_tokens, clusters, tau):
     """Precompute nudge-token scores from a reward model's gradients into the bundle."""
     from export.nudges import export_nudges
@@ -376,3 +405,86 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"tau = {tau} (fires on ~{target_rate:.0%} of steps over {sum(map(len, entropies))} steps)")
+
+
+# ---------------------------------------------------------------------------
+# training commands: preference pairs from local judges, ARMs from pairs
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--weights", "-m", help="Bundle folder or .gguf to sample from (default: SmolLM2-135M-Instruct)."
+)
+@click.option(
+    "--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help='JSONL of {"prompt": ...}.'
+)
+@click.option(
+    "--judge",
+    required=True,
+    help="sentiment | length | regex:PATTERN | keyword:a,b,c | python:MODULE:FUNCTION (higher is better).",
+)
+@click.option("-k", default=2, show_default=True, help="Responses sampled per prompt (best vs worst kept).")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(dir_okay=False), help="Pairs JSONL (appended, resumable)."
+)
+@click.option("--max-tokens", "-n", default=64, show_default=True)
+@click.option("--temperature", "--temp", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "stop"]))
+@click.option("--ctx", default=2048, show_default=True, help="Context length in tokens.")
+def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, on_error, ctx):
+    """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
+    from export.prefs import make_judge, make_pairs, read_prompts
+
+    from .engine import load
+
+    try:
+        fn = make_judge(judge)
+        items = read_prompts(prompts, on_error)[:limit]
+        engine = load(weights or default_weights(), arms=[], n_ctx=ctx)
+        stats = make_pairs(engine, items, fn, judge, out, k, seed, max_tokens, temperature, on_error)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps(stats))
+
+
+@main.command("train-arm")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Pairs JSONL.")
+@click.option(
+    "--init", "init", required=True, type=click.Path(exists=True), help="HF folder or the base .gguf."
+)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (HF checkpoint)."
+)
+@click.option("--beta-r", default=0.05, show_default=True, type=float)
+@click.option(
+    "--lora", "lora_r", default=8, show_default=True, help="LoRA rank (alpha 2r, attention projections)."
+)
+@click.option("--full", is_flag=True, help="Full fine-tune instead of LoRA.")
+@click.option("--layers", type=int, help="Keep only the first N decoder layers (a smaller ARM).")
+@click.option("--lr", type=float, help="Learning rate (default 5e-4 LoRA, 1e-5 full).")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, help="Pairs per optimizer step.")
+@click.option(
+    "--micro-batch", default=4, show_default=True, help="Pairs per forward (gradient accumulation)."
+)
+@click.option("--max-len", default=512, show_default=True, help="Max tokens per sequence.")
+@click.option("--on-long", default="truncate", show_default=True, type=click.Choice(["truncate", "skip"]))
+@click.option("--on-error", default="stop", show_default=True, type=click.Choice(["skip", "stop"]))
+@click.option("--eval-frac", default=0.1, show_default=True, help="Held-out share of the pairs.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--weights", "-m", help="The base bundle or .gguf: refuse an init with other token ids.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available.")
+@click.option("--force", is_flag=True, help="Retrain over a finished ARM in -o.")
+def train_arm_cmd(lora_r, full, **o):
+    """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
+    from export.train_loop import train_arm
+
+    try:
+        info = train_arm(lora_r=None if full else lora_r, **o)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps(info, indent=2))
