@@ -11,9 +11,10 @@ import resource
 import sys
 
 from .guidance import SamplingParams
+from .nudge import NudgeConfig
 
 
-def _run(engine, prompt, n, weights, guidance):
+def _run(engine, prompt, n, weights, guidance, nudge=None):
     c = engine.generate(
         prompt,
         max_tokens=n,
@@ -22,12 +23,16 @@ def _run(engine, prompt, n, weights, guidance):
         weights=weights,
         guidance=guidance,
         ignore_eos=True,
+        nudge=nudge,
     )
-    return c.timings.summary()
+    out = c.timings.summary()
+    if c.nudge is not None:
+        out["nudge"] = c.nudge.summary()
+    return out
 
 
-def _best(engine, prompt, n, repeats, guidance):
-    runs = [_run(engine, prompt, n, None, guidance) for _ in range(repeats)]
+def _best(engine, prompt, n, repeats, guidance, nudge=None):
+    runs = [_run(engine, prompt, n, None, guidance, nudge) for _ in range(repeats)]
     return max(runs, key=lambda s: s["tok_per_s"])
 
 
@@ -45,6 +50,13 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
     }
     if engine.arms:
         report["guided_sequential"] = _best(engine, prompt, n, repeats, guidance=True)
+        # nudging at the default tau, same bundle and mode: its overhead over GenARM alone
+        nudged = _best(engine, prompt, n, repeats, guidance=True, nudge=NudgeConfig())
+        report["guided_nudge"] = nudged
+        seq = report["guided_sequential"]
+        report["nudge_overhead"] = seq["tok_per_s"] / nudged["tok_per_s"] - 1
+        # the same, from the Python-side cost alone (the forwards are identical): less noisy
+        report["nudge_overhead_python"] = (nudged["python_ms"] - seq["python_ms"]) * seq["tok_per_s"] / 1e3
         engine.close()
         engine = load_engine(True)
         report["parallel_threads"] = {
@@ -71,13 +83,20 @@ def format_report(r: dict) -> str:
         "",
     ]
     lines.append(f"{'mode':<20}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
-    for mode in ("unguided", "guided_sequential", "guided_parallel"):
+    for mode in ("unguided", "guided_sequential", "guided_nudge", "guided_parallel"):
         if mode in r:
             s = r[mode]
             arms = " ".join(f"{k}={v:.2f}" for k, v in s["arm_ms"].items()) or "-"
             lines.append(
                 f"{mode:<20}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}"
             )
+    if "guided_nudge" in r:
+        nz = r["guided_nudge"]["nudge"]
+        lines.append(
+            f"(guided_nudge: default tau, {nz['sites']} sites in {nz['steps']} steps = "
+            f"{nz['trigger_rate']:.0%}, {nz['changed']} changed; overhead vs guided_sequential "
+            f"{100 * r['nudge_overhead']:+.1f}%)"
+        )
     if "parallel_threads" in r:
         lines.append(
             f"(parallel: base {r['parallel_threads']['base']} threads, each ARM {r['parallel_threads']['arm']})"

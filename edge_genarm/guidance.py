@@ -131,7 +131,7 @@ def candidates(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
         return np.array([int(np.argmax(scores))]), np.zeros(1, dtype=np.float32)
     t = np.float32(params.temperature)
     if params.top_k > 0:  # top-k is blind to temperature and renormalises: no full softmax needed
-        ids = _top_k_ids(scores, params.top_k, width=12.0 * float(t))
+        ids = top_k_ids(scores, params.top_k, width=12.0 * float(t))
         ids = ids[np.argsort(-scores[ids], kind="stable")]
         sub = log_softmax(scores[ids] / t)
     else:
@@ -151,7 +151,7 @@ def candidates(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     return ids, log_softmax(sub)
 
 
-def _top_k_ids(lp: np.ndarray, k: int, width: float = 12.0) -> np.ndarray:
+def top_k_ids(lp: np.ndarray, k: int, width: float = 12.0) -> np.ndarray:
     """The k highest ids, unordered. A cheap threshold pass first: partitioning
     the full vocabulary costs ~10x more than a comparison, and almost always
     the k best lie within `width` of the best (falls back to a full partition)."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import BundleError, ConfigError
 from .gguf import vocab_fingerprint
+from .guidance import top_k_ids
 
 MODES = ("force", "bias")
 NUDGE_FORMAT = "edge-genarm-nudges"
@@ -191,7 +192,7 @@ def candidate_scores(
     """
     if k > base_lp.size:
         raise ConfigError(f"nudge top-K {k} is larger than the vocabulary ({base_lp.size})")
-    ids = np.argpartition(-base_lp, k - 1)[:k] if k < base_lp.size else np.arange(base_lp.size)
+    ids = top_k_ids(base_lp, k)
     ids = ids[np.argsort(-base_lp[ids], kind="stable")]
     pick = scores[ids].astype(np.float64)
     z = np.zeros(ids.size)

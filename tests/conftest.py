@@ -15,19 +15,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+BUILDERS = ["export/tiny.py", "export/gguf_tokenizer.py", "export/converter.py", "export/onnx_export.py",
+            "edge_genarm/bundle.py"]
+
+
 def _fixture_key() -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "export").glob("*.py")) + [ROOT / "edge_genarm" / "bundle.py"]:
-        h.update(p.read_bytes())
+    for rel in BUILDERS:
+        h.update((ROOT / rel).read_bytes())
     return h.hexdigest()[:12]
 
 
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
+    import fcntl
+
     from edge_genarm.paths import cache_dir
     from export.tiny import build_tiny_bundle
 
-    return build_tiny_bundle(cache_dir() / "fixtures" / f"tiny-{_fixture_key()}")
+    root = cache_dir() / "fixtures" / f"tiny-{_fixture_key()}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".lock", "w") as lock:  # two test runs at once build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_tiny_bundle(root)
 
 
 @pytest.fixture(scope="session")
