@@ -159,9 +159,40 @@ def fail(e: Exception):
 
 @click.group()
 @click.version_option(package_name="edge-genarm")
-def main():
-    """edge-genarm: steer a local LLM with autoregressive reward models, offline."""
+@click.pass_context
+def main(ctx):
+    """edge-genarm: steer a local LLM with autoregressive reward models, offline.
+
+    Settings: command line > EDGE_GENARM_<KEY> environment > config file
+    (~/.config/edge-genarm/config.toml) > built-in defaults; see `config show`.
+    """
+    from .config import default_map, effective
+
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if ctx.invoked_subcommand == "config":
+        return  # `config show` reports problems itself
+    try:
+        ctx.default_map = default_map(effective())
+    except EdgeGenarmError as e:
+        fail(e)
+
+
+@main.group("config")
+def config_group():
+    """The effective settings and where each came from."""
+
+
+@config_group.command("show")
+def config_show():
+    from .config import config_path, effective
+
+    try:
+        settings = effective()
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"# config file: {config_path()}")
+    for k, (v, src) in settings.items():
+        click.echo(f"{k:<16}= {v!r:<30} ({src})")
 
 
 @main.command()
@@ -488,3 +519,16 @@ def train_arm_cmd(lora_r, full, **o):
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(info, indent=2))
+
+
+@main.command()
+@click.option("--weights", "-m", help="Bundle folder or .gguf file to check (default: the default model).")
+@click.option("--arm", "arms", multiple=True, metavar="NAME=W")
+def doctor(weights, arms):
+    """What this machine runs (llama.cpp backend, onnxruntime providers, threads) and a bundle check."""
+    from .doctor import format_checks, run_checks
+
+    checks = run_checks(weights or default_weights(), list(arms) or None)
+    click.echo(format_checks(checks))
+    if any(not ok for _, ok, _, _ in checks):
+        raise SystemExit(1)

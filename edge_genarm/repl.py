@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from .errors import EdgeGenarmError
+from .nudge import NudgeConfig
 
 HELP = """commands:
   /set arm NAME WEIGHT   change an ARM's weight (0 turns it off)
+  /set temperature X     also top_k, top_p, min_p, max_tokens, seed
+  /set nudge on|off      entropy-triggered nudging
   /arms                  loaded ARMs and their weights
   /system TEXT           set the system prompt (starts a new conversation)
   /reset                 forget the conversation
@@ -34,6 +38,26 @@ def _read(prompt: str) -> str | None:
             break
         lines.append(more)
     return "\n".join(lines)
+
+
+def _set_option(kw: dict, name: str, value: str) -> str:
+    """Change one generation setting in `kw`; raises ValueError with the reason."""
+    name = name.replace("-", "_")
+    if name in ("temperature", "top_p", "min_p"):
+        kw["sampling"] = replace(kw["sampling"], **{name: float(value)})
+    elif name == "top_k":
+        kw["sampling"] = replace(kw["sampling"], top_k=int(value))
+    elif name in ("max_tokens", "seed"):
+        kw[name] = int(value)
+    elif name == "nudge":
+        if value not in ("on", "off"):
+            raise ValueError("use /set nudge on or /set nudge off")
+        kw["nudge"] = (kw.get("nudge") or NudgeConfig()) if value == "on" else None
+    else:
+        raise ValueError(
+            f"unknown setting '{name}': temperature, top_k, top_p, min_p, max_tokens, seed, nudge"
+        )
+    return f"{name} = {value}"
 
 
 def _command(line: str, engine, state: dict, out) -> bool:
@@ -65,6 +89,11 @@ def _command(line: str, engine, state: dict, out) -> bool:
             out(f"  {parts[2]} = {float(parts[3]):g}")
         except (ValueError, EdgeGenarmError) as e:
             out(f"  error: {e}")
+    elif cmd == "/set" and len(parts) == 3:
+        try:
+            out("  " + _set_option(state["kw"], parts[1], parts[2]))
+        except (ValueError, EdgeGenarmError) as e:
+            out(f"  error: {e}")
     else:
         out(f"unknown command {line!r}: /help lists the commands")
     return True
@@ -79,7 +108,7 @@ def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
     def out(s):
         print(s, file=stdout, flush=True)
 
-    state = {"messages": [], "system": gen_kwargs.pop("system", None)}
+    state = {"messages": [], "system": gen_kwargs.pop("system", None), "kw": gen_kwargs}
     out("edge-genarm chat: /help for commands, /bye to leave")
     while True:
         line = _read(">>> ")

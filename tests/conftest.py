@@ -15,8 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-BUILDERS = ["export/tiny.py", "export/gguf_tokenizer.py", "export/converter.py", "export/onnx_export.py",
-            "edge_genarm/bundle.py"]
+BUILDERS = [
+    "export/tiny.py",
+    "export/gguf_tokenizer.py",
+    "export/converter.py",
+    "export/onnx_export.py",
+    "edge_genarm/bundle.py",
+]
 
 
 def _fixture_key() -> str:
@@ -67,3 +72,14 @@ def smollm2_gguf() -> Path:
     from export.tiny import smollm2_gguf
 
     return smollm2_gguf()
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(monkeypatch, tmp_path_factory):
+    """Tests never read the developer's own config file or EDGE_GENARM_* settings."""
+    import os
+
+    for var in list(os.environ):
+        if var.startswith("EDGE_GENARM_") and var not in ("EDGE_GENARM_CACHE", "EDGE_GENARM_LLAMA_SRC"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("EDGE_GENARM_CONFIG", str(tmp_path_factory.getbasetemp() / "no-config.toml"))
