@@ -69,6 +69,7 @@ class LlamaBase:
         self._get_logits = llama_cpp.llama_get_logits_ith
         self._ctx_ptr = self._ctx.ctx
         self.tokens: list[int] = []
+        self.last_prefill_evaluated = 0  # tokens the last prefill actually ran (the rest came from cache)
 
     # -- tokenizer (the GGUF's own vocabulary) ------------------------------
     @property
@@ -124,6 +125,7 @@ class LlamaBase:
         if keep < len(self.tokens):
             self._ctx.kv_cache_seq_rm(-1, keep, -1)
             self.tokens = self.tokens[:keep]
+        self.last_prefill_evaluated = len(tokens) - keep
         return self._decode(list(tokens[keep:]))
 
     def step(self, token: int) -> np.ndarray:
