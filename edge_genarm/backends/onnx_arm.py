@@ -94,6 +94,8 @@ class OnnxARM:
         shape = self.session.get_outputs()[0].shape
         self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
         self._empty = {n: self._empty_past(self._inputs[n]) for n in self._past_names}
+        self._ort = ort
+        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.reset()
 
     @staticmethod
@@ -105,28 +107,37 @@ class OnnxARM:
 
     def reset(self) -> None:
         self.tokens: list[int] = []
-        self._past = dict(self._empty)
+        self._past = {n: self._ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._empty.items()}
 
     def _run(self, new: list[int]) -> np.ndarray:
+        """One forward with IOBinding: the KV cache stays in ORT's buffers between
+        steps (no copy out to NumPy and back, which grows with the context);
+        only the last position's logits are copied out."""
         n_past, n_new = len(self.tokens), len(new)
-        feed = {
-            "input_ids": np.asarray([new], dtype=np.int64),
-            "attention_mask": np.ones((1, n_past + n_new), dtype=np.int64),
-        }
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([new], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, n_past + n_new), dtype=np.int64))
         if "position_ids" in self._inputs:
-            feed["position_ids"] = np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :]
-        feed.update(self._past)
-        outs = self.session.run(self._out_names, feed)
+            io.bind_cpu_input("position_ids", np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :])
+        for name, value in self._past.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self._out_names:
+            io.bind_output(name, self._device)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
         self._past = dict(zip(self._past_names, outs[1:]))
         self.tokens.extend(new)
-        return outs[0][0, -1]
+        return outs[0].numpy()[0, -1]
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
         keep = _common_prefix(self.tokens, tokens)
         keep = min(keep, len(tokens) - 1)  # always evaluate one token to get logits
         if keep < len(self.tokens):
-            self._past = {n: np.ascontiguousarray(v[:, :, :keep]) for n, v in self._past.items()}
+            self._past = {
+                n: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]))
+                for n, v in self._past.items()
+            }
             self.tokens = self.tokens[:keep]
         return self._run(list(tokens[keep:]))
 
