@@ -532,3 +532,54 @@ def doctor(weights, arms):
     click.echo(format_checks(checks))
     if any(not ok for _, ok, _, _ in checks):
         raise SystemExit(1)
+
+
+@main.command()
+@model_options
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--skip", default=0, show_default=True, help="Skip the first N prompts (held-out split).")
+@click.option("-n", "n_prompts", default=16, show_default=True, help="Prompts to use.")
+@click.option(
+    "--setting",
+    "settings",
+    multiple=True,
+    metavar="SPEC",
+    help="unguided | NAME=W[,NAME=W] [+nudge], repeatable (default: unguided and each ARM).",
+)
+@click.option(
+    "--judge",
+    "judges",
+    multiple=True,
+    default=("sentiment", "length"),
+    show_default=True,
+    help="A judge spec as for `prefs`, repeatable.",
+)
+@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, **o):
+    """Same prompts and seeds, several guidance settings, judged scores (mean ± s.e.)."""
+    from export.prefs import make_judge
+
+    from .compare import format_rows, parse_setting, run_compare
+
+    try:
+        engine = load_engine(o)
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()[skip : skip + n_prompts]
+        prompts = [json.loads(x)["prompt"] for x in lines if x.strip()]
+        arms = list(engine.arms)
+        specs = settings or ["unguided", *[f"{a}=1" for a in arms]]
+        parsed = [parse_setting(s, arms) for s in specs]
+        judge_fns = {j: make_judge(j) for j in judges}
+
+        def progress(label, i, n):
+            click.echo(f"\r{label}: {i}/{n}", nl=False, err=True)
+
+        rows = run_compare(engine, prompts, parsed, judge_fns, max_tokens, seed, progress)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo("", err=True)
+    click.echo(
+        f"{len(prompts)} prompts from {prompts_file} (from line {skip + 1}), seeds {seed}..; "
+        f"judges: {', '.join(judges)}"
+    )
+    click.echo(format_rows(rows, list(judges)))

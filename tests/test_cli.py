@@ -113,3 +113,21 @@ def test_chat_repl_in_a_real_terminal(tiny_bundle):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+def test_compare_runs_every_setting_on_the_same_prompts(tiny_bundle, tmp_path):
+    from edge_genarm.compare import parse_setting
+    from edge_genarm.errors import ConfigError
+
+    s = parse_setting("alpha=0.5,beta=1+nudge", ["alpha", "beta"])
+    assert s.weights == {"alpha": 0.5, "beta": 1.0} and s.nudge
+    assert parse_setting("unguided", ["alpha"]).weights == {"alpha": 0.0}
+    with pytest.raises(ConfigError, match="unknown ARM 'gamma'"):
+        parse_setting("gamma=1", ["alpha"])
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "Hi"}\n{"prompt": "Rain?"}\n')
+    r = run(["compare", "--weights", str(tiny_bundle), "--prompts", str(p), "--max-tokens", "4",
+             "--setting", "unguided", "--setting", "alpha=1+nudge", "--judge", "length"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-2].startswith("unguided") and lines[-1].startswith("alpha=1+nudge") and "%" in lines[-1]
