@@ -527,6 +527,13 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
 @click.option("--weights", "-m", help="The base bundle or .gguf: refuse an init with other token ids.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available.")
 @click.option("--force", is_flag=True, help="Retrain over a finished ARM in -o.")
+@click.option(
+    "--lora-targets",
+    type=click.Choice(["attn", "all"]),
+    default="attn",
+    show_default=True,
+    help="LoRA on attention projections, or on all linear layers (attention + MLP).",
+)
 def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
     from export.train_loop import train_arm

@@ -23,7 +23,10 @@ from edge_genarm.paths import atomic_write_json
 from export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
 
 ARM_INFO = "edge_genarm_arm.json"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_TARGETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],  # the GenARM reference recipe
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def check_base_tokens(weights: str | Path, tok, name: str) -> None:
@@ -40,7 +43,7 @@ def check_base_tokens(weights: str | Path, tok, name: str) -> None:
         tok.chat_template = template
 
 
-def prepare_model(init: str | Path, layers: int | None, lora_r: int | None, device):
+def prepare_model(init: str | Path, layers: int | None, lora_r: int | None, device, targets: str = "attn"):
     """(model, tokenizer): float32, cut to `layers`, wrapped in LoRA (r, alpha 2r) unless full."""
     from export.sources import load_source
 
@@ -53,7 +56,9 @@ def prepare_model(init: str | Path, layers: int | None, lora_r: int | None, devi
     if lora_r:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        cfg = LoraConfig(
+            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS[targets]
+        )
         model = get_peft_model(model, cfg)
     return model.to(device), tok
 
@@ -173,6 +178,7 @@ def train_arm(
     device: str | None = None,
     progress: bool = True,
     force: bool = False,
+    lora_targets: str = "attn",
 ) -> dict:
     """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records."""
     import torch
@@ -186,14 +192,16 @@ def train_arm(
     stats: dict = {}
     pairs = load_pairs(data, on_error, stats)
     torch.manual_seed(seed)
-    model, tok = prepare_model(init, layers, lora_r, device)
+    model, tok = prepare_model(init, layers, lora_r, device, lora_targets)
     if weights:
         check_base_tokens(weights, tok, out.name)
     enc = encode_pairs(tok, pairs, max_len, on_long, stats)
     tr, ho = split(len(enc), eval_frac, seed)
     train_enc, eval_enc = [enc[i] for i in tr], [enc[i] for i in ho]
     settings = dict(data=data_digest(data), init=str(Path(init).resolve()), beta_r=beta_r, lora_r=lora_r)
-    settings.update(layers=layers, lr=lr, epochs=epochs, batch_size=batch_size, max_len=max_len)
+    settings.update(
+        lora_targets=lora_targets, layers=layers, lr=lr, epochs=epochs, batch_size=batch_size, max_len=max_len
+    )
     settings.update(on_long=on_long, eval_frac=eval_frac, seed=seed, n=len(enc))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     plan = step_plan(len(train_enc), batch_size, epochs, seed)
@@ -210,7 +218,7 @@ def train_arm(
         "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
         "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None,
         "steps": len(plan), "epochs": epochs, "layers": model.config.num_hidden_layers,
-        "method": f"lora r={lora_r}" if lora_r else "full", "lr": lr, "max_len": max_len,
+        "method": f"lora r={lora_r} ({lora_targets})" if lora_r else "full", "lr": lr, "max_len": max_len,
         "truncated": stats.get("truncated", 0), "skipped_long": stats.get("skipped_long", 0),
         "bad_lines": stats.get("bad_lines", 0), "seconds": round(time.time() - t0, 1), "device": str(device),
     }  # fmt: skip
