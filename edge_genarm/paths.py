@@ -19,18 +19,7 @@ def cache_dir() -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
