@@ -429,16 +429,21 @@ def load(
         parallel = overlap_pays(bundle.base_path, paths)
     auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
     base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
-    loaded, w = {}, {}
+    entries = []
     for name, weight in specs:
         entry = resolve_arm(bundle, name)
         check_arm_tokens(
             entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
         )
-        loaded[entry.name] = OnnxARM(
-            entry.path, entry.name, device=arm_device, threads=arm_threads or auto_arm
-        )
-        w[entry.name] = entry.default_weight if weight is None else weight
+        entries.append((entry, weight))
+    # Sessions are created side by side: reading a large ONNX file dominates a warm start.
+    with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
+        futures = [
+            pool.submit(OnnxARM, e.path, e.name, device=arm_device, threads=arm_threads or auto_arm)
+            for e, _ in entries
+        ]
+        loaded = {e.name: f.result() for (e, _), f in zip(entries, futures)}
+    w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
     engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
     nudges = bundle.manifest.get("nudges")
     if nudges:

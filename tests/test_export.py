@@ -110,3 +110,19 @@ def test_arm_with_a_different_tokenizer_is_refused_before_export(exported, tiny_
     with pytest.raises(TokenizerMismatchError, match="ARM 'beta2' uses a different tokenizer"):
         commands.export_arm(d, exported, "beta2", 0.1)
     assert "beta2" not in json.loads((exported / "manifest.json").read_text())["arms"]
+
+
+def test_large_arms_get_external_data_with_identical_logits(tiny_bundle, tmp_path):
+    import numpy as np
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
+    from export.onnx_export import _externalize
+
+    src = tiny_bundle / "arms" / "alpha" / "model.onnx"
+    dst = tmp_path / "model.onnx"
+    shutil.copyfile(src, dst)
+    _externalize(dst, threshold=0)
+    assert (tmp_path / "model.onnx_data").stat().st_size > dst.stat().st_size
+    ids = [1, 4093, 198, 19556]
+    a, b = OnnxARM(src, "a"), OnnxARM(dst, "b")
+    np.testing.assert_array_equal(a.prefill(ids), b.prefill(ids))
