@@ -186,6 +186,8 @@ class Engine:
     ) -> Iterator[StepRecord]:
         """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores.
 
+        `weights` changes the engine's ARM weights (they stay for later calls, like
+        `set_weights`); `guidance=False` runs the base alone without touching them.
         `nudge` turns on entropy-triggered nudging (nudge.py) with the bundle's
         nudge table when it has one; `self.last_nudge_report` then says what it did.
         """
