@@ -126,3 +126,14 @@ def test_large_arms_get_external_data_with_identical_logits(tiny_bundle, tmp_pat
     ids = [1, 4093, 198, 19556]
     a, b = OnnxARM(src, "a"), OnnxARM(dst, "b")
     np.testing.assert_array_equal(a.prefill(ids), b.prefill(ids))
+
+
+def test_int8_arm_is_smaller_and_its_drift_is_recorded(exported, tiny_root):
+    r = cli("export", "arm", tiny_root / "hf" / "beta", "-o", exported, "--name", "beta8", "--quantize", "int8")
+    assert r.exit_code == 0, r.output
+    m = json.loads((exported / "manifest.json").read_text())
+    p = m["arms"]["beta8"]["parity"]
+    assert p["type"] == "int8" and p["passed"] and 0 < p["mean_kl"] < 0.25 and p["max_abs_logit_diff"] > 1e-4
+    f32 = (exported / "arms" / "alpha" / "model.onnx").stat().st_size
+    assert (exported / "arms" / "beta8" / "model.onnx").stat().st_size < f32 / 2
+    assert load(str(exported), ["beta8=1"]).generate("Hi", max_tokens=3, seed=0).tokens
