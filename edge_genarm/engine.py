@@ -106,7 +106,9 @@ class Engine:
         self.weights: dict[str, float] = {}
         self.set_weights(weights)
         self.chat_template = chat_template or base.info.get("tokenizer.chat_template") or None
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(arms))) if parallel and arms else None
+        # One worker per ARM: an ARM's calls stay in order even when a reply was
+        # interrupted (Ctrl+C) while its step was still running.
+        self._pools = {n: ThreadPoolExecutor(max_workers=1) for n in arms} if parallel else {}
         self._arm_vocab = {n: a.vocab_size or base.n_vocab for n, a in arms.items()}
         self.last_timings = Timings()
         self.nudge_table: NudgeTable | None = None
@@ -297,8 +299,8 @@ class Engine:
         """Run `call` on the base and on each active ARM, overlapped when a pool exists."""
         t0 = time.perf_counter()
         futures = {}
-        if self._pool is not None:
-            futures = {n: self._pool.submit(_timed, call, self.arms[n]) for n in active}
+        if self._pools:
+            futures = {n: self._pools[n].submit(_timed, call, self.arms[n]) for n in active}
         tb = time.perf_counter()
         base_logits = call(self.base)
         t.base_s += time.perf_counter() - tb
@@ -353,8 +355,8 @@ class Engine:
             rec.arm_contrib[n] = active[n] * (float(z[tok]) - lse) if tok < z.size else float("-inf")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
 
 
 def _timed(call, model):
