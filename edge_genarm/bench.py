@@ -95,7 +95,8 @@ def format_report(r: dict) -> str:
         lines.append(
             f"(guided_nudge: default tau, {nz['sites']} sites in {nz['steps']} steps = "
             f"{nz['trigger_rate']:.0%}, {nz['changed']} changed; overhead vs guided_sequential "
-            f"{100 * r['nudge_overhead']:+.1f}%)"
+            f"{100 * r['nudge_overhead']:+.1f}% by tok/s, "
+            f"{100 * r['nudge_overhead_python']:+.2f}% by Python-side time)"
         )
     if "parallel_threads" in r:
         lines.append(

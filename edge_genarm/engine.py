@@ -109,7 +109,6 @@ class Engine:
         # One worker per ARM: an ARM's calls stay in order even when a reply was
         # interrupted (Ctrl+C) while its step was still running.
         self._pools = {n: ThreadPoolExecutor(max_workers=1) for n in arms} if parallel else {}
-        self._arm_vocab = {n: a.vocab_size or base.n_vocab for n, a in arms.items()}
         self.last_timings = Timings()
         self.nudge_table: NudgeTable | None = None
         self.last_nudge_report: NudgeReport | None = None
