@@ -534,6 +534,11 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     show_default=True,
     help="LoRA on attention projections, or on all linear layers (attention + MLP).",
 )
+@click.option(
+    "--lora-layers",
+    type=int,
+    help="LoRA on the last N decoder layers only (faster: backward stops there). Default: all.",
+)
 def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
     from export.train_loop import train_arm

@@ -184,12 +184,13 @@ def pick_pair(responses: list[str], scores: list[float]) -> tuple[int, int] | No
     return best, worst
 
 
-def sample_responses(engine, prompt: str, index: int, k: int, seed: int, **gen) -> list[str]:
-    """k unguided samples; seeds depend only on (seed, prompt index, j), so re-runs repeat them."""
-    return [
-        engine.generate(prompt, seed=seed * 1_000_003 + index * 101 + j, guidance=False, **gen).text
+def sample_responses(engine, prompt: str, index: int, k: int, seed: int, **gen) -> list[tuple[str, str]]:
+    """k unguided (text, finish_reason) samples; seeds depend only on (seed, prompt index, j)."""
+    outs = [
+        engine.generate(prompt, seed=seed * 1_000_003 + index * 101 + j, guidance=False, **gen)
         for j in range(k)
     ]
+    return [(o.text, o.finish_reason) for o in outs]
 
 
 def make_pairs(
@@ -215,13 +216,14 @@ def make_pairs(
     stats = {"prompts": len(prompts), "already_done": len(prompts) - len(todo), "pairs": 0}
     stats.update(ties=0, judge_errors=0, empty_responses=0)
     for i, prompt in _bar(todo, progress, stats):
-        texts = [
-            t
-            for t in sample_responses(
+        samples = [
+            (t, why)
+            for t, why in sample_responses(
                 engine, prompt, i, k, seed, max_tokens=max_tokens, temperature=temperature
             )
             if t.strip()
         ]
+        texts = [t for t, _ in samples]
         stats["empty_responses"] += k - len(texts)
         try:
             scores = [run_judge(judge, judge_name, i, prompt, t) for t in texts]
@@ -243,6 +245,8 @@ def make_pairs(
                 "chosen": texts[w],
                 "rejected": texts[lo],
                 "scores": {"chosen": scores[w], "rejected": scores[lo]},
+                # "length": cut at max_tokens, so training appends no EOS to it
+                "finish": {"chosen": samples[w][1], "rejected": samples[lo][1]},
                 "judge": judge_name,
                 "prompt_index": i,
             },

@@ -6,7 +6,8 @@ The reward of a response is its summed log-prob under the ARM (prompt masked):
     L       = -log sigmoid(beta_r * (r(x, y_w) - r(x, y_l)))
 
 no reference model, no length normalisation (ALGORITHMS.md section 1). Prompts
-go through the chat template the runtime applies; a response is its tokens + EOS.
+go through the chat template the runtime applies; a response is its tokens + EOS
+(no EOS when the pair file marks it cut at max_tokens: "finish": "length").
 The loop (LoRA or full, checkpoints, held-out accuracy) is in `export.train_loop`.
 """
 
@@ -30,6 +31,8 @@ class Pair:
     chosen: str
     rejected: str
     line: int
+    # False where the sampler cut the response at max_tokens ("finish": "length"): no EOS follows it
+    finished: tuple[bool, bool] = (True, True)
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +75,10 @@ def parse_pair(rec, line: int) -> Pair:
     for key in ("chosen", "rejected"):
         if not getattr(pair, key).strip():
             raise ValueError(f'"{key}" response is empty: fill it in or drop the pair')
+    finish = rec.get("finish", {})
+    if not isinstance(finish, dict) or not set(finish.values()) <= {"stop", "length"}:
+        raise ValueError('"finish" must map chosen/rejected to "stop" or "length"')
+    pair.finished = (finish.get("chosen") != "length", finish.get("rejected") != "length")
     return pair
 
 
@@ -111,8 +118,9 @@ def prompt_ids(tok, prompt: str | list[dict]) -> list[int]:
     return ids
 
 
-def response_ids(tok, response: str) -> list[int]:
-    return tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+def response_ids(tok, response: str, finished: bool = True) -> list[int]:
+    """The response's tokens, + EOS when the response ended there (not when cut at max_tokens)."""
+    return tok(response, add_special_tokens=False).input_ids + ([tok.eos_token_id] if finished else [])
 
 
 def fit(p: list[int], w: list[int], lo: list[int], max_len: int, on_long: str):
@@ -132,7 +140,8 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int = 512, on_long: str = "tru
     out = []
     for pair in pairs:
         p = prompt_ids(tok, pair.prompt)
-        enc, what = fit(p, response_ids(tok, pair.chosen), response_ids(tok, pair.rejected), max_len, on_long)
+        w, lo = (response_ids(tok, text, f) for text, f in zip((pair.chosen, pair.rejected), pair.finished))
+        enc, what = fit(p, w, lo, max_len, on_long)
         if what == "cut":
             stats["truncated"] += 1
         elif what == "skip":

@@ -43,8 +43,19 @@ def check_base_tokens(weights: str | Path, tok, name: str) -> None:
         tok.chat_template = template
 
 
-def prepare_model(init: str | Path, layers: int | None, lora_r: int | None, device, targets: str = "attn"):
-    """(model, tokenizer): float32, cut to `layers`, wrapped in LoRA (r, alpha 2r) unless full."""
+def prepare_model(
+    init: str | Path,
+    layers: int | None,
+    lora_r: int | None,
+    device,
+    targets: str = "attn",
+    lora_layers: int | None = None,
+):
+    """(model, tokenizer): float32, cut to `layers`, wrapped in LoRA (r, alpha 2r) unless full.
+
+    `lora_layers` N puts the adapters on the last N decoder layers only: backward then
+    stops there, so a step costs about a forward plus 2N/L of the backward.
+    """
     from export.sources import load_source
 
     model, tok = load_source(init, layers)
@@ -56,8 +67,18 @@ def prepare_model(init: str | Path, layers: int | None, lora_r: int | None, devi
     if lora_r:
         from peft import LoraConfig, get_peft_model
 
+        n = model.config.num_hidden_layers
+        if lora_layers is not None and not 1 <= lora_layers <= n:
+            raise ConfigError(
+                f"--lora-layers must be between 1 and the model's {n} layers, got {lora_layers}"
+            )
+        top = list(range(n - lora_layers, n)) if lora_layers else None
         cfg = LoraConfig(
-            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS[targets]
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS[targets],
+            layers_to_transform=top,
         )
         model = get_peft_model(model, cfg)
     return model.to(device), tok
@@ -179,6 +200,7 @@ def train_arm(
     progress: bool = True,
     force: bool = False,
     lora_targets: str = "attn",
+    lora_layers: int | None = None,
 ) -> dict:
     """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records."""
     import torch
@@ -192,7 +214,7 @@ def train_arm(
     stats: dict = {}
     pairs = load_pairs(data, on_error, stats)
     torch.manual_seed(seed)
-    model, tok = prepare_model(init, layers, lora_r, device, lora_targets)
+    model, tok = prepare_model(init, layers, lora_r, device, lora_targets, lora_layers)
     if weights:
         check_base_tokens(weights, tok, out.name)
     enc = encode_pairs(tok, pairs, max_len, on_long, stats)
@@ -200,25 +222,38 @@ def train_arm(
     train_enc, eval_enc = [enc[i] for i in tr], [enc[i] for i in ho]
     settings = dict(data=data_digest(data), init=str(Path(init).resolve()), beta_r=beta_r, lora_r=lora_r)
     settings.update(
-        lora_targets=lora_targets, layers=layers, lr=lr, epochs=epochs, batch_size=batch_size, max_len=max_len
+        lora_targets=lora_targets,
+        lora_layers=lora_layers,
+        layers=layers,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_len=max_len,
     )
     settings.update(on_long=on_long, eval_frac=eval_frac, seed=seed, n=len(enc))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     plan = step_plan(len(train_enc), batch_size, epochs, seed)
     t0 = time.time()
     before = evaluate(model, eval_enc, pad, device, micro_batch)
+    curve: list = []  # held-out (step, accuracy, margin) at each epoch's end
     losses = run_steps(
-        model, train_enc, plan, pad, device, out, settings, beta_r, lr, micro_batch, save_every, progress
-    )
+        model, train_enc, plan, pad, device, out, settings, beta_r, lr, micro_batch, save_every, progress,
+        eval_at={round(len(plan) * (e + 1) / epochs) for e in range(epochs - 1)},
+        on_eval=lambda step: curve.append((step, *evaluate(model, eval_enc, pad, device, micro_batch).values())),
+    )  # fmt: skip
     after = evaluate(model, eval_enc, pad, device, micro_batch)
     info = {
         "beta_r": beta_r, "data": str(data.resolve()), "init": str(Path(init).resolve()),
         "n_pairs": len(enc), "n_train": len(train_enc), "n_heldout": len(eval_enc),
         "heldout_accuracy": after["accuracy"], "heldout_margin": after["margin"],
         "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
+        "heldout_curve": [{"step": st, "accuracy": a, "margin": m} for st, _, a, m in curve],
         "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None,
         "steps": len(plan), "epochs": epochs, "layers": model.config.num_hidden_layers,
-        "method": f"lora r={lora_r} ({lora_targets})" if lora_r else "full", "lr": lr, "max_len": max_len,
+        "method": (
+            f"lora r={lora_r} ({lora_targets}{f', last {lora_layers} layers' if lora_layers else ''})"
+            if lora_r else "full"
+        ), "lr": lr, "max_len": max_len,
         "truncated": stats.get("truncated", 0), "skipped_long": stats.get("skipped_long", 0),
         "bad_lines": stats.get("bad_lines", 0), "seconds": round(time.time() - t0, 1), "device": str(device),
     }  # fmt: skip
@@ -226,8 +261,13 @@ def train_arm(
     return info
 
 
-def run_steps(model, enc, plan, pad, device, out, settings, beta_r, lr, micro, save_every, progress):
+def run_steps(
+    model, enc, plan, pad, device, out, settings, beta_r, lr, micro, save_every, progress,
+    eval_at=(), on_eval=None,
+):  # fmt: skip
     """AdamW + cosine schedule over `plan`; checkpoints every `save_every` steps; resumes.
+
+    `on_eval(step)` runs after each step number in `eval_at` (held-out accuracy per epoch).
 
     Returns the batch loss of each step run here (after a resume: from the resumed step).
     """
@@ -256,6 +296,8 @@ def run_steps(model, enc, plan, pad, device, out, settings, beta_r, lr, micro, s
         losses.append(loss)
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         bar.set_postfix(loss=f"{loss_ema:.4f}", acc=f"{sum(wins) / len(wins):.2f}")
+        if on_eval and step + 1 in eval_at:
+            on_eval(step + 1)
         if save_every and (step + 1) % save_every == 0 and step + 1 < len(plan):
             save_checkpoint(out, model, opt, sched, step + 1, key, {"wins": list(wins), "loss_ema": loss_ema})
     bar.close()

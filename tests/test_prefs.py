@@ -22,7 +22,8 @@ class FakeEngine:
         assert guidance is False
         self.calls.append((prompt, seed))
         options = self.texts[prompt]
-        return SimpleNamespace(text=options[seed % len(options)])
+        text = options[seed % len(options)]
+        return SimpleNamespace(text=text, finish_reason="length" if text.endswith("...") else "stop")
 
 
 def test_builtin_judges():
@@ -56,7 +57,7 @@ def test_pick_pair_skips_ties():
 
 def test_pairs_are_written_ties_skipped_and_resumed(tmp_path):
     prompts = [(0, "p0"), (1, "p1"), (2, "p2")]
-    eng = FakeEngine({"p0": ["short", "a much longer answer"], "p1": ["same", "same"], "p2": ["x y", "x"]})
+    eng = FakeEngine({"p0": ["short", "a much longer answer"], "p1": ["same", "same"], "p2": ["x y...", "x"]})
     out = tmp_path / "pairs.jsonl"
     judge = make_judge("length")
     stats = make_pairs(eng, prompts, judge, "length", out, k=2, progress=False)
@@ -69,7 +70,9 @@ def test_pairs_are_written_ties_skipped_and_resumed(tmp_path):
         "scores": {"chosen": -1.0, "rejected": -4.0},
         "judge": "length",
         "prompt_index": 0,
+        "finish": {"chosen": "stop", "rejected": "stop"},
     }
+    assert lines[1]["finish"] == {"chosen": "stop", "rejected": "length"}  # "x y..." was cut
     with open(out, "a") as f:  # a run killed mid-write leaves a torn line
         f.write('{"prompt": "p9", "cho')
     assert done_prompts(out) == {0, 2} and out.read_text().endswith("}\n")

@@ -89,6 +89,31 @@ def test_mask_covers_only_response_tokens(model_tok):
     assert (y != IGNORE).sum() == len(r) + 1  # only response tokens are scored
 
 
+def test_cut_responses_get_no_eos(model_tok, tmp_path):
+    _, tok = model_tok
+    rec = {
+        "prompt": "p",
+        "chosen": "a b",
+        "rejected": "c d",
+        "finish": {"chosen": "stop", "rejected": "length"},
+    }
+    (tmp_path / "f.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "finish": {"chosen": "?"}}))
+    with pytest.raises(DataError, match='line 2: "finish" must map'):
+        load_pairs(tmp_path / "f.jsonl")
+    (pair,) = load_pairs(tmp_path / "f.jsonl", on_error="skip")
+    assert pair.finished == (True, False)
+    _, w, lo = encode_pairs(tok, [pair])[0]
+    assert w[-1] == tok.eos_token_id and lo == tok("c d", add_special_tokens=False).input_ids
+
+
+def test_lora_on_the_last_layers_only(tiny_hf):
+    model, _ = prepare_model(tiny_hf, None, 4, "cpu", "attn", lora_layers=1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)  # tiny model: layers 0 and 1
+    with pytest.raises(ConfigError, match="--lora-layers must be between 1 and the model's 2 layers"):
+        prepare_model(tiny_hf, None, 4, "cpu", "attn", lora_layers=3)
+
+
 def test_training_learns_a_separable_set_and_exports(tiny_hf, tmp_path, bundle_copy):
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
     out = tmp_path / "arm"
