@@ -622,7 +622,12 @@ def pack_group():
 @pack_group.command("build")
 @click.argument("name", default="default")
 @click.option("--force", is_flag=True, help="Rebuild from scratch.")
-def pack_build(name, force):
+@click.option(
+    "--retrain",
+    is_flag=True,
+    help="Train the ARMs from the recipe's pairs instead of its committed adapters.",
+)
+def pack_build(name, force, retrain):
     """Build pack NAME from its recipe under models/ (resumes an interrupted build)."""
     import time
 
@@ -630,7 +635,7 @@ def pack_build(name, force):
 
     t0 = time.time()
     try:
-        bundle = build_pack(name, force, log=lambda m: click.echo(m, err=True))
+        bundle = build_pack(name, force, log=lambda m: click.echo(m, err=True), retrain=retrain)
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"pack '{name}' ready at {bundle} ({time.time() - t0:.0f} s)")

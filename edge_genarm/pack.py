@@ -103,14 +103,18 @@ def fetch_base(spec: dict, log=print) -> Path:
     return dst
 
 
-def build_pack(name: str = "default", force: bool = False, log=print) -> Path:
-    """Build (or finish building) pack `name`; returns its bundle folder."""
+def build_pack(name: str = "default", force: bool = False, log=print, retrain: bool = False) -> Path:
+    """Build (or finish building) pack `name`; returns its bundle folder.
+
+    An ARM whose recipe names a committed `adapter` is the base plus that adapter (seconds);
+    `retrain` (or no adapter) trains it from the recipe's pairs instead (minutes).
+    """
     from export.commands import export_arm, export_base
-    from export.train_loop import train_arm
+    from export.train_loop import ARM_INFO, apply_adapter, train_arm
 
     recipe = load_recipe(name)
     root = packs_root() / name
-    if force:
+    if force or retrain:
         shutil.rmtree(root, ignore_errors=True)
     if (root / MARKER).is_file():
         return root / "bundle"
@@ -119,24 +123,39 @@ def build_pack(name: str = "default", force: bool = False, log=print) -> Path:
     export_base(gguf, bundle)
     for arm, spec in recipe["arms"].items():
         work = root / "train" / arm
-        if not (work / "edge_genarm_arm.json").is_file():
-            log(f"training ARM '{arm}' ({spec.get('layers', 'all')} layers, {spec['data']})")
-            train_arm(
-                data=recipe["_dir"] / spec["data"],
-                init=gguf,
-                out=work,
-                beta_r=spec["beta_r"],
-                lora_r=spec.get("lora"),
-                layers=spec.get("layers"),
-                lr=spec.get("lr"),
-                epochs=spec.get("epochs", 1),
-                batch_size=spec.get("batch_size", 16),
-                max_len=spec.get("max_len", 256),
-                seed=spec.get("seed", 0),
-                weights=str(gguf),
-                save_every=spec.get("save_every", 5),
-            )
-        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
+        if not (work / ARM_INFO).is_file():
+            if spec.get("adapter") and not retrain:
+                adapter = recipe["_dir"] / spec["adapter"]
+                log(f"ARM '{arm}': the base + the committed adapter {spec['adapter']}")
+                apply_adapter(gguf, adapter, work, spec.get("layers"))
+                info = (
+                    json.loads((adapter / "training.json").read_text())
+                    if (adapter / "training.json").is_file()
+                    else {}
+                )
+                atomic_write_json(work / ARM_INFO, {**info, "from_adapter": str(adapter)})
+            else:
+                log(f"training ARM '{arm}' ({spec.get('layers', 'all')} layers, {spec['data']})")
+                train_arm(
+                    data=recipe["_dir"] / spec["data"],
+                    init=gguf,
+                    out=work,
+                    beta_r=spec["beta_r"],
+                    lora_r=spec.get("lora"),
+                    layers=spec.get("layers"),
+                    lr=spec.get("lr"),
+                    epochs=spec.get("epochs", 1),
+                    batch_size=spec.get("batch_size", 16),
+                    micro_batch=spec.get("micro_batch", 4),
+                    max_len=spec.get("max_len", 256),
+                    eval_frac=spec.get("eval_frac", 0.1),
+                    seed=spec.get("seed", 0),
+                    weights=str(gguf),
+                    save_every=spec.get("save_every", 5),
+                    lora_targets=spec.get("lora_targets", "attn"),
+                    lora_layers=spec.get("lora_layers"),
+                )
+        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0), quantize=spec.get("quantize"))
     info = json.loads((bundle / "manifest.json").read_text())
     atomic_write_json(
         root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}

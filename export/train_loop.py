@@ -316,9 +316,54 @@ def accumulate(model, batch, pad, device, beta_r, micro) -> tuple[float, list[bo
     return total, wins
 
 
+ADAPTER = "adapter"
+
+
+def save_adapter(model, dst: Path) -> None:
+    """The LoRA adapter alone, in float16 (a few MB: small enough to commit with a recipe)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    part = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    state = {k: v.detach().to("cpu").half().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, part / "adapter_model.safetensors")
+    model.peft_config["default"].save_pretrained(part)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(part, dst)
+
+
+def apply_adapter(init: str | Path, adapter: str | Path, out: str | Path, layers: int | None = None) -> Path:
+    """The ARM a saved adapter describes: `init` (cut to `layers`) + the adapter, merged, as a HF folder."""
+    import torch
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json): retrain it")
+    model, tok = prepare_model(init, layers, None, "cpu")
+    with torch.no_grad():
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.config.use_cache = True
+    out = Path(out)
+    part = out.with_name(out.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    model.save_pretrained(part, safe_serialization=True)
+    tok.save_pretrained(part)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(part, out)
+    return out
+
+
 def save_arm(model, tok, out: Path, info: dict, merge: bool) -> None:
-    """Merge LoRA, save the HF folder beside the checkpoint, then the info file last (completion mark)."""
+    """Merge LoRA, save the HF folder beside the checkpoint, then the info file last (completion mark).
+
+    A LoRA run also keeps its adapter in OUT/adapter (float16), which `apply_adapter` turns back
+    into the same ARM: the default pack ships adapters made this way.
+    """
     if merge:
+        save_adapter(model, out / ADAPTER)
         model = model.merge_and_unload()
     model.config.use_cache = True
     part = out / ".model.partial"

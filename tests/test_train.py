@@ -114,6 +114,25 @@ def test_lora_on_the_last_layers_only(tiny_hf):
         prepare_model(tiny_hf, None, 4, "cpu", "attn", lora_layers=3)
 
 
+def test_adapter_reproduces_the_trained_arm(tiny_hf, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from export.train_loop import apply_adapter
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    out = tmp_path / "arm"
+    train_arm(data, tiny_hf, out, beta_r=0.5, lora_r=4, lora_layers=1, lr=5e-2, batch_size=4, eval_frac=0,
+              progress=False)  # fmt: skip
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    again = apply_adapter(tiny_hf, out / "adapter", tmp_path / "again")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        a, b, base = (AutoModelForCausalLM.from_pretrained(d)(ids).logits for d in (out, again, tiny_hf))
+    assert (a - base).abs().max() > 1e-2  # training moved the ARM away from its init...
+    assert torch.allclose(a, b, atol=2e-3)  # ...and the float16 adapter puts it back
+
+
 def test_training_learns_a_separable_set_and_exports(tiny_hf, tmp_path, bundle_copy):
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
     out = tmp_path / "arm"
