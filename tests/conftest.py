@@ -80,6 +80,11 @@ def _no_user_config(monkeypatch, tmp_path_factory):
     import os
 
     for var in list(os.environ):
-        if var.startswith("EDGE_GENARM_") and var not in ("EDGE_GENARM_CACHE", "EDGE_GENARM_LLAMA_SRC", "EDGE_GENARM_RECIPES"):
+        if var.startswith("EDGE_GENARM_") and var not in (
+            "EDGE_GENARM_CACHE",
+            "EDGE_GENARM_LLAMA_SRC",
+            "EDGE_GENARM_RECIPES",
+        ):
             monkeypatch.delenv(var)
     monkeypatch.setenv("EDGE_GENARM_CONFIG", str(tmp_path_factory.getbasetemp() / "no-config.toml"))
+    monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "0")  # test_export enables it where it is tested

@@ -126,8 +126,23 @@ def test_compare_runs_every_setting_on_the_same_prompts(tiny_bundle, tmp_path):
         parse_setting("gamma=1", ["alpha"])
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "Hi"}\n{"prompt": "Rain?"}\n')
-    r = run(["compare", "--weights", str(tiny_bundle), "--prompts", str(p), "--max-tokens", "4",
-             "--setting", "unguided", "--setting", "alpha=1+nudge", "--judge", "length"])
+    r = run(
+        [
+            "compare",
+            "--weights",
+            str(tiny_bundle),
+            "--prompts",
+            str(p),
+            "--max-tokens",
+            "4",
+            "--setting",
+            "unguided",
+            "--setting",
+            "alpha=1+nudge",
+            "--judge",
+            "length",
+        ]
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert lines[-2].startswith("unguided") and lines[-1].startswith("alpha=1+nudge") and "%" in lines[-1]

@@ -129,7 +129,9 @@ def test_large_arms_get_external_data_with_identical_logits(tiny_bundle, tmp_pat
 
 
 def test_int8_arm_is_smaller_and_its_drift_is_recorded(exported, tiny_root):
-    r = cli("export", "arm", tiny_root / "hf" / "beta", "-o", exported, "--name", "beta8", "--quantize", "int8")
+    r = cli(
+        "export", "arm", tiny_root / "hf" / "beta", "-o", exported, "--name", "beta8", "--quantize", "int8"
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((exported / "manifest.json").read_text())
     p = m["arms"]["beta8"]["parity"]
@@ -137,3 +139,33 @@ def test_int8_arm_is_smaller_and_its_drift_is_recorded(exported, tiny_root):
     f32 = (exported / "arms" / "alpha" / "model.onnx").stat().st_size
     assert (exported / "arms" / "beta8" / "model.onnx").stat().st_size < f32 / 2
     assert load(str(exported), ["beta8=1"]).generate("Hi", max_tokens=3, seed=0).tokens
+
+
+def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from edge_genarm.backends.onnx_arm import OnnxARM, optimized_cache_path
+
+    src = tmp_path / "model.onnx"
+    shutil.copyfile(tiny_bundle / "arms" / "alpha" / "model.onnx", src)
+    ids = [1, 4093, 198, 19556]
+    plain = OnnxARM(src, "plain").prefill(ids)
+    monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
+    monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    first = OnnxARM(src, "a")
+    cached = optimized_cache_path(src)
+    assert not first.from_cache and cached.is_file()
+    second = OnnxARM(src, "b")
+    assert second.from_cache
+    np.testing.assert_allclose(second.prefill(ids), plain, atol=1e-4)
+    np.testing.assert_allclose(second.step(7), first.prefill(ids + [7]), atol=1e-4)
+    cached.write_bytes(b"torn")  # an unreadable entry is dropped and rebuilt, not an error
+    third = OnnxARM(src, "c")
+    assert not third.from_cache and cached.stat().st_size > 100
+    os.utime(src, ns=(1, 1))  # the ARM file changed: a new entry replaces the old one
+    OnnxARM(src, "d")
+    assert optimized_cache_path(src) != cached and [optimized_cache_path(src)] == list(
+        cached.parent.iterdir()
+    )

@@ -53,6 +53,44 @@ def resolve_providers(device: str, available: list[str]) -> list[str]:
     return DEVICE_PROVIDERS[device]
 
 
+def _machine_tag() -> str:
+    """What an optimized CPU graph depends on besides the model: ORT version, arch, CPU features."""
+    import platform
+
+    import onnxruntime as ort
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return f"{ort.__version__}|{platform.machine()}|{flags}"
+
+
+def optimized_cache_path(path: Path) -> Path | None:
+    """Where the CPU-optimized copy of `path` is cached, or None when caching does not apply.
+
+    Session creation for a 135M-parameter ARM spends seconds in graph optimization; ORT's
+    own advice is to optimize once, save, and load the result with optimizations off.
+    The key covers the file (path, size, mtime) and the machine, so a changed ARM or a
+    different CPU never reuses a stale graph. EDGE_GENARM_ORT_CACHE=0 turns it off.
+    """
+    import hashlib
+
+    from ..paths import cache_dir
+
+    if os.environ.get("EDGE_GENARM_ORT_CACHE", "1") == "0":
+        return None
+    st = path.stat()
+    data = [p.stat().st_size for p in path.parent.glob(path.name + "_data")]
+    if st.st_size + sum(data) > 1_500_000_000:  # a single protobuf holds at most 2 GB
+        return None
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    what = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{data}|{_machine_tag()}".encode()).hexdigest()[:12]
+    return cache_dir() / "ort" / f"{where}-{what}.onnx"  # one entry per ARM file: see _session
+
+
 class OnnxARM:
     """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
 
@@ -71,7 +109,7 @@ class OnnxARM:
         opts.log_severity_level = 3
         providers = resolve_providers(device, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            self.session = self._session(opts, providers)
         except Exception as e:  # ORT raises its own types for bad protobufs / missing data
             raise ModelFileError(
                 f"ARM '{name}': cannot load ONNX file '{self.path}' ({type(e).__name__}: "
@@ -97,6 +135,37 @@ class OnnxARM:
         self._ort = ort
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.reset()
+
+    def _session(self, opts, providers):
+        """The session; on CPU through the optimized-graph cache (see optimized_cache_path)."""
+        import onnxruntime as ort
+
+        cached = optimized_cache_path(self.path) if providers[0] == "CPUExecutionProvider" else None
+        self.from_cache = False
+        if cached is not None and cached.is_file():
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                session = ort.InferenceSession(str(cached), sess_options=opts, providers=providers)
+                self.from_cache = True
+                return session
+            except Exception:  # a torn or stale cache entry: drop it, optimize again
+                log.warning("ARM '%s': dropping unreadable optimized cache %s", self.name, cached)
+                cached.unlink(missing_ok=True)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if cached is None:
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.onnx")
+        opts.optimized_model_filepath = str(tmp)
+        session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        try:
+            os.replace(tmp, cached)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        for old in cached.parent.glob(cached.name.split("-")[0] + "-*.onnx"):
+            if old != cached:  # the same ARM file before it changed: never read again
+                old.unlink(missing_ok=True)
+        return session
 
     @staticmethod
     def _empty_past(inp) -> np.ndarray:
