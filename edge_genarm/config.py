@@ -50,6 +50,17 @@ KEYS: dict[str, tuple[type, object]] = {
 ENV_PREFIX = "EDGE_GENARM_"
 
 
+# EDGE_GENARM_* variables that steer where things live, not the effective settings
+NOT_SETTINGS = {
+    "EDGE_GENARM_CONFIG",
+    "EDGE_GENARM_CACHE",
+    "EDGE_GENARM_LLAMA_SRC",
+    "EDGE_GENARM_CMAKE_ARGS",
+    "EDGE_GENARM_RECIPES",
+    "EDGE_GENARM_ORT_CACHE",
+}
+
+
 def config_path() -> Path:
     env = os.environ.get("EDGE_GENARM_CONFIG")
     if env:
@@ -114,12 +125,7 @@ def effective(environ=None, path: Path | None = None) -> dict[str, tuple[object,
         for k, v in read_file(path).items():
             result[k] = (v, f"file {path}")
     for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in (
-            "EDGE_GENARM_CONFIG",
-            "EDGE_GENARM_CACHE",
-            "EDGE_GENARM_LLAMA_SRC",
-            "EDGE_GENARM_CMAKE_ARGS",
-        ):
+        if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key not in KEYS:

@@ -1,7 +1,8 @@
 """Preference pairs from local judges: sample k responses per prompt, keep best vs worst.
 
 A judge is any callable `(prompt, response) -> float` (higher is better). Built-ins:
-`sentiment` (VADER compound), `length` (-word count: shorter wins), `regex:PATTERN`
+`sentiment` (VADER compound), `afinn` (AFINN-165 valence per word: a second, independent
+sentiment lexicon for evaluation), `length` (-word count: shorter wins), `regex:PATTERN`
 (match count), `keyword:a,b,c` (keyword hits, case-insensitive), and
 `python:module:function` for a user's own. The output JSONL gets one line per
 prompt, appended and fsynced as a single write, so a re-run resumes after the
@@ -43,6 +44,16 @@ def _sentiment() -> Judge:
     return lambda prompt, response: float(sia.polarity_scores(response)["compound"])
 
 
+def _afinn() -> Judge:
+    try:
+        from afinn import Afinn
+    except ImportError:
+        raise ConfigError("judge 'afinn' needs the afinn package: pip install 'edge-genarm[train]'") from None
+    lexicon = Afinn(language="en")
+    # mean valence per word, so a longer reply does not score higher for its length alone
+    return lambda prompt, response: float(lexicon.score(response)) / max(1, len(response.split()))
+
+
 def _regex(pattern: str, flags: int = 0) -> Judge:
     try:
         rx = re.compile(pattern, flags)
@@ -74,6 +85,8 @@ def make_judge(spec: str) -> Judge:
     kind, _, arg = spec.partition(":")
     if kind == "sentiment" and not arg:
         return _sentiment()
+    if kind == "afinn" and not arg:
+        return _afinn()
     if kind == "length" and not arg:
         return lambda prompt, response: -float(len(response.split()))
     if kind == "regex" and arg:
@@ -84,7 +97,7 @@ def make_judge(spec: str) -> Judge:
     if kind == "python" and arg:
         return _python(arg)
     raise ConfigError(
-        f"unknown judge {spec!r}: use sentiment, length, regex:PATTERN, keyword:a,b,c "
+        f"unknown judge {spec!r}: use sentiment, afinn, length, regex:PATTERN, keyword:a,b,c "
         "or python:MODULE:FUNCTION"
     )
 

@@ -32,6 +32,9 @@ def test_builtin_judges():
         > 0
         > make_judge("sentiment")("p", "awful, hate it")
     )
+    afinn = make_judge("afinn")
+    assert afinn("p", "I love this, wonderful!") > 0 > afinn("p", "awful, hate it")
+    assert afinn("p", "good") == 2 * afinn("p", "good day")  # per word: length alone does not count
     assert make_judge("length")("p", "one two three") == -3.0
     assert make_judge("regex:a+")("p", "aa b a") == 2.0
     assert make_judge("keyword:Sun,moon")("p", "The sun and the MOON, sunny") == 2.0
