@@ -3,7 +3,9 @@
 A setting is "unguided", or ARM weights "positive=1,concise=0.5", optionally with
 "+nudge" (entropy-triggered nudging at the default tau). Every setting decodes
 every prompt with the same seed; each reply is scored by every judge; the table
-holds means and standard errors, the nudge trigger rate and tokens/s.
+holds means and standard errors, the nudge trigger rate and tokens/s, then each
+setting's paired difference from the first one (same prompt, same seed: prompt-to-prompt
+variation cancels, so the paired standard error is the one to read).
 """
 
 from __future__ import annotations
@@ -74,9 +76,14 @@ def run_compare(
         }
         for name, v in scores.items():
             row[name] = (_mean(v), _sem(v))
+        row["_scores"] = scores
         if s.nudge:
             row["trigger_rate"] = sites / max(1, steps)
         rows.append(row)
+    for row in rows[1:]:
+        for name in judges:
+            d = [a - b for a, b in zip(row["_scores"][name], rows[0]["_scores"][name])]
+            row[f"{name}_diff"] = (_mean(d), _sem(d))
     return rows
 
 
@@ -98,4 +105,9 @@ def format_rows(rows: list[dict], judges: list[str]) -> str:
         cells = "".join(f"{r[j][0]:>+13.3f} ± {r[j][1]:<6.3f}" for j in judges)
         rate = f"{100 * r['trigger_rate']:>6.0f}%" if "trigger_rate" in r else f"{'-':>7}"
         lines.append(f"{r['setting']:<34}{cells}{r['mean_tokens']:>8.1f}{r['tok_per_s']:>8.1f}{rate}")
+    if len(rows) > 1:
+        lines += ["", f"paired difference from '{rows[0]['setting']}' (same prompts and seeds):"]
+        for r in rows[1:]:
+            cells = "".join(f"{r[j + '_diff'][0]:>+13.3f} ± {r[j + '_diff'][1]:<6.3f}" for j in judges)
+            lines.append(f"{r['setting']:<34}{cells}")
     return "\n".join(lines)

@@ -145,4 +145,26 @@ def test_compare_runs_every_setting_on_the_same_prompts(tiny_bundle, tmp_path):
     )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
-    assert lines[-2].startswith("unguided") and lines[-1].startswith("alpha=1+nudge") and "%" in lines[-1]
+    assert lines[-5].startswith("unguided") and lines[-4].startswith("alpha=1+nudge") and "%" in lines[-4]
+    assert lines[-2].startswith("paired difference from 'unguided'") and lines[-1].startswith("alpha=1+nudge")
+
+
+def test_compare_paired_difference_matches_numpy():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edge_genarm.compare import Setting, run_compare
+
+    replies = {0.0: ["a", "a b c", "a b"], 1.0: ["a b", "a", "a b c d"]}  # per weight, per prompt
+
+    class Engine:
+        def generate(self, p, seed, max_tokens, weights, nudge):
+            text = replies[weights["x"]][seed]
+            return SimpleNamespace(text=text, tokens=[1], timings=SimpleNamespace(total_s=0.1), nudge=None)
+
+    settings = [Setting("off", {"x": 0.0}), Setting("on", {"x": 1.0})]
+    rows = run_compare(Engine(), ["p", "q", "r"], settings, {"len": lambda p, t: len(t.split())}, 8)
+    d = np.array([2, 1, 4]) - np.array([1, 3, 2])
+    assert rows[1]["len_diff"][0] == pytest.approx(d.mean())
+    assert rows[1]["len_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
