@@ -298,13 +298,23 @@ def completion_json(c, engine) -> dict:
 @nudge_options
 def chat(**o):
     """A streaming chat REPL. /help lists the commands."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .repl import run_repl
 
     try:
-        engine = load_engine(o)
+        o = {**o, "weights": o["weights"] or default_weights()}  # a first-run pack build: in the foreground
     except EdgeGenarmError as e:
         fail(e)
-    run_repl(engine, gen_kwargs(o))
+    # The models load while the prompt is already up: typing the first message overlaps
+    # the seconds ORT spends creating ARM sessions. The first reply waits for them.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+    pending = pool.submit(load_engine, o)
+    pool.shutdown(wait=False)
+    try:
+        run_repl(pending, gen_kwargs(o))
+    except EdgeGenarmError as e:
+        fail(e)
 
 
 @main.command()

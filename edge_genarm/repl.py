@@ -99,7 +99,26 @@ def _command(line: str, engine, state: dict, out) -> bool:
     return True
 
 
+class _Pending:
+    """An engine still loading in another thread: the first use waits for it (and says so)."""
+
+    def __init__(self, future, out):
+        self.future, self.out, self.engine = future, out, None
+
+    def __getattr__(self, name):
+        if self.engine is None:
+            if not self.future.done():
+                self.out("(loading the models...)")
+            try:
+                self.engine = self.future.result()
+            except EdgeGenarmError as e:  # nothing to chat with: end the session, as a failed load would
+                self.out(f"Error: {e}")
+                raise SystemExit(1) from None
+        return getattr(self.engine, name)
+
+
 def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
+    """The chat loop. `engine` may be a Future of one (see cli.chat): it is waited for on first use."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -108,6 +127,8 @@ def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
     def out(s):
         print(s, file=stdout, flush=True)
 
+    if hasattr(engine, "result") and hasattr(engine, "done"):
+        engine = _Pending(engine, out)
     state = {"messages": [], "system": gen_kwargs.pop("system", None), "kw": gen_kwargs}
     out("edge-genarm chat: /help for commands, /bye to leave")
     while True:

@@ -1,5 +1,6 @@
 """The command line through click's runner, and the chat REPL in a real terminal."""
 
+import io
 import json
 import os
 import sys
@@ -168,3 +169,25 @@ def test_compare_paired_difference_matches_numpy():
     d = np.array([2, 1, 4]) - np.array([1, 3, 2])
     assert rows[1]["len_diff"][0] == pytest.approx(d.mean())
     assert rows[1]["len_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+
+
+def test_chat_with_a_corrupt_arm_names_it_and_exits(tiny_bundle, tmp_path):
+    import shutil
+
+    pexpect = pytest.importorskip("pexpect")
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    arm = bad / "arms" / "alpha" / "model.onnx"
+    arm.write_bytes(arm.read_bytes()[:1000])
+    exe = Path(sys.executable).with_name("edge-genarm")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edge_genarm.cli"]
+    child = pexpect.spawn(cmd[0], cmd[1:] + ["chat", "--weights", str(bad)], encoding="utf-8", timeout=60)
+    child.logfile_read = log = io.StringIO()
+    try:
+        child.expect(">>> ")  # the prompt comes up while the models load
+        child.sendline("Hello")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 1
+    assert "Error:" in log.getvalue() and "arms/alpha/model.onnx" in log.getvalue(), log.getvalue()
