@@ -140,6 +140,16 @@ def nudge_options(f):
             "--nudge-mode", default=_N.mode, show_default=True, type=click.Choice(["force", "bias"])
         ),
         click.option("--nudge-strength", default=_N.strength, show_default=True, type=float),
+        click.option(
+            "--nudge-rollouts",
+            default=_N.rollouts,
+            show_default=True,
+            type=int,
+            help="Verify this many candidates per site by rolling them out (needs ARMs; 0: off).",
+        ),
+        click.option(
+            "--nudge-rollout-len", default=_N.rollout_len, show_default=True, type=int, help="Rollout tokens."
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -155,6 +165,8 @@ def nudge_config(o: dict) -> NudgeConfig | None:
         top_k=o["nudge_k"],
         mode=o["nudge_mode"],
         strength=o["nudge_strength"],
+        rollouts=o["nudge_rollouts"],
+        rollout_len=o["nudge_rollout_len"],
     )
 
 

@@ -46,6 +46,8 @@ KEYS: dict[str, tuple[type, object]] = {
     "nudge_k": (int, _N.top_k),
     "nudge_mode": (str, _N.mode),
     "nudge_strength": (float, _N.strength),
+    "nudge_rollouts": (int, _N.rollouts),
+    "nudge_rollout_len": (int, _N.rollout_len),
 }
 ENV_PREFIX = "EDGE_GENARM_"
 

@@ -201,6 +201,11 @@ class Engine:
         if weights:
             self.set_weights(weights)
         active = {n: w for n, w in self.weights.items() if w != 0.0} if guidance else {}
+        if nudge is not None and nudge.rollouts and not active:
+            raise ConfigError(
+                "nudge rollouts are scored by the ARMs, and none is active: give an ARM a weight "
+                "(--arm NAME=W), or set rollouts to 0"
+            )
         ids = (
             prompt
             if _is_token_list(prompt)
@@ -287,12 +292,50 @@ class Engine:
         rec.site = True
         table = self.nudge_table
         direction = table.direction_for(seq[-req.nudge.context :]) if table is not None else None
-        forced, biased = apply_site(self._base_lp, scores, req.nudge, direction)
+        ranked: list[int] = []
+        forced, biased = apply_site(self._base_lp, scores, req.nudge, direction, ranked)
         new = forced if forced is not None else G.sample_u(biased, req.params, u)
+        if req.nudge.rollouts and self._arm:
+            new = self._verify(i, seq, ranked[: req.nudge.rollouts], req)
         if new != tok:
             req.report.changes.append((i, tok, new))
             rec.nudged_from = tok
         return new
+
+    def _verify(self, i: int, seq: list[int], cands: list[int], req: _Request) -> int:
+        """Forward-only verification: the candidate whose rollout has the highest summed ARM term.
+
+        Each candidate c is fed, then followed greedily (argmax of the combined scores) until
+        the rollout holds `rollout_len` tokens or ends in EOS; its score is the sum of
+        sum_i w_i log p_arm_i over those tokens. Every rollout has the same horizon, so the
+        sums compare like with like. The models are put back on `seq` afterwards (their KV
+        caches keep the shared prefix; one token is re-evaluated).
+        """
+        active, t, horizon = req.active, self.last_timings, req.nudge.rollout_len
+        saved = (self._arm, self._base_lp)
+
+        def arm_term(tok: int) -> float:
+            return sum(active[n] * (float(z[tok]) - lse) for n, (z, lse) in self._arm.items() if tok < z.size)
+
+        results = []
+        for c in cands:
+            self._arm, self._base_lp = saved
+            score, tok, fed = arm_term(c), c, seq + [c]
+            for j in range(horizon - 1):
+                if tok in req.eos:
+                    break
+                call = (lambda m, f=fed: m.prefill(f)) if j == 0 else (lambda m, tk=tok: m.step(tk))
+                logits = self._forward(call, active, t)
+                req.report.rollout_tokens += 1
+                combined, _ = self._combine(logits, active)
+                tok = int(np.argmax(combined))
+                score += arm_term(tok)
+                fed = fed + [tok]
+            results.append((c, score))
+        self._forward(lambda m: m.prefill(seq), active, t)  # back to the real sequence
+        self._arm, self._base_lp = saved
+        req.report.rollouts.append((i, results))
+        return max(results, key=lambda r: r[1])[0]
 
     def _forward(self, call, active, t: Timings, count: bool = True):
         """Run `call` on the base and on each active ARM, overlapped when a pool exists."""

@@ -39,6 +39,10 @@ class NudgeConfig:
     mode: str = "force"
     strength: float = 1.0  # weight of the standardised nudge score
     context: int = 8  # recent tokens that choose the context cluster
+    # forward-only verification: roll the best `rollouts` candidates out `rollout_len` tokens
+    # (greedy on the combined scores) and keep the one with the highest summed ARM term
+    rollouts: int = 0
+    rollout_len: int = 4
 
     def __post_init__(self) -> None:
         if (
@@ -55,6 +59,12 @@ class NudgeConfig:
             raise ConfigError(f"nudge gap must be an integer >= 1, got {self.min_gap!r}")
         if self.mode not in MODES:
             raise ConfigError(f"nudge mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("rollouts", "rollout_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rollouts" else 1):
+                raise ConfigError(
+                    f"nudge {name} must be an integer >= {0 if name == 'rollouts' else 1}, got {v!r}"
+                )
         if not math.isfinite(self.strength):
             raise ConfigError(f"nudge strength must be finite, got {self.strength!r}")
 
@@ -172,6 +182,9 @@ class NudgeReport:
     steps: int = 0
     sites: list[int] = field(default_factory=list)
     changes: list[tuple[int, int, int]] = field(default_factory=list)  # (step, original, nudged)
+    # per verified site: (step, [(candidate, summed weighted ARM log-prob of its rollout)])
+    rollouts: list[tuple[int, list[tuple[int, float]]]] = field(default_factory=list)
+    rollout_tokens: int = 0  # forwards spent on rollouts (each: base + every ARM)
 
     def summary(self) -> dict:
         return {
@@ -179,6 +192,8 @@ class NudgeReport:
             "sites": len(self.sites),
             "changed": len(self.changes),
             "trigger_rate": len(self.sites) / self.steps if self.steps else 0.0,
+            "verified": len(self.rollouts),
+            "rollout_tokens": self.rollout_tokens,
         }
 
 
@@ -204,11 +219,19 @@ def candidate_scores(
     return ids, pick, z
 
 
-def apply_site(base_lp, scores, cfg: NudgeConfig, nudge: np.ndarray | None):
-    """Force mode: (forced token, None). Bias mode: (None, scores with the bias added)."""
+def apply_site(base_lp, scores, cfg: NudgeConfig, nudge: np.ndarray | None, ranked: list | None = None):
+    """Force mode: (forced token, None). Bias mode: (None, scores with the bias added).
+
+    `ranked`, when given, receives the candidate ids best first (by pick score in force
+    mode, by biased score in bias mode): the ones rollouts verify.
+    """
     ids, pick, z = candidate_scores(base_lp, scores, cfg.top_k, nudge, cfg.strength)
     if cfg.mode == "force":
+        if ranked is not None:
+            ranked.extend(int(i) for i in ids[np.argsort(-pick, kind="stable")])
         return int(ids[int(np.argmax(pick))]), None
     biased = scores.copy()
     biased[ids] += np.float32(cfg.strength) * z.astype(np.float32)
+    if ranked is not None:
+        ranked.extend(int(i) for i in ids[np.argsort(-biased[ids], kind="stable")])
     return None, biased

@@ -72,6 +72,8 @@ def test_choose_tau_hits_the_target_rate():
         (dict(top_k=0), "top-K"),
         (dict(mode="shove"), "mode"),
         (dict(min_gap=0), "gap"),
+        (dict(rollouts=-1), "rollouts must be an integer >= 0"),
+        (dict(rollout_len=0), "rollout_len must be an integer >= 1"),
     ],
 )
 def test_bad_nudge_settings(kw, match):
@@ -179,6 +181,49 @@ def test_loop_nudges_exactly_at_the_sites(engine):
         assert c.records[i].token == top[np.argmax(lp[top] + 3.0 * z)]
     assert len(rep.changes) == sum(r.nudged_from is not None for r in c.records)
     assert rep.summary()["trigger_rate"] == len(rep.sites) / rep.steps
+
+
+def _fresh_lp(model, toks):
+    """log-softmax at the last position from a cold start: no KV cache reused."""
+    model.reset()
+    return ref_log_softmax(np.asarray(model.prefill(list(toks)), dtype=np.float64))
+
+
+def _ref_rollout(engine, prefix, cand, horizon, w):
+    arm = engine.arms["alpha"]
+    toks, score, tok = prefix + [cand], w * _fresh_lp(arm, prefix)[cand], cand
+    for _ in range(horizon - 1):
+        if tok in engine.base.eos_ids:
+            break
+        a = _fresh_lp(arm, toks)
+        tok = int(np.argmax(_fresh_lp(engine.base, toks) + w * a))
+        score, toks = score + w * a[tok], toks + [tok]
+    return score
+
+
+def test_rollouts_keep_the_best_arm_sum_and_restore_the_caches(engine):
+    before = dict(engine.weights)
+    cfg = NudgeConfig(tau=9.0, min_gap=3, top_k=5, rollouts=3, rollout_len=3)
+    prompt = "Tell me about rain."
+    try:
+        c = engine.generate(prompt, max_tokens=10, seed=3, nudge=cfg, weights={"alpha": 0.7, "beta": 0.0},
+                            sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))  # fmt: skip
+        ids = engine.tokenize_prompt(engine.format_prompt(prompt))
+        toks = [r.token for r in c.records]
+        rep = c.nudge
+        assert [step for step, _ in rep.rollouts] == rep.sites and rep.rollout_tokens > 0
+        for step, results in rep.rollouts:
+            assert len(results) == 3 and toks[step] == max(results, key=lambda r: r[1])[0]
+            for cand, score in results:  # each rollout score, recomputed from cold starts
+                assert score == pytest.approx(_ref_rollout(engine, ids + toks[:step], cand, 3, 0.7), abs=2e-3)
+        for i, r in enumerate(c.records):  # the caches were put back: every step saw the real sequence
+            assert r.base_logprob == pytest.approx(_fresh_lp(engine.base, ids + toks[:i])[r.token], abs=2e-3)
+            a = _fresh_lp(engine.arms["alpha"], ids + toks[:i])[r.token]
+            assert r.arm_contrib["alpha"] == pytest.approx(0.7 * a, abs=2e-3)
+        with pytest.raises(ConfigError, match="rollouts are scored by the ARMs"):
+            engine.generate(prompt, max_tokens=2, nudge=cfg, guidance=False)
+    finally:
+        engine.set_weights(before)
 
 
 def test_nudging_needs_a_table_or_arms(tiny_bundle):
