@@ -57,6 +57,10 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
         report["nudge_overhead"] = seq["tok_per_s"] / nudged["tok_per_s"] - 1
         # the same, from the Python-side cost alone (the forwards are identical): less noisy
         report["nudge_overhead_python"] = (nudged["python_ms"] - seq["python_ms"]) * seq["tok_per_s"] / 1e3
+        # with forward-only verification (3 candidates, 4-token rollouts): what it costs
+        rolled = _best(engine, prompt, n, 1, guidance=True, nudge=NudgeConfig(rollouts=3))
+        report["guided_nudge_rollouts"] = rolled
+        report["rollout_overhead"] = seq["tok_per_s"] / rolled["tok_per_s"] - 1
         engine.close()
         engine = load_engine(True)
         report["parallel_threads"] = {
@@ -83,7 +87,7 @@ def format_report(r: dict) -> str:
         "",
     ]
     lines.append(f"{'mode':<20}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
-    for mode in ("unguided", "guided_sequential", "guided_nudge", "guided_parallel"):
+    for mode in ("unguided", "guided_sequential", "guided_nudge", "guided_nudge_rollouts", "guided_parallel"):
         if mode in r:
             s = r[mode]
             arms = " ".join(f"{k}={v:.2f}" for k, v in s["arm_ms"].items()) or "-"
@@ -97,6 +101,13 @@ def format_report(r: dict) -> str:
             f"{nz['trigger_rate']:.0%}, {nz['changed']} changed; overhead vs guided_sequential "
             f"{100 * r['nudge_overhead']:+.1f}% by tok/s, "
             f"{100 * r['nudge_overhead_python']:+.2f}% by Python-side time)"
+        )
+    if "guided_nudge_rollouts" in r:
+        nz = r["guided_nudge_rollouts"]["nudge"]
+        lines.append(
+            f"(guided_nudge_rollouts: 3 candidates x 4 tokens at {nz['verified']} sites, "
+            f"{nz['rollout_tokens']} extra forwards; overhead vs guided_sequential "
+            f"{100 * r['rollout_overhead']:+.0f}% by tok/s)"
         )
     if "parallel_threads" in r:
         lines.append(

@@ -77,6 +77,7 @@ def test_bench_prints_every_figure(tiny_bundle):
     rep = json.loads(r.output)
     for key in ("unguided", "guided_sequential", "guided_parallel", "forward_bound_tok_per_s", "peak_rss_mb"):
         assert key in rep
+    assert rep["guided_nudge_rollouts"]["nudge"]["rollout_tokens"] > 0 and "rollout_overhead" in rep
     assert rep["guided_sequential"]["tokens"] == 8 and set(rep["guided_sequential"]["arm_ms"]) == {
         "alpha",
         "beta",
