@@ -239,7 +239,7 @@ def train_arm(
     losses = run_steps(
         model, train_enc, plan, pad, device, out, settings, beta_r, lr, micro_batch, save_every, progress,
         eval_at={round(len(plan) * (e + 1) / epochs) for e in range(epochs - 1)},
-        on_eval=lambda step: curve.append((step, *evaluate(model, eval_enc, pad, device, micro_batch).values())),
+        on_eval=lambda step: _log_eval(curve, step, evaluate(model, eval_enc, pad, device, micro_batch)),
     )  # fmt: skip
     after = evaluate(model, eval_enc, pad, device, micro_batch)
     info = {
@@ -259,6 +259,15 @@ def train_arm(
     }  # fmt: skip
     save_arm(model, tok, out, info, bool(lora_r))
     return info
+
+
+def _log_eval(curve: list, step: int, ev: dict) -> None:
+    curve.append((step, ev["n"], ev["accuracy"], ev["margin"]))
+    if ev["n"]:
+        print(
+            f"\nstep {step}: held-out accuracy {ev['accuracy']:.3f}, margin {ev['margin']:+.2f}",
+            file=sys.stderr,
+        )
 
 
 def run_steps(
