@@ -338,7 +338,9 @@ def save_adapter(model, dst: Path) -> None:
     part.mkdir(parents=True)
     state = {k: v.detach().to("cpu").half().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(state, part / "adapter_model.safetensors")
-    model.peft_config["default"].save_pretrained(part)
+    cfg = model.peft_config["default"]
+    cfg.base_model_name_or_path = Path(str(cfg.base_model_name_or_path or "")).name  # no local paths
+    cfg.save_pretrained(part)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(part, dst)
 
