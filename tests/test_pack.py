@@ -62,3 +62,30 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
     assert list(e.weights) == ["yes"] and e.generate("Hi", max_tokens=3, seed=0).tokens
     assert json.loads((bundle / "manifest.json").read_text())["arms"]["yes"]["parity"]["passed"]
     assert pack.remove_pack("tiny") and pack.built_bundle("tiny") is None
+
+
+def test_committed_adapter_is_applied_without_training(recipe, monkeypatch, tiny_root, tmp_path):
+    import shutil
+
+    import export.train_loop as train_loop
+
+    work = tmp_path / "trained"
+    train_loop.train_arm(recipe / "pairs.jsonl", tiny_root / "bundle" / "base.gguf", work, beta_r=0.5, lora_r=4,
+                         lr=5e-2, batch_size=8, eval_frac=0, progress=False)  # fmt: skip
+    shutil.copytree(work / "adapter", recipe / "adapters" / "yes")
+    text = (
+        (recipe / "recipe.toml").read_text().replace("[arms.yes]\n", '[arms.yes]\nadapter = "adapters/yes"\n')
+    )
+    (recipe / "recipe.toml").write_text(text)
+
+    def no_training(*a, **k):
+        raise AssertionError("a committed adapter must not be retrained")
+
+    monkeypatch.setattr(train_loop, "train_arm", no_training)
+    bundle = pack.build_pack("tiny", log=lambda m: None)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["arms"]["yes"]["parity"]["passed"]
+    info = json.loads((pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json").read_text())
+    assert info["from_adapter"].endswith("adapters/yes")
+    with pytest.raises(AssertionError, match="must not be retrained"):
+        pack.build_pack("tiny", log=lambda m: None, retrain=True)  # --retrain: trains from the pairs
