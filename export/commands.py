@@ -138,7 +138,7 @@ def export_arm(
             _quantize_int8(onnx_dir)
             kind = "int8"
         stages.update()
-        parity = run_parity(model, tok, OnnxARM(onnx_dir / "model.onnx", name), kind)
+        parity = run_parity(model, tok, OnnxARM(onnx_dir / "model.onnx", name, cache=False), kind)
         stages.set_postfix_str(f"KL {parity['mean_kl']:.1e}")
         stages.update()
         print(format_parity(f"ARM '{name}'", parity), file=sys.stderr)

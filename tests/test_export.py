@@ -166,6 +166,26 @@ def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monk
     assert not third.from_cache and cached.stat().st_size > 100
     os.utime(src, ns=(1, 1))  # the ARM file changed: a new entry replaces the old one
     OnnxARM(src, "d")
-    assert optimized_cache_path(src) != cached and [optimized_cache_path(src)] == list(
-        cached.parent.iterdir()
-    )
+    new = optimized_cache_path(src)
+    assert new != cached and sorted(cached.parent.iterdir()) == [new, new.with_name(new.name + ".data")]
+    assert not OnnxARM(src, "e", cache=False).from_cache
+
+
+def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, monkeypatch):
+    import numpy as np
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
+    from export.onnx_export import _externalize
+
+    src = tmp_path / "arm" / "model.onnx"
+    src.parent.mkdir()
+    shutil.copyfile(tiny_bundle / "arms" / "alpha" / "model.onnx", src)
+    _externalize(src, threshold=0)
+    ids = [1, 4093, 198, 19556]
+    plain = OnnxARM(src, "plain").prefill(ids)
+    monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
+    monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    OnnxARM(src, "a")
+    again = OnnxARM(src, "b")
+    assert again.from_cache  # its weights were saved beside it, not left pointing at model.onnx_data
+    np.testing.assert_allclose(again.prefill(ids), plain, atol=1e-4)

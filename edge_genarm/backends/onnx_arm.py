@@ -94,11 +94,14 @@ def optimized_cache_path(path: Path) -> Path | None:
 class OnnxARM:
     """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
 
-    def __init__(self, path: str | Path, name: str = "arm", device: str = "cpu", threads: int = 1):
+    def __init__(
+        self, path: str | Path, name: str = "arm", device: str = "cpu", threads: int = 1, cache: bool = True
+    ):
         import onnxruntime as ort
 
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         self.path, self.name, self.threads = Path(path), name, max(1, int(threads))
+        self._use_cache = cache  # off for one-off sessions (export parity on a temporary file)
         if not self.path.is_file():
             raise ModelFileError(f"ARM '{name}': ONNX file '{self.path}' does not exist: re-export it")
         opts = ort.SessionOptions()
@@ -140,7 +143,8 @@ class OnnxARM:
         """The session; on CPU through the optimized-graph cache (see optimized_cache_path)."""
         import onnxruntime as ort
 
-        cached = optimized_cache_path(self.path) if providers[0] == "CPUExecutionProvider" else None
+        on_cpu = providers[0] == "CPUExecutionProvider"
+        cached = optimized_cache_path(self.path) if on_cpu and self._use_cache else None
         self.from_cache = False
         if cached is not None and cached.is_file():
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -157,13 +161,21 @@ class OnnxARM:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.onnx")
         opts.optimized_model_filepath = str(tmp)
+        # the weights go to a data file beside it (an ARM with external data would otherwise be
+        # saved pointing at its own model.onnx_data, relative to the wrong folder)
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", cached.name + ".data"
+        )
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
         session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         try:
             os.replace(tmp, cached)
         except OSError:
             tmp.unlink(missing_ok=True)
-        for old in cached.parent.glob(cached.name.split("-")[0] + "-*.onnx"):
-            if old != cached:  # the same ARM file before it changed: never read again
+        for old in cached.parent.glob(cached.name.split("-")[0] + "-*.onnx*"):
+            if old.name not in (cached.name, cached.name + ".data"):  # the ARM file before it changed
                 old.unlink(missing_ok=True)
         return session
 
