@@ -86,13 +86,13 @@ def format_report(r: dict) -> str:
         f"base threads {r['base_threads']}",
         "",
     ]
-    lines.append(f"{'mode':<20}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
+    lines.append(f"{'mode':<22}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
     for mode in ("unguided", "guided_sequential", "guided_nudge", "guided_nudge_rollouts", "guided_parallel"):
         if mode in r:
             s = r[mode]
             arms = " ".join(f"{k}={v:.2f}" for k, v in s["arm_ms"].items()) or "-"
             lines.append(
-                f"{mode:<20}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}"
+                f"{mode:<22}{s['tok_per_s']:>8.1f}{s['base_ms']:>9.2f}{s['python_ms']:>11.3f}  {arms}"
             )
     if "guided_nudge" in r:
         nz = r["guided_nudge"]["nudge"]
