@@ -95,6 +95,14 @@ def sampling_options(f):
         click.option("--top-k", default=_D.top_k, show_default=True, type=int, help="0 disables."),
         click.option("--top-p", default=_D.top_p, show_default=True, type=float, help="1 disables."),
         click.option("--min-p", default=_D.min_p, show_default=True, type=float, help="0 disables."),
+        click.option(
+            "--repeat-penalty",
+            default=_D.repeat_penalty,
+            show_default=True,
+            type=float,
+            help="llama.cpp's repeat penalty over the last --repeat-last-n tokens (1.0: off; Ollama uses 1.1).",
+        ),
+        click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True, type=int),
         click.option("--seed", type=int, help="Seed for reproducible output."),
         click.option(
             "--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate at most."
@@ -172,7 +180,9 @@ def nudge_config(o: dict) -> NudgeConfig | None:
 
 def gen_kwargs(o: dict) -> dict:
     return dict(
-        sampling=SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"]),
+        sampling=SamplingParams(
+            o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repeat_penalty"], o["repeat_last_n"]
+        ),
         seed=o["seed"],
         max_tokens=o["max_tokens"],
         stop=list(o["stop"]),

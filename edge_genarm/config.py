@@ -33,6 +33,8 @@ KEYS: dict[str, tuple[type, object]] = {
     "top_k": (int, _S.top_k),
     "top_p": (float, _S.top_p),
     "min_p": (float, _S.min_p),
+    "repeat_penalty": (float, _S.repeat_penalty),
+    "repeat_last_n": (int, _S.repeat_last_n),
     "max_tokens": (int, 256),
     "seed": (int, None),
     "ctx": (int, 4096),

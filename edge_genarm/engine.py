@@ -249,6 +249,8 @@ class Engine:
         for i in range(budget):
             t1 = time.perf_counter()
             scores, rec = self._combine(logits, active)
+            if req.params.repeat_penalty != 1.0 and req.params.repeat_last_n:
+                G.repeat_penalty(scores, seq[-req.params.repeat_last_n :], req.params.repeat_penalty)
             if req.on_step is not None:
                 req.on_step(i, scores, req.params)
             tok = self._choose(i, scores, rec, req, seq)

@@ -94,6 +94,10 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    # llama.cpp's repeat penalty over the last `repeat_last_n` tokens (prompt included);
+    # 1.0 is off, as in llama.cpp (Ollama uses 1.1 over 64)
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, lo=0.0, fix="use 0 for greedy, 1 for plain sampling")
@@ -101,10 +105,29 @@ class SamplingParams:
             raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, fix="use 1.0 to disable it")
         _check_number("min_p", self.min_p, lo=0.0, hi=1.0, hi_open=True, fix="use 0 to disable it")
+        _check_number(
+            "repeat_penalty", self.repeat_penalty, lo=0.0, lo_open=True, fix="use 1.0 to disable it"
+        )
+        n = self.repeat_last_n
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"repeat_last_n must be an integer >= 0, got {n!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def repeat_penalty(scores: np.ndarray, recent, penalty: float) -> np.ndarray:
+    """llama.cpp's repeat penalty on the combined scores, in place: each token seen in
+    `recent` has a positive score divided by `penalty` and a negative one multiplied
+    (scores here are sums of log-probs, so in practice: multiplied, i.e. pushed down)."""
+    if penalty == 1.0 or not len(recent):
+        return scores
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids = ids[ids < scores.size]
+    s = scores[ids]
+    scores[ids] = np.where(s > 0, s / penalty, s * penalty).astype(scores.dtype)
+    return scores
 
 
 def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, fix=""):

@@ -10,7 +10,7 @@ from .nudge import NudgeConfig
 
 HELP = """commands:
   /set arm NAME WEIGHT   change an ARM's weight (0 turns it off)
-  /set temperature X     also top_k, top_p, min_p, max_tokens, seed
+  /set temperature X     also top_k, top_p, min_p, repeat_penalty, repeat_last_n, max_tokens, seed
   /set nudge on|off      entropy-triggered nudging
   /arms                  loaded ARMs and their weights
   /system TEXT           set the system prompt (starts a new conversation)
@@ -43,10 +43,10 @@ def _read(prompt: str) -> str | None:
 def _set_option(kw: dict, name: str, value: str) -> str:
     """Change one generation setting in `kw`; raises ValueError with the reason."""
     name = name.replace("-", "_")
-    if name in ("temperature", "top_p", "min_p"):
+    if name in ("temperature", "top_p", "min_p", "repeat_penalty"):
         kw["sampling"] = replace(kw["sampling"], **{name: float(value)})
-    elif name == "top_k":
-        kw["sampling"] = replace(kw["sampling"], top_k=int(value))
+    elif name in ("top_k", "repeat_last_n"):
+        kw["sampling"] = replace(kw["sampling"], **{name: int(value)})
     elif name in ("max_tokens", "seed"):
         kw[name] = int(value)
     elif name == "nudge":
@@ -55,7 +55,8 @@ def _set_option(kw: dict, name: str, value: str) -> str:
         kw["nudge"] = (kw.get("nudge") or NudgeConfig()) if value == "on" else None
     else:
         raise ValueError(
-            f"unknown setting '{name}': temperature, top_k, top_p, min_p, max_tokens, seed, nudge"
+            f"unknown setting '{name}': temperature, top_k, top_p, min_p, repeat_penalty, "
+            "repeat_last_n, max_tokens, seed, nudge"
         )
     return f"{name} = {value}"
 

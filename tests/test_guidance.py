@@ -126,8 +126,28 @@ def test_is_finite():
         (dict(top_p=1.5), "top_p"),
         (dict(min_p=1.0), "min_p"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(repeat_penalty=0.0), "repeat_penalty"),
+        (dict(repeat_last_n=-1), "repeat_last_n"),
     ],
 )
 def test_bad_sampling_params_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         G.SamplingParams(**kw)
+
+
+def test_repeat_penalty_is_llama_cpp_rule():
+    scores = np.array([2.0, -1.0, -3.0, 0.5, -0.2], dtype=np.float32)
+    out = G.repeat_penalty(scores.copy(), [0, 1, 1, 9], 1.25)  # 9: past the vocabulary, ignored
+    expected = [2.0 / 1.25, -1.0 * 1.25, -3.0, 0.5, -0.2]  # each seen id once: divide if > 0, else multiply
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert G.repeat_penalty(scores.copy(), [0, 1], 1.0).tolist() == scores.tolist()
+
+
+def test_repeat_penalty_in_the_loop(engine):
+    """A huge penalty: greedy decoding never repeats a token within the window."""
+    c = engine.generate("Count: one one one one one", max_tokens=24, guidance=False,
+                        sampling=G.SamplingParams(0.0, 0, 1.0, 0.0, repeat_penalty=1e4, repeat_last_n=64))  # fmt: skip
+    ids = engine.tokenize_prompt(engine.format_prompt("Count: one one one one one"))
+    seq = ids + c.tokens
+    for i, t in enumerate(c.tokens):
+        assert t not in seq[len(ids) + i - 64 : len(ids) + i]
