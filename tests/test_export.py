@@ -189,3 +189,13 @@ def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, mon
     again = OnnxARM(src, "b")
     assert again.from_cache  # its weights were saved beside it, not left pointing at model.onnx_data
     np.testing.assert_allclose(again.prefill(ids), plain, atol=1e-4)
+
+
+def test_an_unwritable_graph_cache_only_costs_speed(tiny_bundle, tmp_path, monkeypatch):
+    from edge_genarm.backends.onnx_arm import OnnxARM
+
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
+    monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "not-a-folder" / "cache"))
+    arm = OnnxARM(tiny_bundle / "arms" / "alpha" / "model.onnx", "a")
+    assert not arm.from_cache and arm.prefill([1, 2, 3]).shape[-1] > 0

@@ -156,9 +156,14 @@ class OnnxARM:
                 log.warning("ARM '%s': dropping unreadable optimized cache %s", self.name, cached)
                 cached.unlink(missing_ok=True)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # an unwritable cache costs speed, never the load
+                log.warning("ARM '%s': no optimized-graph cache (%s); loading without it", self.name, e)
+                cached = None
         if cached is None:
             return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.onnx")
         opts.optimized_model_filepath = str(tmp)
         # the weights go to a data file beside it (an ARM with external data would otherwise be
