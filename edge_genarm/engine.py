@@ -322,17 +322,17 @@ class Engine:
         results = []
         for c in cands:
             self._arm, self._base_lp = saved
-            score, tok, fed = arm_term(c), c, seq + [c]
+            score, tok = arm_term(c), c
             for j in range(horizon - 1):
                 if tok in req.eos:
                     break
-                call = (lambda m, f=fed: m.prefill(f)) if j == 0 else (lambda m, tk=tok: m.step(tk))
+                # the first forward feeds c after the shared prefix; the rest are single steps
+                call = (lambda m, f=seq + [c]: m.prefill(f)) if j == 0 else (lambda m, tk=tok: m.step(tk))
                 logits = self._forward(call, active, t)
                 req.report.rollout_tokens += 1
                 combined, _ = self._combine(logits, active)
                 tok = int(np.argmax(combined))
                 score += arm_term(tok)
-                fed = fed + [tok]
             results.append((c, score))
         self._forward(lambda m: m.prefill(seq), active, t)  # back to the real sequence
         self._arm, self._base_lp = saved

@@ -235,7 +235,7 @@ def train_arm(
     plan = step_plan(len(train_enc), batch_size, epochs, seed)
     t0 = time.time()
     before = evaluate(model, eval_enc, pad, device, micro_batch)
-    curve: list = []  # held-out (step, accuracy, margin) at each epoch's end
+    curve: list[dict] = []  # held-out {step, accuracy, margin} at each epoch's end
     losses = run_steps(
         model, train_enc, plan, pad, device, out, settings, beta_r, lr, micro_batch, save_every, progress,
         eval_at={round(len(plan) * (e + 1) / epochs) for e in range(epochs - 1)},
@@ -247,7 +247,7 @@ def train_arm(
         "n_pairs": len(enc), "n_train": len(train_enc), "n_heldout": len(eval_enc),
         "heldout_accuracy": after["accuracy"], "heldout_margin": after["margin"],
         "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
-        "heldout_curve": [{"step": st, "accuracy": a, "margin": m} for st, _, a, m in curve],
+        "heldout_curve": curve,
         "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None,
         "steps": len(plan), "epochs": epochs, "layers": model.config.num_hidden_layers,
         "method": (
@@ -262,7 +262,7 @@ def train_arm(
 
 
 def _log_eval(curve: list, step: int, ev: dict) -> None:
-    curve.append((step, ev["n"], ev["accuracy"], ev["margin"]))
+    curve.append({"step": step, "accuracy": ev["accuracy"], "margin": ev["margin"]})
     if ev["n"]:
         print(
             f"\nstep {step}: held-out accuracy {ev['accuracy']:.3f}, margin {ev['margin']:+.2f}",
