@@ -263,3 +263,12 @@ def test_cli_train_arm_reports_bad_data(tmp_path):
         main, ["train-arm", "--data", str(f), "--init", str(tmp_path), "-o", "x", "--beta-r", "0"]
     )
     assert r.exit_code == 1 and "--beta-r must be > 0" in r.output
+
+
+def test_adapter_folder_without_config_is_named(tiny_hf, tmp_path):
+    from export.train_loop import apply_adapter
+
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ConfigError, match="is not a LoRA adapter folder .*retrain it"):
+        apply_adapter(tiny_hf, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
