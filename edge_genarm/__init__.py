@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def load(weights, arms=None, **kw):
-    """Load a bundle (or a bare .gguf): see `edge_genarm.engine.load`."""
-    from .engine import load as _load
+    """Load a bundle (or a bare .gguf): see `edge_genarm.loader.load`."""
+    from .loader import load as _load
 
     return _load(weights, arms, **kw)

@@ -116,7 +116,7 @@ def sampling_options(f):
 
 
 def load_engine(o: dict):
-    from .engine import load
+    from .loader import load
 
     template = Path(o["chat_template"]).read_text() if o.get("chat_template") else None
     return load(
@@ -260,10 +260,11 @@ def generate(prompt, raw, as_json, no_stream, explain, **o):
             else:
                 click.echo(c.text)
             return
-        for rec in engine.stream(prompt, raw=raw, **kw):
+        gen = engine.stream(prompt, raw=raw, **kw)
+        for rec in gen:
             click.echo(rec.text, nl=False)
         click.echo()
-        s = engine.last_timings.summary()
+        s = gen.timings.summary()
         click.echo(f"[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]", err=True)
     except EdgeGenarmError as e:
         fail(e)
@@ -294,7 +295,7 @@ def completion_json(c, engine) -> dict:
         "text": c.text,
         "finish_reason": c.finish_reason,
         "tokens": c.tokens,
-        "weights": engine.weights,
+        "weights": c.weights,
         "timings": c.timings.summary(),
         "nudge": None if c.nudge is None else {**c.nudge.summary(), "changes": c.nudge.changes},
         "records": [
@@ -518,7 +519,7 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
     from export.prefs import make_judge, make_pairs, read_prompts
 
-    from .engine import load
+    from .loader import load
 
     try:
         fn = make_judge(judge)

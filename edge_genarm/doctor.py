@@ -80,7 +80,7 @@ def check_threads() -> Iterator[Check]:
 
 
 def check_weights(weights: str | None, arms: list[str] | None) -> Iterator[Check]:
-    from .engine import load
+    from .loader import load
 
     try:
         engine = load(weights, arms)

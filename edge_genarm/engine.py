@@ -1,8 +1,12 @@
 """The decoding loop: base + ARMs -> combined scores -> sampled token -> text.
 
-Per step: one base decode and one decode per active ARM (overlapped in threads:
-llama.cpp and onnxruntime both release the GIL), log-softmax of each, the
-weighted sum, the sampler, and a StepRecord for whoever is listening.
+Per step: one base decode and one forward per active ARM unit (overlapped in
+threads: llama.cpp and onnxruntime both release the GIL), log-softmax of each,
+the weighted sum, the sampler, and a StepRecord for whoever is listening.
+
+The `Engine` holds what is loaded (models, KV caches, default weights); every
+per-request value (sampling, weights, RNG, timings, finish reason, nudge report)
+lives in a `Generation`, so two requests never read each other's results.
 """
 
 from __future__ import annotations
@@ -16,9 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import guidance as G
-from .backends.llama_base import LlamaBase, default_threads
-from .backends.onnx_arm import OnnxARM
-from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
+from .backends.llama_base import LlamaBase
 from .chat import CHATML, render
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
 from .nudge import NudgeConfig, NudgeReport, NudgeTable, apply_site, is_site
@@ -43,27 +45,12 @@ class StepRecord:
 
 
 @dataclass
-class _Request:
-    """Per-request state of the loop."""
-
-    params: G.SamplingParams
-    rng: np.random.Generator
-    active: dict[str, float]
-    stream: TextStream
-    on_step: object
-    eos: set[int]
-    nudge: NudgeConfig | None = None
-    report: NudgeReport | None = None
-    last_site: int | None = None
-
-
-@dataclass
 class Timings:
     steps: int = 0
     prompt_tokens: int = 0
     prompt_s: float = 0.0
     base_s: float = 0.0
-    arm_s: dict[str, float] = field(default_factory=dict)
+    arm_s: dict[str, float] = field(default_factory=dict)  # per ARM unit (an ARM, or heads sharing a trunk)
     forward_s: float = 0.0  # wall time of the (overlapped) forward section
     total_s: float = 0.0  # wall time of the decode steps
 
@@ -89,40 +76,93 @@ class Completion:
     records: list[StepRecord]
     timings: Timings
     nudge: NudgeReport | None = None
+    weights: dict[str, float] = field(default_factory=dict)  # the ARM weights this request used
+
+
+@dataclass
+class _Step:
+    """One step's combined scores and the pieces they were made of."""
+
+    scores: np.ndarray
+    rec: StepRecord
+    base_lp: np.ndarray
+    arm: dict[str, tuple[np.ndarray, float]]  # name -> (raw logits on the base's ids, logZ)
+
+    def arm_term(self, tok: int, active: dict[str, float]) -> float:
+        """sum_i w_i log p_arm_i(tok) over the ARMs that ran this step."""
+        return sum(active[n] * (float(z[tok]) - lse) for n, (z, lse) in self.arm.items() if tok < z.size)
+
+
+class Generation:
+    """One request: iterate it for StepRecords; afterwards it holds the request's results
+    (`finish_reason`, `timings`, `nudge`, `weights`). Nothing of it is stored on the engine."""
+
+    def __init__(self, engine: Engine, ids: list[int], budget: int, *, params, seed, weights, active,
+                 stop, on_step, eos, nudge):  # fmt: skip
+        self.engine, self.ids, self.budget = engine, list(ids), budget
+        self.params: G.SamplingParams = params
+        self.rng = np.random.default_rng(seed)
+        self.weights: dict[str, float] = weights  # every loaded ARM's weight for this request
+        self.active: dict[str, float] = active  # the ARMs that run (weight != 0, guidance on)
+        self.text = TextStream(stop)
+        self.on_step = on_step
+        self.eos: set[int] = eos
+        self.nudge_cfg: NudgeConfig | None = nudge
+        self.nudge: NudgeReport | None = NudgeReport() if nudge is not None else None
+        self.last_site: int | None = None
+        self.timings = Timings(prompt_tokens=len(ids))
+        self.finish_reason: str | None = None
+        self._it: Iterator[StepRecord] | None = None
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        if self._it is None:
+            self._it = self.engine._loop(self)
+        return self._it
+
+    def __next__(self) -> StepRecord:
+        return next(iter(self))
 
 
 class Engine:
-    """A loaded bundle: one base, any number of ARMs with run-time weights."""
+    """A loaded bundle: one base, any number of ARMs with run-time weights.
+
+    `arms` maps a name to an ARM backend (`prefill(tokens)`/`step(token)` -> logits). ARMs
+    that share a trunk (backends.trunk) are one forward unit: the trunk runs once per step
+    for all of its active heads.
+    """
 
     def __init__(
         self,
         base: LlamaBase,
-        arms: dict[str, OnnxARM],
+        arms: dict,
         weights: dict[str, float],
         chat_template: str | None = None,
         parallel: bool = True,
     ):
         self.base, self.arms = base, arms
-        self.weights: dict[str, float] = {}
+        self.weights: dict[str, float] = {n: 0.0 for n in arms}  # defaults for requests
         self.set_weights(weights)
         self.chat_template = chat_template or base.info.get("tokenizer.chat_template") or None
-        # One worker per ARM: an ARM's calls stay in order even when a reply was
+        self._units = _forward_units(arms)
+        # One worker per unit: a unit's calls stay in order even when a reply was
         # interrupted (Ctrl+C) while its step was still running.
-        self._pools = {n: ThreadPoolExecutor(max_workers=1) for n in arms} if parallel else {}
-        self.last_timings = Timings()
+        self._pools = {label: ThreadPoolExecutor(max_workers=1) for label in self._units} if parallel else {}
         self.nudge_table: NudgeTable | None = None
-        self.last_nudge_report: NudgeReport | None = None
 
     # -- configuration ------------------------------------------------------
-    def set_weights(self, weights: dict[str, float]) -> None:
-        """Change ARM weights between requests; unknown names are an error."""
+    def check_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """`weights` over the defaults, validated: unknown names and non-finite values are errors."""
         for name, w in weights.items():
             if name not in self.arms:
                 have = ", ".join(self.arms) or "none loaded"
                 raise ConfigError(f"unknown ARM '{name}': loaded ARMs are {have}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):
                 raise ConfigError(f"ARM weight for '{name}' must be a finite number, got {w!r}")
-        self.weights = {n: float(weights.get(n, self.weights.get(n, 0.0))) for n in self.arms}
+        return {n: float(weights.get(n, self.weights.get(n, 0.0))) for n in self.arms}
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Change the default ARM weights (later requests use them; a request's `weights=` does not)."""
+        self.weights = self.check_weights(weights)
 
     # -- prompts ------------------------------------------------------------
     def format_prompt(self, prompt: str | list[dict], raw: bool = False, system: str | None = None) -> str:
@@ -154,18 +194,12 @@ class Engine:
 
     # -- generation ---------------------------------------------------------
     def generate(self, prompt, **kw) -> Completion:
-        records, text = [], []
-        for rec in self.stream(prompt, **kw):
-            records.append(rec)
-            text.append(rec.text)
+        gen = self.stream(prompt, **kw)
+        records = list(gen)
+        text = "".join(r.text for r in records)
         records = [r for r in records if r.token >= 0]  # a token -1 record only carries held text
         return Completion(
-            "".join(text),
-            [r.token for r in records],
-            self._finish,
-            records,
-            self.last_timings,
-            self.last_nudge_report,
+            text, [r.token for r in records], gen.finish_reason, records, gen.timings, gen.nudge, gen.weights
         )
 
     def stream(
@@ -184,46 +218,37 @@ class Engine:
         ignore_eos: bool = False,
         nudge: NudgeConfig | None = None,
         **sampling_kw,
-    ) -> Iterator[StepRecord]:
-        """Yield one StepRecord per generated token. `on_step(i, scores, params)` sees each step's scores.
+    ) -> Generation:
+        """A Generation: iterate it for one StepRecord per generated token.
 
-        `weights` changes the engine's ARM weights (they stay for later calls, like
-        `set_weights`); `guidance=False` runs the base alone without touching them.
-        `nudge` turns on entropy-triggered nudging (nudge.py) with the bundle's
-        nudge table when it has one; `self.last_nudge_report` then says what it did.
+        `weights` apply to this request only, over the engine's defaults (`set_weights`);
+        `guidance=False` runs the base alone. `nudge` turns on entropy-triggered nudging
+        (nudge.py) with the bundle's nudge table when it has one. `on_step(i, scores, params)`
+        sees each step's scores. Bad arguments raise here, before any model runs.
         """
-        if nudge is not None and self.nudge_table is None and not self.weights:
+        params = sampling or G.SamplingParams(**sampling_kw)
+        w = self.check_weights(weights or {})
+        active = {n: v for n, v in w.items() if v != 0.0} if guidance else {}
+        if nudge is not None and self.nudge_table is None and not self.arms:
             raise ConfigError(
                 "nudging needs a nudge table (`edge-genarm export nudges`) or ARMs to score "
                 "candidates: this bundle has neither"
             )
-        params = sampling or G.SamplingParams(**sampling_kw)
-        if weights:
-            self.set_weights(weights)
-        active = {n: w for n, w in self.weights.items() if w != 0.0} if guidance else {}
         if nudge is not None and nudge.rollouts and not active:
             raise ConfigError(
                 "nudge rollouts are scored by the ARMs, and none is active: give an ARM a weight "
                 "(--arm NAME=W), or set rollouts to 0"
             )
         ids = (
-            prompt
+            list(prompt)
             if _is_token_list(prompt)
             else self.tokenize_prompt(self.format_prompt(prompt, raw, system))
         )
-        budget = self._budget(len(ids), max_tokens)
-        req = _Request(
-            params,
-            np.random.default_rng(seed),
-            active,
-            TextStream(stop),
-            on_step,
-            set() if ignore_eos else self.base.eos_ids,
-            nudge,
-            NudgeReport() if nudge is not None else None,
-        )
-        self.last_nudge_report = req.report
-        yield from self._loop(ids, budget, req)
+        return Generation(
+            self, ids, self._budget(len(ids), max_tokens), params=params, seed=seed, weights=w,
+            active=active, stop=stop, on_step=on_step, eos=set() if ignore_eos else self.base.eos_ids,
+            nudge=nudge,
+        )  # fmt: skip
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
         """Prompt too long: an error. Prompt + max_tokens too long: generate until the context is full."""
@@ -238,73 +263,79 @@ class Engine:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         return room if max_tokens is None else min(max_tokens, room)
 
-    def _loop(self, ids, budget, req: _Request):
-        active, stream, eos = req.active, req.stream, req.eos
-        seq = list(ids)
-        t = self.last_timings = Timings(prompt_tokens=len(ids), arm_s={n: 0.0 for n in active})
-        self._finish = "length"
+    def _loop(self, g: Generation) -> Iterator[StepRecord]:
+        active, t, seq = g.active, g.timings, list(g.ids)
+        g.finish_reason = "length"
+        t.arm_s = {label: 0.0 for label, names in self._units.items() if any(n in active for n in names)}
         t0 = time.perf_counter()
-        logits = self._forward(lambda m: m.prefill(ids), active, t, count=False)
+        logits = self._forward("prefill", seq, active, t, count=False)
         t.prompt_s = time.perf_counter() - t0
-        for i in range(budget):
+        for i in range(g.budget):
             t1 = time.perf_counter()
-            scores, rec = self._combine(logits, active)
-            if req.params.repeat_penalty != 1.0 and req.params.repeat_last_n:
-                G.repeat_penalty(scores, seq[-req.params.repeat_last_n :], req.params.repeat_penalty)
-            if req.on_step is not None:
-                req.on_step(i, scores, req.params)
-            tok = self._choose(i, scores, rec, req, seq)
+            st = self._combine(logits, active)
+            p = g.params
+            if p.repeat_penalty != 1.0 and p.repeat_last_n:
+                if st.scores is st.base_lp:  # no ARM ran: keep the base log-probs unpenalised
+                    st.scores = st.base_lp.copy()
+                G.repeat_penalty(st.scores, seq[-p.repeat_last_n :], p.repeat_penalty)
+            if g.on_step is not None:
+                g.on_step(i, st.scores, p)
+            tok = self._choose(i, st, g, seq)
             seq.append(tok)
+            rec = st.rec
             rec.token = tok
-            self._fill_record(rec, tok, active)
+            rec.base_logprob = float(st.base_lp[tok])
+            for n, (z, lse) in st.arm.items():
+                rec.arm_contrib[n] = active[n] * (float(z[tok]) - lse) if tok < z.size else float("-inf")
             rec.combined_logprob = (
-                (float(scores[tok]) - G.logsumexp(scores)) if self._arm else rec.base_logprob
+                (float(st.scores[tok]) - G.logsumexp(st.scores)) if st.arm else rec.base_logprob
             )
-            if tok in eos:
-                self._finish = "stop"
+            if tok in g.eos:
+                g.finish_reason = "stop"
                 t.total_s += time.perf_counter() - t1
                 break
-            rec.text = stream.push(self.base.token_bytes(tok))
+            rec.text = g.text.push(self.base.token_bytes(tok))
             t.steps += 1
-            done = stream.stopped or i == budget - 1
+            done = g.text.stopped or i == g.budget - 1
             if not done:
-                logits = self._forward(lambda m, tok=tok: m.step(tok), active, t)
+                logits = self._forward("step", tok, active, t)
             t.total_s += time.perf_counter() - t1
             if done:
-                rec.text += stream.flush()
-                self._finish = "stop" if stream.stopped else "length"
+                rec.text += g.text.flush()
+                g.finish_reason = "stop" if g.text.stopped else "length"
                 yield rec
                 return
             yield rec
-        tail = stream.flush()
+        tail = g.text.flush()
         if tail:
             yield StepRecord(-1, tail, 0.0, 0.0, 0.0)
 
-    def _choose(self, i: int, scores, rec: StepRecord, req: _Request, seq: list[int]) -> int:
+    def _choose(self, i: int, st: _Step, g: Generation, seq: list[int]) -> int:
         """Sample; at a nudge site, let the nudge change the pick (same uniform draw)."""
-        u = req.rng.random()
-        tok = G.sample_u(scores, req.params, u)
-        if req.nudge is None:
+        u = g.rng.random()
+        tok = G.sample_u(st.scores, g.params, u)
+        cfg, report = g.nudge_cfg, g.nudge
+        if cfg is None:
             return tok
-        req.report.steps += 1
-        if not is_site(i, rec.entropy, req.last_site, req.nudge):
+        report.steps += 1
+        if not is_site(i, st.rec.entropy, g.last_site, cfg):
             return tok
-        req.last_site = i
-        req.report.sites.append(i)
-        rec.site = True
+        g.last_site = i
+        report.sites.append(i)
+        st.rec.site = True
         table = self.nudge_table
-        direction = table.direction_for(seq[-req.nudge.context :]) if table is not None else None
+        direction = table.direction_for(seq[-cfg.context :]) if table is not None else None
         ranked: list[int] = []
-        forced, biased = apply_site(self._base_lp, scores, req.nudge, direction, ranked)
-        new = forced if forced is not None else G.sample_u(biased, req.params, u)
-        if req.nudge.rollouts and self._arm:
-            new = self._verify(i, seq, ranked[: req.nudge.rollouts], req)
+        forced, biased = apply_site(st.base_lp, st.scores, cfg, direction, ranked)
+        new = forced if forced is not None else G.sample_u(biased, g.params, u)
+        if cfg.rollouts and st.arm:
+            new = self._verify(i, seq, ranked[: cfg.rollouts], st, g)
         if new != tok:
-            req.report.changes.append((i, tok, new))
-            rec.nudged_from = tok
+            report.changes.append((i, tok, new))
+            st.rec.nudged_from = tok
         return new
 
-    def _verify(self, i: int, seq: list[int], cands: list[int], req: _Request) -> int:
+    def _verify(self, i: int, seq: list[int], cands: list[int], st: _Step, g: Generation) -> int:
         """Forward-only verification: the candidate whose rollout has the highest summed ARM term.
 
         Each candidate c is fed, then followed greedily (argmax of the combined scores) until
@@ -313,53 +344,64 @@ class Engine:
         sums compare like with like. The models are put back on `seq` afterwards (their KV
         caches keep the shared prefix; one token is re-evaluated).
         """
-        active, t, horizon = req.active, self.last_timings, req.nudge.rollout_len
-        saved = (self._arm, self._base_lp)
-
-        def arm_term(tok: int) -> float:
-            return sum(active[n] * (float(z[tok]) - lse) for n, (z, lse) in self._arm.items() if tok < z.size)
-
+        active, t, horizon = g.active, g.timings, g.nudge_cfg.rollout_len
         results = []
         for c in cands:
-            self._arm, self._base_lp = saved
-            score, tok = arm_term(c), c
+            score, tok = st.arm_term(c, active), c
             for j in range(horizon - 1):
-                if tok in req.eos:
+                if tok in g.eos:
                     break
                 # the first forward feeds c after the shared prefix; the rest are single steps
-                call = (lambda m, f=seq + [c]: m.prefill(f)) if j == 0 else (lambda m, tk=tok: m.step(tk))
-                logits = self._forward(call, active, t)
-                req.report.rollout_tokens += 1
-                combined, _ = self._combine(logits, active)
-                tok = int(np.argmax(combined))
-                score += arm_term(tok)
+                logits = self._forward("prefill", seq + [c], active, t) if j == 0 else (
+                    self._forward("step", tok, active, t))  # fmt: skip
+                g.nudge.rollout_tokens += 1
+                step = self._combine(logits, active)
+                tok = int(np.argmax(step.scores))
+                score += step.arm_term(tok, active)
             results.append((c, score))
-        self._forward(lambda m: m.prefill(seq), active, t)  # back to the real sequence
-        self._arm, self._base_lp = saved
-        req.report.rollouts.append((i, results))
+        self._forward("prefill", seq, active, t)  # back to the real sequence
+        g.nudge.rollouts.append((i, results))
         return max(results, key=lambda r: r[1])[0]
 
-    def _forward(self, call, active, t: Timings, count: bool = True):
-        """Run `call` on the base and on each active ARM, overlapped when a pool exists."""
+    def _forward(self, kind: str, arg, active, t: Timings, count: bool = True):
+        """`kind` ("prefill" tokens / "step" token) on the base and on each unit with an active
+        ARM, overlapped when pools exist. Returns (base logits, {name: ARM logits})."""
         t0 = time.perf_counter()
+        jobs = {}
+        for label, names in self._units.items():
+            run = [n for n in names if n in active]
+            if run:
+                jobs[label] = run
         futures = {}
         if self._pools:
-            futures = {n: self._pools[n].submit(_timed, call, self.arms[n]) for n in active}
+            futures = {
+                lb: self._pools[lb].submit(self._run_unit, lb, run, kind, arg) for lb, run in jobs.items()
+            }
         tb = time.perf_counter()
-        base_logits = call(self.base)
+        base_logits = getattr(self.base, kind)(arg)
         t.base_s += time.perf_counter() - tb
         arm_logits = {}
-        for n in active:
-            out, dt = futures[n].result() if futures else _timed(call, self.arms[n])
-            arm_logits[n] = out
-            t.arm_s[n] += dt
+        for label, run in jobs.items():
+            out, dt = futures[label].result() if futures else self._run_unit(label, run, kind, arg)
+            arm_logits.update(out)
+            t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
         if count:
             t.forward_s += time.perf_counter() - t0
         else:
-            t.base_s, t.arm_s = 0.0, {n: 0.0 for n in active}
+            t.base_s, t.arm_s = 0.0, {k: 0.0 for k in t.arm_s}
         return base_logits, arm_logits
 
-    def _combine(self, logits, active) -> tuple[np.ndarray, StepRecord]:
+    def _run_unit(self, label: str, names: list[str], kind: str, arg):
+        t0 = time.perf_counter()
+        unit = self.arms[names[0]]
+        group = getattr(unit, "group", None)
+        if group is not None:  # heads sharing a trunk: one call runs the trunk once
+            out = group.run(kind, arg, names)
+        else:
+            out = {names[0]: getattr(unit, kind)(arg)}
+        return out, time.perf_counter() - t0
+
+    def _combine(self, logits, active) -> _Step:
         """scores = log p_base + sum_i w_i (z_i - logZ_i), z_i the ARM's raw logits.
 
         Only logZ_i is computed for each ARM (not its whole log-softmax): the
@@ -373,9 +415,9 @@ class Engine:
                 "corrupt or GPU offload broken; re-export it or try --gpu-layers 0"
             )
         rec = StepRecord(-1, "", 0.0, 0.0, h)
-        self._arm, self._base_lp = {}, base_lp
+        arm: dict[str, tuple[np.ndarray, float]] = {}
         if not active:
-            return base_lp, rec
+            return _Step(base_lp, rec, base_lp, arm)
         v = base_lp.size
         for n in active:
             z = arm_logits[n][:v]
@@ -384,29 +426,35 @@ class Engine:
                 log.warning("ARM '%s' produced NaN/inf logits; skipping its guidance for this step", n)
                 rec.fallback.append(n)
                 continue
-            self._arm[n] = (z, lse)
-        names = list(self._arm)
-        scores = G.combine(base_lp, [_pad(self._arm[n][0], v) for n in names], [active[n] for n in names])
-        scores -= np.float32(sum(active[n] * self._arm[n][1] for n in names))
-        short = min((self._arm[n][0].size for n in names), default=v)
+            arm[n] = (z, lse)
+        if not arm:
+            return _Step(base_lp, rec, base_lp, arm)
+        names = list(arm)
+        scores = G.combine(base_lp, [_pad(arm[n][0], v) for n in names], [active[n] for n in names])
+        scores -= np.float32(sum(active[n] * arm[n][1] for n in names))
+        short = min(arm[n][0].size for n in names)
         if short < v:
             scores[short:] = -np.inf  # ids the ARM does not have: not real shared tokens
-        return scores, rec
-
-    def _fill_record(self, rec: StepRecord, tok: int, active) -> None:
-        rec.base_logprob = float(self._base_lp[tok])
-        for n, (z, lse) in self._arm.items():
-            rec.arm_contrib[n] = active[n] * (float(z[tok]) - lse) if tok < z.size else float("-inf")
+        return _Step(scores, rec, base_lp, arm)
 
     def close(self) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=True)
 
 
-def _timed(call, model):
-    t0 = time.perf_counter()
-    out = call(model)
-    return out, time.perf_counter() - t0
+def _forward_units(arms: dict) -> dict[str, list[str]]:
+    """label -> ARM names run by one call: a plain ARM alone, heads sharing a trunk together."""
+    units: dict[str, list[str]] = {}
+    by_group: dict[int, list[str]] = {}
+    for name, arm in arms.items():
+        group = getattr(arm, "group", None)
+        if group is None:
+            units[name] = [name]
+        else:
+            by_group.setdefault(id(group), []).append(name)
+    for names in by_group.values():
+        units["+".join(names)] = names
+    return units
 
 
 def _pad(lp: np.ndarray, v: int) -> np.ndarray:
@@ -419,89 +467,3 @@ def _pad(lp: np.ndarray, v: int) -> np.ndarray:
 
 def _is_token_list(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(i, (int, np.integer)) for i in x)
-
-
-# ---------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------
-
-
-def overlap_pays(base_path, arm_paths) -> bool:
-    """Overlapping forwards pays when the ARMs cost about as much as the base.
-
-    Measured on 2 cores (bench): a 25 MB ARM beside a 98 MB base ran 0.72x as fast
-    overlapped (the base lost a core for a short ARM step); 170 MB and 540 MB ARMs
-    ran 1.19x and 1.26x faster overlapped. Rule: overlap when the ARM files weigh
-    at least half the base's.
-    """
-    if not arm_paths:
-        return False
-    arm_bytes = sum(p.stat().st_size for ap in arm_paths for p in ap.parent.glob(ap.name + "*"))
-    return arm_bytes >= 0.5 * base_path.stat().st_size
-
-
-def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
-    """(base threads, threads per ARM). Sequential: every forward gets all cores.
-    Overlapped: the cores are split so that llama.cpp's and onnxruntime's threads
-    do not fight over the same cores (FACTS.md: spinning threads on 2 cores)."""
-    if not parallel or n_arms == 0:
-        return cores, cores
-    arm = max(1, cores // (n_arms + 1))
-    return max(1, cores - arm * n_arms), arm
-
-
-def load(
-    weights: str,
-    arms: list[str] | dict[str, float] | None = None,
-    *,
-    n_ctx: int = 4096,
-    threads: int | None = None,
-    gpu_layers: int = 0,
-    arm_device: str = "cpu",
-    arm_threads: int | None = None,
-    parallel: bool | None = None,
-    chat_template: str | None = None,
-    verify: bool = True,
-) -> Engine:
-    """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
-
-    `arms`: None loads every ARM of the bundle at its default weight; a list of
-    "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
-    `parallel` overlaps base and ARM forwards in threads, with the cores split;
-    None decides by size (see `overlap_pays`).
-    """
-    bundle = Bundle.open(weights, verify=verify)
-    specs = _arm_specs(bundle, arms)
-    if parallel is None:
-        paths = [resolve_arm(bundle, n).path for n, _ in specs]
-        parallel = overlap_pays(bundle.base_path, paths)
-    auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
-    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
-    entries = []
-    for name, weight in specs:
-        entry = resolve_arm(bundle, name)
-        check_arm_tokens(
-            entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
-        )
-        entries.append((entry, weight))
-    # Sessions are created side by side: reading a large ONNX file dominates a warm start.
-    with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
-        futures = [
-            pool.submit(OnnxARM, e.path, e.name, device=arm_device, threads=arm_threads or auto_arm)
-            for e, _ in entries
-        ]
-        loaded = {e.name: f.result() for (e, _), f in zip(entries, futures)}
-    w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
-    engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
-    nudges = bundle.manifest.get("nudges")
-    if nudges:
-        engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
-    return engine
-
-
-def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
-    if arms is None:
-        return [(n, None) for n in bundle.arms]
-    if isinstance(arms, dict):
-        return [(n, float(w) if w is not None else None) for n, w in arms.items()]
-    return [parse_arm_spec(s) for s in arms]

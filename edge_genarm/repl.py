@@ -79,10 +79,14 @@ def _command(line: str, engine, state: dict, out) -> bool:
         state["messages"] = []
         out("system prompt set; conversation cleared")
     elif cmd == "/stats":
-        s = engine.last_timings.summary()
+        if state.get("timings") is None:
+            out("  no reply yet")
+            return True
+        s = state["timings"].summary()
         out(
             f"  {s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s, base {s['base_ms']:.2f} ms, "
-            f"ARMs {s['arm_ms']}, python {s['python_ms']:.3f} ms per token"
+            "ARMs " + (", ".join(f"{k} {v:.2f} ms" for k, v in s["arm_ms"].items()) or "none")
+            + f", python {s['python_ms']:.3f} ms per token"
         )
     elif cmd == "/set" and len(parts) == 4 and parts[1] == "arm":
         try:
@@ -143,9 +147,10 @@ def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
                 break
             continue
         state["messages"].append({"role": "user", "content": line})
-        reply = []
+        reply, gen = [], None
         try:
-            for rec in engine.stream(state["messages"], system=state["system"], **gen_kwargs):
+            gen = engine.stream(state["messages"], system=state["system"], **gen_kwargs)
+            for rec in gen:
                 reply.append(rec.text)
                 print(rec.text, end="", file=stdout, flush=True)
         except KeyboardInterrupt:
@@ -154,6 +159,8 @@ def run_repl(engine, gen_kwargs: dict, stdout=sys.stdout) -> None:
             out(f"\nerror: {e}")
             state["messages"].pop()
             continue
-        s = engine.last_timings.summary()
-        out(f"\n[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]")
+        if gen is not None:
+            state["timings"] = gen.timings
+            s = gen.timings.summary()
+            out(f"\n[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]")
         state["messages"].append({"role": "assistant", "content": "".join(reply)})

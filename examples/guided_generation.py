@@ -33,10 +33,11 @@ def main(bundle: str | None) -> None:
         messages.append({"role": "user", "content": text})
         print(f"\nuser: {text}\n[weights {weights}]\nassistant: ", end="", flush=True)
         reply = []
-        for rec in engine.stream(messages, weights=weights, seed=0, max_tokens=80, temperature=0.7):
+        gen = engine.stream(messages, weights=weights, seed=0, max_tokens=80, temperature=0.7)
+        for rec in gen:
             reply.append(rec.text)
             print(rec.text, end="", flush=True)
-        s = engine.last_timings.summary()
+        s = gen.timings.summary()
         print(f"\n[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]")
         messages.append({"role": "assistant", "content": "".join(reply)})
 

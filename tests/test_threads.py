@@ -3,8 +3,8 @@
 import pytest
 
 from edge_genarm.backends.onnx_arm import resolve_providers
-from edge_genarm.engine import overlap_pays, split_threads
 from edge_genarm.errors import ConfigError
+from edge_genarm.loader import overlap_pays, split_threads
 
 
 def test_split_threads():

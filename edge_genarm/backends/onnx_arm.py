@@ -91,8 +91,21 @@ def optimized_cache_path(path: Path) -> Path | None:
     return cache_dir() / "ort" / f"{where}-{what}.onnx"  # one entry per ARM file: see _session
 
 
-class OnnxARM:
-    """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    # Spinning ORT threads fight llama.cpp's for the same cores (FACTS.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxGraph:
+    """An onnxruntime session for one ARM graph file, created through the optimized-graph
+    cache on CPU; a bad file is a ModelFileError naming it."""
 
     def __init__(
         self, path: str | Path, name: str = "arm", device: str = "cpu", threads: int = 1, cache: bool = True
@@ -104,12 +117,7 @@ class OnnxARM:
         self._use_cache = cache  # off for one-off sessions (export parity on a temporary file)
         if not self.path.is_file():
             raise ModelFileError(f"ARM '{name}': ONNX file '{self.path}' does not exist: re-export it")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, int(threads))
-        opts.inter_op_num_threads = 1
-        # Spinning ORT threads fight llama.cpp's for the same cores (FACTS.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
+        opts = session_options(self.threads)
         providers = resolve_providers(device, ort.get_available_providers())
         try:
             self.session = self._session(opts, providers)
@@ -123,21 +131,8 @@ class OnnxARM:
         if providers[0] not in self.providers:
             log.warning("ARM '%s' asked for %s but runs on %s", name, providers[0], self.providers)
         self._inputs = {i.name: i for i in self.session.get_inputs()}
-        self._past_names = [n for n in self._inputs if n.startswith("past_key_values.")]
-        if "input_ids" not in self._inputs or not self._past_names:
-            raise ModelFileError(
-                f"ARM '{name}': '{self.path}' is not a causal LM exported with past key/values "
-                "(inputs: " + ", ".join(self._inputs) + "): export it with task "
-                "text-generation-with-past (`edge-genarm export arm`)"
-            )
-        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
-        self._out_names = ["logits", *self._present_names]
-        shape = self.session.get_outputs()[0].shape
-        self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
-        self._empty = {n: self._empty_past(self._inputs[n]) for n in self._past_names}
         self._ort = ort
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.reset()
 
     def _session(self, opts, providers):
         """The session; on CPU through the optimized-graph cache (see optimized_cache_path)."""
@@ -184,6 +179,30 @@ class OnnxARM:
                 old.unlink(missing_ok=True)
         return session
 
+
+class KVGraph(OnnxGraph):
+    """A graph with past key/values (optimum's `-with-past` layout): `feed` evaluates new
+    positions after the cached ones. The cache stays in ORT's buffers between calls."""
+
+    feed_input = "input_ids"  # what a new position is: a token id, or a hidden state (trunk heads)
+    out_name = "logits"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._past_names = [n for n in self._inputs if n.startswith("past_key_values.")]
+        if self.feed_input not in self._inputs or not self._past_names:
+            raise ModelFileError(
+                f"ARM '{self.name}': '{self.path}' is not a causal LM graph exported with past "
+                f"key/values and input '{self.feed_input}' (inputs: " + ", ".join(self._inputs) + "): "
+                "export it with `edge-genarm export arm`"
+            )
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._out_names = [self.out_name, *self._present_names]
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.out_name)
+        self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
+        self._empty = {n: self._empty_past(self._inputs[n]) for n in self._past_names}
+        self.reset()
+
     @staticmethod
     def _empty_past(inp) -> np.ndarray:
         dtype = np.float16 if "float16" in inp.type else np.float32
@@ -195,40 +214,49 @@ class OnnxARM:
         self.tokens: list[int] = []
         self._past = {n: self._ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._empty.items()}
 
-    def _run(self, new: list[int]) -> np.ndarray:
-        """One forward with IOBinding: the KV cache stays in ORT's buffers between
-        steps (no copy out to NumPy and back, which grows with the context);
-        only the last position's logits are copied out."""
-        n_past, n_new = len(self.tokens), len(new)
-        io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.asarray([new], dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, n_past + n_new), dtype=np.int64))
-        if "position_ids" in self._inputs:
-            io.bind_cpu_input("position_ids", np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :])
-        for name, value in self._past.items():
-            io.bind_ortvalue_input(name, value)
-        for name in self._out_names:
-            io.bind_output(name, self._device)
-        self.session.run_with_iobinding(io)
-        outs = io.get_outputs()
-        self._past = dict(zip(self._past_names, outs[1:]))
-        self.tokens.extend(new)
-        return outs[0].numpy()[0, -1]
-
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
-        keep = _common_prefix(self.tokens, tokens)
-        keep = min(keep, len(tokens) - 1)  # always evaluate one token to get logits
+    def truncate(self, keep: int) -> None:
+        """Keep the first `keep` cached positions."""
         if keep < len(self.tokens):
             self._past = {
                 n: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]))
                 for n, v in self._past.items()
             }
             self.tokens = self.tokens[:keep]
-        return self._run(list(tokens[keep:]))
+
+    def feed(self, new: list[int], value: np.ndarray | None = None) -> np.ndarray:
+        """One forward with IOBinding over the positions of token ids `new` (fed as `value`
+        when the graph takes hidden states). The KV cache stays in ORT's buffers between
+        steps (no copy out to NumPy and back, which grows with the context). Returns the
+        output for the new positions, shape (n_new, ...)."""
+        n_past, n_new = len(self.tokens), len(new)
+        io = self.session.io_binding()
+        if value is None:
+            value = np.asarray([new], dtype=np.int64)
+        io.bind_cpu_input(self.feed_input, value)
+        io.bind_cpu_input("attention_mask", np.ones((1, n_past + n_new), dtype=np.int64))
+        if "position_ids" in self._inputs:
+            io.bind_cpu_input("position_ids", np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :])
+        for name, past in self._past.items():
+            io.bind_ortvalue_input(name, past)
+        for name in self._out_names:
+            io.bind_output(name, self._device)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        self._past = dict(zip(self._past_names, outs[1:]))
+        self.tokens.extend(new)
+        return outs[0].numpy()[0]
+
+
+class OnnxARM(KVGraph):
+    """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
+        self.truncate(min(_common_prefix(self.tokens, tokens), len(tokens) - 1))  # evaluate >= 1 token
+        return self.feed(list(tokens[len(self.tokens) :]))[-1]
 
     def step(self, token: int) -> np.ndarray:
-        return self._run([token])
+        return self.feed([token])[-1]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

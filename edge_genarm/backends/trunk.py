@@ -1,0 +1,104 @@
+"""Sibling ARMs on one shared trunk: the trunk runs once per step for all active heads.
+
+Files (export/split.py cuts them from the ARMs' own graphs, so they compute exactly
+what each whole ARM did):
+
+    trunk.onnx   token ids -> hidden state entering the first adapted layer   (KV cache)
+    <arm>.onnx   hidden state -> normed hidden state, per ARM                 (KV cache)
+    lmhead.onnx  normed hidden states of all active heads -> logits, as one batch
+
+The trunk keeps the hidden states of every position it has cached, so a head turned on
+mid-conversation (its weight was 0) catches up from them without running the trunk
+again; a head at weight 0 costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .onnx_arm import KVGraph, OnnxGraph, _common_prefix
+
+
+class _Trunk(KVGraph):
+    out_name = "hidden"
+
+
+class _Head(KVGraph):
+    feed_input = "hidden"
+    out_name = "normed"
+
+
+class TrunkGroup:
+    """One trunk, the heads on it, and the shared LM head. `run(kind, arg, names)` returns
+    {name: last-position logits} for the named heads."""
+
+    def __init__(
+        self,
+        trunk: str | Path,
+        heads: dict[str, str | Path],
+        lm_head: str | Path,
+        device: str = "cpu",
+        threads: int = 1,
+        label: str = "trunk",
+    ):
+        self.trunk = _Trunk(trunk, f"{label} trunk", device=device, threads=threads)
+        self.heads = {n: _Head(p, n, device=device, threads=threads) for n, p in heads.items()}
+        self.lm = OnnxGraph(lm_head, f"{label} LM head", device=device, threads=threads)
+        lm_in = self.lm.session.get_inputs()
+        if len(lm_in) != 1 or lm_in[0].name != "normed":
+            raise ModelFileError(
+                f"'{lm_head}' is not an LM-head graph (one input 'normed'): re-export the ARMs"
+            )
+        shape = self.lm.session.get_outputs()[0].shape
+        self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
+        self.hidden = np.zeros((0, 0), dtype=np.float32)  # trunk output for each cached position
+
+    def reset(self) -> None:
+        self.trunk.reset()
+        for h in self.heads.values():
+            h.reset()
+        self.hidden = self.hidden[:0]
+
+    def _advance_trunk(self, tokens: list[int]) -> None:
+        keep = min(_common_prefix(self.trunk.tokens, tokens), len(tokens) - 1)
+        self.trunk.truncate(keep)
+        new = self.trunk.feed(list(tokens[keep:]))
+        self.hidden = new if keep == 0 else np.concatenate([self.hidden[:keep], new])
+
+    def run(self, kind: str, arg, names: list[str]) -> dict[str, np.ndarray]:
+        tokens = list(arg) if kind == "prefill" else self.trunk.tokens + [int(arg)]
+        if kind == "prefill" or len(self.trunk.tokens) != len(self.hidden):
+            self._advance_trunk(tokens)
+        else:
+            self.hidden = np.concatenate([self.hidden, self.trunk.feed([int(arg)])])
+        normed = []
+        for n in names:
+            head = self.heads[n]
+            keep = min(_common_prefix(head.tokens, tokens), len(tokens) - 1)
+            head.truncate(keep)
+            normed.append(head.feed(tokens[keep:], self.hidden[None, keep : len(tokens)])[-1])
+        logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
+        return {n: logits[i, -1] for i, n in enumerate(names)}
+
+
+class HeadARM:
+    """One ARM of a TrunkGroup, usable wherever an OnnxARM is (`prefill`/`step`); the engine
+    sees `group` and runs the heads of one group in a single call."""
+
+    def __init__(self, group: TrunkGroup, name: str):
+        self.group, self.name = group, name
+        self.path = group.heads[name].path
+        self.threads = group.trunk.threads
+        self.vocab_size = group.vocab_size
+
+    def reset(self) -> None:
+        self.group.heads[self.name].reset()
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        return self.group.run("prefill", tokens, [self.name])[self.name]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.group.run("step", token, [self.name])[self.name]

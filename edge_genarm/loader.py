@@ -1,0 +1,92 @@
+"""Loading a bundle into an Engine: which ARMs, how many threads, overlapped or not."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from .backends.llama_base import LlamaBase, default_threads
+from .backends.onnx_arm import OnnxARM
+from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
+from .engine import Engine
+from .nudge import NudgeTable
+
+
+def overlap_pays(base_path, arm_paths) -> bool:
+    """Overlapping forwards pays when the ARMs cost about as much as the base.
+
+    Measured on 2 cores (bench): a 25 MB ARM beside a 98 MB base ran 0.72x as fast
+    overlapped (the base lost a core for a short ARM step); 170 MB and 540 MB ARMs
+    ran 1.19x and 1.26x faster overlapped. Rule: overlap when the ARM files weigh
+    at least half the base's.
+    """
+    if not arm_paths:
+        return False
+    arm_bytes = sum(p.stat().st_size for ap in arm_paths for p in ap.parent.glob(ap.name + "*"))
+    return arm_bytes >= 0.5 * base_path.stat().st_size
+
+
+def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
+    """(base threads, threads per ARM). Sequential: every forward gets all cores.
+    Overlapped: the cores are split so that llama.cpp's and onnxruntime's threads
+    do not fight over the same cores (FACTS.md: spinning threads on 2 cores)."""
+    if not parallel or n_arms == 0:
+        return cores, cores
+    arm = max(1, cores // (n_arms + 1))
+    return max(1, cores - arm * n_arms), arm
+
+
+def load(
+    weights: str,
+    arms: list[str] | dict[str, float] | None = None,
+    *,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    arm_device: str = "cpu",
+    arm_threads: int | None = None,
+    parallel: bool | None = None,
+    chat_template: str | None = None,
+    verify: bool = True,
+) -> Engine:
+    """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
+
+    `arms`: None loads every ARM of the bundle at its default weight; a list of
+    "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
+    `parallel` overlaps base and ARM forwards in threads, with the cores split;
+    None decides by size (see `overlap_pays`).
+    """
+    bundle = Bundle.open(weights, verify=verify)
+    specs = _arm_specs(bundle, arms)
+    if parallel is None:
+        paths = [resolve_arm(bundle, n).path for n, _ in specs]
+        parallel = overlap_pays(bundle.base_path, paths)
+    auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
+    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
+    entries = []
+    for name, weight in specs:
+        entry = resolve_arm(bundle, name)
+        check_arm_tokens(
+            entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
+        )
+        entries.append((entry, weight))
+    # Sessions are created side by side: reading a large ONNX file dominates a warm start.
+    with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
+        futures = [
+            pool.submit(OnnxARM, e.path, e.name, device=arm_device, threads=arm_threads or auto_arm)
+            for e, _ in entries
+        ]
+        loaded = {e.name: f.result() for (e, _), f in zip(entries, futures)}
+    w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
+    engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
+    nudges = bundle.manifest.get("nudges")
+    if nudges:
+        engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
+    return engine
+
+
+def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
+    if arms is None:
+        return [(n, None) for n in bundle.arms]
+    if isinstance(arms, dict):
+        return [(n, float(w) if w is not None else None) for n, w in arms.items()]
+    return [parse_arm_spec(s) for s in arms]
