@@ -31,12 +31,22 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+class TrunkEntry:
+    """A trunk shared by sibling ARMs (export/split.py): its graph, the shared LM head, its id."""
+
+    key: str
+    path: Path
+    lm_head: Path
+
+
+@dataclass(frozen=True)
 class ArmEntry:
     name: str
-    path: Path
+    path: Path  # the whole ARM graph, or its head when `trunk` is set
     tokens_path: Path | None
     beta_r: float | None = None
     default_weight: float = 1.0
+    trunk: TrunkEntry | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -83,14 +93,25 @@ class Bundle:
         self.root, self.manifest = root, manifest
         self.base_path = root / manifest["base"]["file"]
         self.arms: dict[str, ArmEntry] = {}
+        trunks = manifest.get("trunks", {})
         for name, a in manifest.get("arms", {}).items():
-            tok = a.get("tokens")
+            tok, key = a.get("tokens"), a.get("trunk")
+            trunk = None
+            if key is not None:
+                t = trunks.get(key)
+                if not isinstance(t, dict) or "file" not in t or "lm_head" not in t:
+                    raise BundleError(
+                        f"ARM '{name}' ('{a['file']}') is a head on trunk '{key}', which the manifest "
+                        f"of '{root}' does not list: re-export it with `edge-genarm export share-trunk`"
+                    )
+                trunk = TrunkEntry(key, root / t["file"], root / t["lm_head"])
             self.arms[name] = ArmEntry(
                 name,
                 root / a["file"],
                 root / tok if tok else None,
                 a.get("beta_r"),
                 float(a.get("default_weight", 1.0)),
+                trunk,
             )
 
     @property

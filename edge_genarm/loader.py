@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
+from .backends.trunk import HeadARM, TrunkGroup
 from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
 from .engine import Engine
 from .nudge import NudgeTable
@@ -60,7 +61,8 @@ def load(
     if parallel is None:
         paths = [resolve_arm(bundle, n).path for n, _ in specs]
         parallel = overlap_pays(bundle.base_path, paths)
-    auto_base, auto_arm = split_threads(default_threads(), len(specs), parallel)
+    n_units = len({(e.trunk.key if e.trunk else e.name) for e in (resolve_arm(bundle, n) for n, _ in specs)})
+    auto_base, auto_arm = split_threads(default_threads(), n_units, parallel)
     base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
     entries = []
     for name, weight in specs:
@@ -69,19 +71,38 @@ def load(
             entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
         )
         entries.append((entry, weight))
-    # Sessions are created side by side: reading a large ONNX file dominates a warm start.
-    with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
-        futures = [
-            pool.submit(OnnxARM, e.path, e.name, device=arm_device, threads=arm_threads or auto_arm)
-            for e, _ in entries
-        ]
-        loaded = {e.name: f.result() for (e, _), f in zip(entries, futures)}
+    loaded = _load_arms([e for e, _ in entries], arm_device, arm_threads or auto_arm)
     w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
     engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
     nudges = bundle.manifest.get("nudges")
     if nudges:
         engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
     return engine
+
+
+def _load_arms(entries, device: str, threads: int) -> dict:
+    """name -> ARM backend. Heads on one trunk become one TrunkGroup. Sessions are created side
+    by side: reading the ONNX files dominates a warm start."""
+    groups: dict[str, list] = {}
+    for e in entries:
+        if e.trunk is not None:
+            groups.setdefault(e.trunk.key, []).append(e)
+
+    def group(es):
+        t = es[0].trunk
+        g = TrunkGroup(
+            t.path, {e.name: e.path for e in es}, t.lm_head, device=device, threads=threads, label=t.key
+        )
+        return {e.name: HeadARM(g, e.name) for e in es}
+
+    jobs = [(group, es) for es in groups.values()]
+    jobs += [(lambda es: {es[0].name: OnnxARM(es[0].path, es[0].name, device=device, threads=threads)}, [e])
+             for e in entries if e.trunk is None]  # fmt: skip
+    loaded: dict = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        for out in pool.map(lambda j: j[0](j[1]), jobs):
+            loaded.update(out)
+    return {e.name: loaded[e.name] for e in entries}
 
 
 def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:

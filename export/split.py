@@ -263,11 +263,12 @@ def save_model(model, path: Path) -> None:
                         location=path.name + "_data", size_threshold=1024)  # fmt: skip
     else:
         onnx.save_model(model, str(tmp))
+        Path(str(path) + "_data").unlink(missing_ok=True)  # a bigger version's weights
     tmp.replace(path)
 
 
 def split_siblings(onnx_paths: dict[str, Path], out: Path) -> tuple[SplitPlan, dict[str, Path]]:
-    """Cut sibling ARM graphs into out/trunk.onnx, out/lmhead.onnx and out/<name>.onnx per ARM."""
+    """Cut sibling ARM graphs into out/trunk.onnx, out/lmhead.onnx and out/heads/<name>/head.onnx."""
     import onnx
 
     if len(onnx_paths) < 1:
@@ -285,6 +286,7 @@ def split_siblings(onnx_paths: dict[str, Path], out: Path) -> tuple[SplitPlan, d
             save_model(trunk, out / "trunk.onnx")
             save_model(lm, out / "lmhead.onnx")
         _stamp(head, part="head", arm=name, **meta)
-        files[name] = out / f"{name}.onnx"
+        files[name] = out / "heads" / name / "head.onnx"
+        files[name].parent.mkdir(parents=True, exist_ok=True)
         save_model(head, files[name])
     return plan, files

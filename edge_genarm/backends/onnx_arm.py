@@ -258,6 +258,11 @@ class OnnxARM(KVGraph):
     def step(self, token: int) -> np.ndarray:
         return self.feed([token])[-1]
 
+    def sequence_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of `tokens` from an empty cache (export checks)."""
+        self.reset()
+        return self.feed(list(tokens))
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))

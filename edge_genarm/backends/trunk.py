@@ -31,6 +31,10 @@ class _Head(KVGraph):
     out_name = "normed"
 
 
+def _trunk_id(graph: OnnxGraph) -> str | None:
+    return graph.session.get_modelmeta().custom_metadata_map.get("edge_genarm_trunk")
+
+
 class TrunkGroup:
     """One trunk, the heads on it, and the shared LM head. `run(kind, arg, names)` returns
     {name: last-position logits} for the named heads."""
@@ -47,6 +51,13 @@ class TrunkGroup:
         self.trunk = _Trunk(trunk, f"{label} trunk", device=device, threads=threads)
         self.heads = {n: _Head(p, n, device=device, threads=threads) for n, p in heads.items()}
         self.lm = OnnxGraph(lm_head, f"{label} LM head", device=device, threads=threads)
+        want = _trunk_id(self.trunk)
+        for graph in [*self.heads.values(), self.lm]:
+            if _trunk_id(graph) != want:
+                raise ModelFileError(
+                    f"'{graph.path}' was cut from another init than its trunk '{self.trunk.path}' (trunk "
+                    f"{_trunk_id(graph)} vs {want}): re-export these ARMs with `edge-genarm export share-trunk`"
+                )
         lm_in = self.lm.session.get_inputs()
         if len(lm_in) != 1 or lm_in[0].name != "normed":
             raise ModelFileError(
@@ -82,6 +93,13 @@ class TrunkGroup:
             normed.append(head.feed(tokens[keep:], self.hidden[None, keep : len(tokens)])[-1])
         logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
         return {n: logits[i, -1] for i, n in enumerate(names)}
+
+    def sequence_logits(self, name: str, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of `tokens` from empty caches (export checks)."""
+        self.reset()
+        self._advance_trunk(list(tokens))
+        normed = self.heads[name].feed(list(tokens), self.hidden[None])
+        return self.lm.session.run(None, {"normed": normed[None]})[0][0]
 
 
 class HeadARM:
