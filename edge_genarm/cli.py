@@ -359,10 +359,6 @@ def bench(prompt, max_tokens, repeats, as_json, **o):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------
 # export and bundle commands: the heavy tooling is imported only when they run
 # ---------------------------------------------------------------------------
@@ -389,6 +385,41 @@ def export_base_cmd(source, out, quant, force):
     click.echo(f"base written to {out}")
 
 
+def quantize_options(f):
+    """--quantize and the gate's held-out pairs (the same split train-arm held out)."""
+    opts = [
+        click.option("--quantize", type=click.Choice(["int4", "int8"]),
+                     help="Weight-only MatMulNBits quantization, gated on held-out pairs."),
+        click.option("--block-size", default=32, show_default=True, help="Quantization block (weights per scale)."),
+        click.option("--accuracy-level", default=4, show_default=True,
+                     help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32."),
+        click.option("--pairs", "pairs", multiple=True,
+                     help="[NAME=]pairs.jsonl the ARM was trained on: its held-out split gates quantization."),
+        click.option("--eval-frac", default=0.1, show_default=True, help="As given to train-arm."),
+        click.option("--max-len", default=512, show_default=True, help="As given to train-arm."),
+        click.option("--seed", "pair_seed", default=0, show_default=True, help="As given to train-arm."),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def pair_specs(o: dict, names) -> dict:
+    """--pairs [NAME=]FILE -> {name: PairSpec}; a bare FILE applies to every named ARM."""
+    from export.share import PairSpec
+
+    out = {}
+    for item in o.get("pairs") or ():
+        name, sep, path = item.partition("=")
+        targets = [name] if sep else list(names)
+        path = path if sep else item
+        if not Path(path).is_file():
+            raise click.BadParameter(f"pairs file '{path}' does not exist", param_hint="--pairs")
+        for n in targets:
+            out[n] = PairSpec(Path(path), o["max_len"], o["eval_frac"], o["pair_seed"])
+    return out
+
+
 @export_group.command("arm")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
@@ -397,20 +428,39 @@ def export_base_cmd(source, out, quant, force):
     "--beta-r", type=float, help="beta_r the ARM was trained with (weights compare only at equal beta_r)."
 )
 @click.option("--weight", default=1.0, show_default=True, help="Default weight.")
-@click.option(
-    "--quantize", type=click.Choice(["int8"]), help="Dynamic int8 (faster, drifts: parity is printed)."
-)
 @click.option("--layers", type=int, help="Keep only the first N decoder layers (a smaller ARM).")
+@quantize_options
 @click.option("--force", is_flag=True)
-def export_arm_cmd(source, out, name, beta_r, weight, quantize, layers, force):
+def export_arm_cmd(
+    source, out, name, beta_r, weight, layers, force, quantize, block_size, accuracy_level, **o
+):
     """SOURCE: a Hugging Face folder or a .gguf (dequantized) sharing the base's tokenizer."""
     from export.commands import export_arm
 
     try:
-        export_arm(source, out, name, beta_r, weight, quantize, layers, force)
+        pairs = pair_specs(o, [name]).get(name)
+        export_arm(
+            source, out, name, beta_r, weight, quantize, layers, force, block_size, accuracy_level, pairs
+        )
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"ARM '{name}' added to {out}")
+
+
+@export_group.command("share-trunk")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--arm", "arms", multiple=True, help="An ARM to move onto the shared trunk (default: all).")
+@quantize_options
+def export_share_cmd(bundle, arms, quantize, block_size, accuracy_level, **o):
+    """Put sibling ARMs (one init, adapters on the last layers) on one shared trunk and LM head."""
+    from export.share import share_trunk
+
+    try:
+        m = share_trunk(bundle, list(arms) or None, quantize, block_size, accuracy_level, pair_specs(o, arms))
+    except EdgeGenarmError as e:
+        fail(e)
+    shared = [n for n, a in m["arms"].items() if "trunk" in a]
+    click.echo(f"ARMs {', '.join(shared)} of {bundle} now share one trunk")
 
 
 @main.group("bundle")
@@ -688,3 +738,7 @@ def pack_rm(name):
     from .pack import remove_pack
 
     click.echo(f"removed pack '{name}'" if remove_pack(name) else f"pack '{name}' is not built")
+
+
+if __name__ == "__main__":
+    main()

@@ -155,12 +155,40 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
                     lora_targets=spec.get("lora_targets", "attn"),
                     lora_layers=spec.get("lora_layers"),
                 )
-        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0), quantize=spec.get("quantize"))
+        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
     info = json.loads((bundle / "manifest.json").read_text())
+    if recipe.get("share") and any("trunk" not in a for a in info.get("arms", {}).values()):
+        info = share_fastest(bundle, recipe, log)
     atomic_write_json(
         root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
     )
+    shutil.rmtree(root / "train", ignore_errors=True)  # checkpoints: the pack keeps only what it runs
     return bundle
+
+
+def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
+    """The ARMs onto one shared trunk, in the fastest form that passes the gate: the recipe's
+    `[share] quantize` kinds in order (e.g. int4, then int8), then unquantized."""
+    from export.share import PairSpec, share_trunk
+
+    share = recipe["share"]
+    pairs = {
+        arm: PairSpec(
+            recipe["_dir"] / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0)
+        )
+        for arm, s in recipe["arms"].items()
+    }
+    for kind in [*share.get("quantize", []), None]:
+        try:
+            log(f"sharing one trunk between the ARMs ({kind or 'fp32'}; gated on their held-out pairs)")
+            return share_trunk(
+                bundle, None, kind, share.get("block_size", 32), share.get("accuracy_level", 4), pairs, log=log,
+                lm_head=share.get("lm_head"),
+            )  # fmt: skip
+        except EdgeGenarmError as e:
+            log(f"{e}")
+    log("the ARMs stay separate, unquantized")
+    return json.loads((bundle / "manifest.json").read_text())
 
 
 def list_packs() -> list[dict]:

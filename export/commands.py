@@ -115,9 +115,20 @@ def export_arm(
     quantize: str | None = None,
     layers: int | None = None,
     force: bool = False,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    pairs=None,
 ) -> dict:
+    """Export SOURCE as ARM `name`; with `quantize` (int4/int8) the weight-quantized graph is
+    gated against the fp32 one on `pairs` (a share.PairSpec; held-out preference accuracy,
+    KL, top-1) and refused when it loses more than gate.MAX_ACCURACY_DROP."""
     from edge_genarm.backends.onnx_arm import OnnxARM
     from export.onnx_export import export_arm_onnx
+
+    if quantize:
+        from export.quantize import check_options
+
+        check_options(quantize, block_size, accuracy_level)
 
     source, out = Path(source), Path(out)
     if not (out / MANIFEST).is_file():
@@ -133,10 +144,10 @@ def export_arm(
         hf = save_hf(model, tok, Path(tmp) / "hf")
         onnx_dir = Path(tmp) / "onnx"
         export_arm_onnx(hf, onnx_dir)
-        kind = "f32"
-        if quantize == "int8":
-            _quantize_int8(onnx_dir)
-            kind = "int8"
+        kind, gated = "f32", None
+        if quantize:
+            gated = _quantize_gated(out, name, onnx_dir, quantize, block_size, accuracy_level, pairs)
+            kind = quantize
         stages.update()
         parity = run_parity(model, tok, OnnxARM(onnx_dir / "model.onnx", name, cache=False), kind)
         stages.set_postfix_str(f"KL {parity['mean_kl']:.1e}")
@@ -147,6 +158,7 @@ def export_arm(
         extra = {
             "source": {"path": str(source.resolve()), "fingerprint": fp, "layers": layers},
             "parity": parity,
+            **({"gate": gated} if gated else {}),
             "n_layers": model.config.num_hidden_layers,
             "n_params": int(sum(p.numel() for p in model.parameters())),
         }
@@ -165,15 +177,46 @@ def _check_tokenizer(out: Path, name: str, tok) -> None:
     check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)
 
 
-def _quantize_int8(onnx_dir: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize_gated(out: Path, name: str, onnx_dir: Path, kind, block_size, accuracy_level, pairs) -> dict:
+    """Quantize onnx_dir/model.onnx in place, after checking it against the fp32 graph."""
+    import onnx
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
+    from export.gate import format_gate, gate, heldout_pairs
+    from export.quantize import quantize_model
+    from export.share import probe_sequences
+    from export.split import save_model
 
     src = onnx_dir / "model.onnx"
-    dst = onnx_dir / "model.int8.onnx"
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=False)
+    qdir = onnx_dir.with_name(onnx_dir.name + "-q")
+    qdir.mkdir()
+    q = quantize_model(onnx.load(str(src)), kind, block_size, accuracy_level, f"ARM '{name}'")
+    save_model(q, qdir / "model.onnx")
+    seqs = (
+        heldout_pairs(out, pairs.data, pairs.max_len, pairs.eval_frac, pairs.seed)
+        if pairs
+        else probe_sequences(out)
+    )
+    ref, got = (
+        OnnxARM(src, name, threads=2, cache=False),
+        OnnxARM(qdir / "model.onnx", name, threads=2, cache=False),
+    )
+    g = gate(ref.sequence_logits, got.sequence_logits, seqs)
+    g["type"], g["block_size"], g["accuracy_level"] = kind, block_size, accuracy_level
+    if not pairs:
+        g.update(accuracy_fp32=None, accuracy_quantized=None, accuracy_drop=None, pairs=0, passed=True)
+        print(f"gate ARM '{name}': KL {g['mean_kl']:.3e}, top-1 {g['top1_agreement']:.3f} against fp32 "
+              "(no --pairs: preference accuracy not measured)", file=sys.stderr)  # fmt: skip
+    else:
+        print(format_gate(name, g), file=sys.stderr)
+        if not g["passed"]:
+            raise BundleError(f"{format_gate(name, g)}: ARM '{name}' not added, the bundle is unchanged")
     for p in onnx_dir.glob("model.onnx*"):
         p.unlink()
-    dst.rename(src)
+    for p in qdir.iterdir():
+        p.rename(onnx_dir / p.name)
+    qdir.rmdir()
+    return g
 
 
 def inspect_bundle(path: str | Path) -> str:

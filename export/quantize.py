@@ -36,7 +36,7 @@ def check_options(kind: str, block_size: int, accuracy_level: int) -> int:
     return KINDS[kind]
 
 
-def _fold_constant_transposes(model) -> int:
+def fold_constant_transposes(model) -> int:
     """Transpose(initializer) -> a new initializer, so MatMuls reading it have a constant weight."""
     from onnx import numpy_helper
 
@@ -69,7 +69,8 @@ def quantize_model(
         MatMulNBitsQuantizer,
     )
 
-    bits = check_options(kind, block_size, accuracy_level)
+    check_options(kind, block_size, accuracy_level)
+    check_options(embed_kind or kind, block_size, accuracy_level)
     done = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
     if done:
         raise BundleError(
@@ -78,27 +79,25 @@ def quantize_model(
         )
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    _fold_constant_transposes(m)
+    fold_constant_transposes(m)
     inits = {i.name for i in m.graph.initializer}
     if not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits for n in m.graph.node):
         raise BundleError(f"{what} has no MatMul with a constant weight: there is nothing to quantize")
-    cfg = DefaultWeightOnlyQuantConfig(
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=accuracy_level,
-        op_types_to_quantize=("MatMul", "Gather"),
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
-        bits=bits,
-    )
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    quiet = logging.getLogger("onnxruntime.quantization")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # it logs a line per node
+    quiet.setLevel(logging.ERROR)  # it logs a line per node
     try:
-        q = MatMulNBitsQuantizer(m, algo_config=cfg)
-        q.process()
+        for op, axis, k in (("MatMul", 0, kind), ("Gather", 1, embed_kind or kind)):
+            cfg = DefaultWeightOnlyQuantConfig(
+                block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                op_types_to_quantize=(op,), quant_axes=((op, axis),), bits=KINDS[k],
+            )  # fmt: skip
+            q = MatMulNBitsQuantizer(m, algo_config=cfg)
+            q.process()
+            m = q.model.model
     finally:
         quiet.setLevel(level)
-    out = q.model.model
+    out = m
     used = {t for n in out.graph.node for t in n.input}
     for init in list(out.graph.initializer):  # the fp32 weights the quantized nodes replaced
         if init.name not in used:

@@ -33,16 +33,19 @@ class PairSpec:
     seed: int = 0
 
 
-def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, what: str) -> None:
+def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, embed_kind=None) -> None:
     import onnx
 
     from export.quantize import quantize_model
     from export.split import save_model
 
-    save_model(quantize_model(onnx.load(str(path)), kind, block_size, accuracy_level, what), path)
+    model = quantize_model(
+        onnx.load(str(path)), kind, block_size, accuracy_level, f"'{path.name}'", embed_kind
+    )
+    save_model(model, path)
 
 
-def _probe_sequences(bundle: Path) -> list[tuple[list[int], list[int], list[int]]]:
+def probe_sequences(bundle: Path) -> list[tuple[list[int], list[int], list[int]]]:
     """Without pairs: the parity prompts, so KL and top-1 are still measured."""
     from edge_genarm.gguf import read_gguf
     from export.gguf_tokenizer import build_tokenizer
@@ -64,8 +67,12 @@ def share_trunk(
     accuracy_level: int = 4,
     pairs: dict[str, PairSpec] | None = None,
     log=lambda s: print(s, file=sys.stderr),
+    lm_head: str | None = None,
 ) -> dict:
-    """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk."""
+    """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk.
+
+    `quantize` applies to the layers; `lm_head` (default: the same) to the LM head and the
+    embedding, which decide every logit and so drift most."""
     from edge_genarm.backends.onnx_arm import OnnxARM
     from edge_genarm.backends.trunk import TrunkGroup
     from export.gate import format_gate, gate, heldout_pairs
@@ -87,8 +94,11 @@ def share_trunk(
         plan, heads = split_siblings(full, work)
         log(f"trunk: layers 0-{plan.layer - 1} of {plan.n_layers} shared by {', '.join(names)}")
         if quantize:
-            for f in [work / "trunk.onnx", work / "lmhead.onnx", *heads.values()]:
-                _quantize_file(f, quantize, block_size, accuracy_level, f"'{f.name}'")
+            lm = lm_head or quantize
+            _quantize_file(work / "trunk.onnx", quantize, block_size, accuracy_level, embed_kind=lm)
+            _quantize_file(work / "lmhead.onnx", lm, block_size, accuracy_level)
+            for f in heads.values():
+                _quantize_file(f, quantize, block_size, accuracy_level)
         group = TrunkGroup(work / "trunk.onnx", heads, work / "lmhead.onnx", threads=2)
         gates = {}
         for n in names:
@@ -97,7 +107,7 @@ def share_trunk(
             seqs = (
                 heldout_pairs(bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed)
                 if spec
-                else _probe_sequences(bundle)
+                else probe_sequences(bundle)
             )
             g = gate(ref.sequence_logits, lambda ids, n=n: group.sequence_logits(n, ids), seqs)
             if not spec:  # no preference pairs: only the distributions were compared
@@ -136,6 +146,7 @@ def _install(bundle, m, plan, work: Path, heads, gates, quantize, block_size, ac
         "layers": plan.layer,
         "n_layers": plan.n_layers,
         "quantize": quantize,
+        "lm_head_quantize": (lm_head or quantize) if quantize else None,
         "block_size": block_size if quantize else None,
         "accuracy_level": accuracy_level if quantize else None,
     }

@@ -273,7 +273,11 @@ def split_siblings(onnx_paths: dict[str, Path], out: Path) -> tuple[SplitPlan, d
 
     if len(onnx_paths) < 1:
         raise BundleError("no ARMs to split")
+    from export.quantize import fold_constant_transposes
+
     models = {n: onnx.load(str(p)) for n, p in onnx_paths.items()}
+    for m in models.values():  # a tied LM head reads Transpose(embedding): give it its own weight
+        fold_constant_transposes(m)
     plan = plan_split(models)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
