@@ -59,10 +59,16 @@ def fold_constant_transposes(model) -> int:
 
 
 def quantize_model(
-    model, kind: str = "int4", block_size: int = 32, accuracy_level: int = 4, what: str = "ARM"
+    model,
+    kind: str = "int4",
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    what: str = "ARM",
+    embed_kind=None,
 ):
-    """A weight-only quantized copy of `model` (a ModelProto). Refuses a graph that is already
-    quantized or has no MatMul weight to quantize."""
+    """A weight-only quantized copy of `model` (a ModelProto): MatMul weights in `kind`, the
+    embedding in `embed_kind` (default: `kind`). Refuses a graph that is already quantized or
+    has no MatMul weight to quantize."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,

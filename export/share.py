@@ -127,10 +127,11 @@ def share_trunk(
                 + "; ".join(format_gate(n, gates[n]) if gates[n]["pairs"] else n for n in failed)
                 + ": the bundle is unchanged; try --quantize int8, or no quantization"
             )
-        return _install(bundle, m, plan, work, heads, gates, quantize, block_size, accuracy_level, full)
+        kinds = {"quantize": quantize, "lm_head_quantize": (lm_head or quantize) if quantize else None}
+        return _install(bundle, m, plan, work, heads, gates, kinds, block_size, accuracy_level, full)
 
 
-def _install(bundle, m, plan, work: Path, heads, gates, quantize, block_size, accuracy_level, full) -> dict:
+def _install(bundle, m, plan, work: Path, heads, gates, kinds, block_size, accuracy_level, full) -> dict:
     """Move the pieces in, then the manifest, then delete the full graphs they replace."""
     tdir = Path("trunks") / plan.trunk_sha
     dst = bundle / tdir
@@ -145,10 +146,9 @@ def _install(bundle, m, plan, work: Path, heads, gates, quantize, block_size, ac
         "lm_head": str(tdir / "lmhead.onnx"),
         "layers": plan.layer,
         "n_layers": plan.n_layers,
-        "quantize": quantize,
-        "lm_head_quantize": (lm_head or quantize) if quantize else None,
-        "block_size": block_size if quantize else None,
-        "accuracy_level": accuracy_level if quantize else None,
+        **kinds,
+        "block_size": block_size if kinds["quantize"] else None,
+        "accuracy_level": accuracy_level if kinds["quantize"] else None,
     }
     old = []
     for n, src in heads.items():
