@@ -77,7 +77,34 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
     engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report["peak_rss_mb"] = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    report["disk_mb"] = disk_usage(engine)
     return report
+
+
+def disk_usage(engine) -> dict:
+    """MB on disk: the bundle folder, and the optimized-graph cache entries of its ARM files."""
+    from .backends.onnx_arm import optimized_cache_path
+
+    root = engine.base.path.parent
+    files = root.rglob("*") if (root / "manifest.json").is_file() else [engine.base.path]  # a bare .gguf
+    bundle = sum(p.stat().st_size for p in files if p.is_file())
+    cache = 0
+    for graph in _graphs(engine):
+        entry = optimized_cache_path(graph.path)
+        if entry is not None:
+            cache += sum(p.stat().st_size for p in entry.parent.glob(entry.name + "*") if p.is_file())
+    return {"bundle": bundle / 1e6, "ort_cache": cache / 1e6}
+
+
+def _graphs(engine):
+    """Every ONNX session file the engine loaded (whole ARMs, or trunk + heads + LM head)."""
+    seen = {}
+    for arm in engine.arms.values():
+        group = getattr(arm, "group", None)
+        graphs = [group.trunk, group.lm, *group.heads.values()] if group is not None else [arm]
+        for g in graphs:
+            seen[str(g.path)] = g
+    return list(seen.values())
 
 
 def format_report(r: dict) -> str:
@@ -121,4 +148,7 @@ def format_report(r: dict) -> str:
             f"best guided / unguided:  {r['guided_vs_unguided']:.2f}",
         ]
     lines.append(f"peak RSS: {r['peak_rss_mb']:.0f} MB")
+    if "disk_mb" in r:
+        d = r["disk_mb"]
+        lines.append(f"disk: bundle {d['bundle']:.0f} MB + optimized-graph cache {d['ort_cache']:.0f} MB")
     return "\n".join(lines)

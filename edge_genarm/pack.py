@@ -155,7 +155,12 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
                     lora_targets=spec.get("lora_targets", "attn"),
                     lora_layers=spec.get("lora_layers"),
                 )
-        export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
+        m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
+        if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder
+            from edge_genarm.bundle import write_manifest
+
+            m["arms"][arm]["training"] = json.loads((work / ARM_INFO).read_text())
+            write_manifest(bundle, m)
     info = json.loads((bundle / "manifest.json").read_text())
     if recipe.get("share") and any("trunk" not in a for a in info.get("arms", {}).values()):
         info = share_fastest(bundle, recipe, log)
@@ -172,6 +177,8 @@ def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
     from export.share import PairSpec, share_trunk
 
     share = recipe["share"]
+    if len(recipe["arms"]) < 2:
+        return json.loads((bundle / "manifest.json").read_text())  # one ARM: nothing to share
     pairs = {
         arm: PairSpec(
             recipe["_dir"] / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0)

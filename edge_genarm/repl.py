@@ -85,7 +85,8 @@ def _command(line: str, engine, state: dict, out) -> bool:
         s = state["timings"].summary()
         out(
             f"  {s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s, base {s['base_ms']:.2f} ms, "
-            "ARMs " + (", ".join(f"{k} {v:.2f} ms" for k, v in s["arm_ms"].items()) or "none")
+            "ARMs "
+            + (", ".join(f"{k} {v:.2f} ms" for k, v in s["arm_ms"].items()) or "none")
             + f", python {s['python_ms']:.3f} ms per token"
         )
     elif cmd == "/set" and len(parts) == 4 and parts[1] == "arm":

@@ -94,6 +94,8 @@ def quantize_model(
     quiet.setLevel(logging.ERROR)  # it logs a line per node
     try:
         for op, axis, k in (("MatMul", 0, kind), ("Gather", 1, embed_kind or kind)):
+            if op == "Gather" and KINDS[k] != 4:
+                continue  # GatherBlockQuantized is 4-bit only: an int8 ARM keeps its fp32 embedding
             cfg = DefaultWeightOnlyQuantConfig(
                 block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                 op_types_to_quantize=(op,), quant_axes=((op, axis),), bits=KINDS[k],

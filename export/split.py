@@ -115,7 +115,8 @@ def plan_split(models: dict[str, object]) -> SplitPlan:
             f"ARMs {', '.join(names)} differ from their first layer on: there is no shared trunk; "
             "export them as separate ARMs"
         )
-    producer_layer = {o: _layer_of(n) for n in g.node for o in n.output}
+    producer = {o: n for n in g.node for o in n.output}
+    producer_layer = {o: _layer_of(n) for o, n in producer.items()}
     hidden = sorted(
         {
             t
@@ -125,6 +126,8 @@ def plan_split(models: dict[str, object]) -> SplitPlan:
             if producer_layer.get(t) == differ - 1
         }
     )
+    # the residual stream is an Add; the exporter may also reuse a layer's rotary Unsqueezes later on
+    hidden = [t for t in hidden if producer[t].op_type == "Add"]
     if len(hidden) != 1:
         raise BundleError(f"cannot find one hidden-state tensor entering layer {differ} (found {hidden})")
     emb = [n for n in g.node if n.op_type == "Gather" and "input_ids" in n.input]

@@ -53,10 +53,15 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
     assert [p["state"] for p in pack.list_packs()] == ["partial"]
     trained = pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json"
     assert trained.is_file()
-    mtime = trained.stat().st_mtime_ns
+    import export.train_loop as train_loop
+
+    def no_training(*a, **k):
+        raise AssertionError("the finished training must not be redone")
+
+    monkeypatch.setattr(train_loop, "train_arm", no_training)
     monkeypatch.setattr(commands, "export_arm", real)
     bundle = pack.build_pack("tiny", log=lambda m: None)
-    assert trained.stat().st_mtime_ns == mtime  # training was not redone
+    assert not trained.exists()  # a built pack keeps only what it runs
     assert pack.built_bundle("tiny") == bundle and pack.list_packs()[0]["state"] == "built"
     e = load(str(bundle))
     assert list(e.weights) == ["yes"] and e.generate("Hi", max_tokens=3, seed=0).tokens
@@ -85,7 +90,32 @@ def test_committed_adapter_is_applied_without_training(recipe, monkeypatch, tiny
     bundle = pack.build_pack("tiny", log=lambda m: None)
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["arms"]["yes"]["parity"]["passed"]
-    info = json.loads((pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json").read_text())
-    assert info["from_adapter"].endswith("adapters/yes")
+    assert m["arms"]["yes"]["training"]["from_adapter"].endswith("adapters/yes")
+    assert not (pack.packs_root() / "tiny" / "train").exists()  # no checkpoints left behind
     with pytest.raises(AssertionError, match="must not be retrained"):
         pack.build_pack("tiny", log=lambda m: None, retrain=True)  # --retrain: trains from the pairs
+
+
+def test_pack_shares_one_trunk_in_the_fastest_form_that_passes_the_gate(recipe):
+    text = (
+        (recipe / "recipe.toml")
+        .read_text()
+        .replace("max_len = 64\n", "max_len = 64\nlora_layers = 1\neval_frac = 0.5\n")
+    )
+    text += (
+        text[text.index("[arms.yes]") :]
+        .replace("[arms.yes]", "[arms.no]")
+        .replace("beta_r = 0.5", "beta_r = 0.5\nseed = 1")
+    )
+    (recipe / "recipe.toml").write_text(text + '[share]\nquantize = ["int4"]\n')
+    bundle = pack.build_pack("tiny", log=lambda m: None)
+    m = json.loads((bundle / "manifest.json").read_text())
+    (t,) = m["trunks"].values()
+    assert t["layers"] == 1 and t["quantize"] == "int4"  # layer 0 shared; LoRA on the last layer only
+    for arm in ("yes", "no"):
+        g = m["arms"][arm]["gate"]
+        assert g["passed"] and g["pairs"] == 8 and g["type"] == "int4"
+    assert not (pack.packs_root() / "tiny" / "train").exists()
+    e = load(str(bundle))
+    assert type(e.arms["yes"]).__name__ == "HeadARM" and e.generate("Hi", max_tokens=3, seed=0).tokens
+    e.close()
