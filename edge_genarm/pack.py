@@ -190,7 +190,7 @@ def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
             log(f"sharing one trunk between the ARMs ({kind or 'fp32'}; gated on their held-out pairs)")
             return share_trunk(
                 bundle, None, kind, share.get("block_size", 32), share.get("accuracy_level", 4), pairs, log=log,
-                lm_head=share.get("lm_head"),
+                lm_head=share.get("lm_head"), embedding=share.get("embedding"),
             )  # fmt: skip
         except EdgeGenarmError as e:
             log(f"{e}")

@@ -68,11 +68,13 @@ def share_trunk(
     pairs: dict[str, PairSpec] | None = None,
     log=lambda s: print(s, file=sys.stderr),
     lm_head: str | None = None,
+    embedding: str | None = None,
 ) -> dict:
     """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk.
 
-    `quantize` applies to the layers; `lm_head` (default: the same) to the LM head and the
-    embedding, which decide every logit and so drift most."""
+    `quantize` applies to the layers; `lm_head` and `embedding` (default: the same) to the LM
+    head and the embedding lookup (4-bit only in onnxruntime: an int8 ARM keeps it fp32 unless
+    `embedding="int4"`)."""
     from edge_genarm.backends.onnx_arm import OnnxARM
     from edge_genarm.backends.trunk import TrunkGroup
     from export.gate import format_gate, gate, heldout_pairs
@@ -95,11 +97,13 @@ def share_trunk(
         log(f"trunk: layers 0-{plan.layer - 1} of {plan.n_layers} shared by {', '.join(names)}")
         if quantize:
             lm = lm_head or quantize
-            _quantize_file(work / "trunk.onnx", quantize, block_size, accuracy_level, embed_kind=lm)
+            _quantize_file(
+                work / "trunk.onnx", quantize, block_size, accuracy_level, embed_kind=embedding or lm
+            )
             _quantize_file(work / "lmhead.onnx", lm, block_size, accuracy_level)
             for f in heads.values():
                 _quantize_file(f, quantize, block_size, accuracy_level)
-        group = TrunkGroup(work / "trunk.onnx", heads, work / "lmhead.onnx", threads=2)
+        group = TrunkGroup(work / "trunk.onnx", heads, work / "lmhead.onnx", threads=2, cache=False)
         gates = {}
         for n in names:
             ref = OnnxARM(full[n], n, threads=2, cache=False)
@@ -127,7 +131,14 @@ def share_trunk(
                 + "; ".join(format_gate(n, gates[n]) if gates[n]["pairs"] else n for n in failed)
                 + ": the bundle is unchanged; try --quantize int8, or no quantization"
             )
-        kinds = {"quantize": quantize, "lm_head_quantize": (lm_head or quantize) if quantize else None}
+        kinds = {
+            "quantize": quantize,
+            "lm_head_quantize": (lm_head or quantize) if quantize else None,
+            # GatherBlockQuantized is 4-bit only: any other kind leaves the embedding fp32
+            "embedding_quantize": "int4"
+            if quantize and (embedding or lm_head or quantize) == "int4"
+            else None,
+        }
         return _install(bundle, m, plan, work, heads, gates, kinds, block_size, accuracy_level, full)
 
 

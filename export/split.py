@@ -261,12 +261,14 @@ def save_model(model, path: Path) -> None:
 
     tmp = path.with_name(path.name + ".partial")
     big = sum(len(i.raw_data) for i in model.graph.initializer) > (64 << 20)
+    # onnx appends to an existing data file: a model re-saved over itself (quantized in place)
+    # would keep its old weights in it. `model` is in memory, so the old file can go.
+    Path(str(path) + "_data").unlink(missing_ok=True)
     if big:
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + "_data", size_threshold=1024)  # fmt: skip
     else:
         onnx.save_model(model, str(tmp))
-        Path(str(path) + "_data").unlink(missing_ok=True)  # a bigger version's weights
     tmp.replace(path)
 
 

@@ -122,3 +122,30 @@ def test_stop_strings_and_max_tokens(engine):
     )
     assert d.finish_reason == "stop"
     assert d.text == c.text[: c.text.index(word)]
+
+
+def test_request_state_lives_in_the_request(engine):
+    """weights= applies to one request; results come back on the request, not the engine."""
+    engine.set_weights({"alpha": 0.0, "beta": 0.0})
+    kw = dict(seed=1, sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))
+    a = engine.stream("Hello", max_tokens=3, weights={"alpha": 1.5}, **kw)
+    b = engine.stream("Hello", max_tokens=5, **kw)
+    ra, rb = list(a), list(b)
+    assert engine.weights == {"alpha": 0.0, "beta": 0.0}  # the defaults did not move
+    assert a.weights == {"alpha": 1.5, "beta": 0.0} and b.weights == {"alpha": 0.0, "beta": 0.0}
+    assert set(ra[0].arm_contrib) == {"alpha"} and rb[0].arm_contrib == {}
+    assert a.timings.steps == 3 and b.timings.steps == 5
+    assert a.finish_reason == b.finish_reason == "length"
+    c = engine.generate("Hello", max_tokens=3, weights={"alpha": 1.5}, **kw)
+    assert c.weights["alpha"] == 1.5 and c.tokens == [r.token for r in ra]
+
+
+def test_repeat_penalty_leaves_the_base_logprobs_alone(engine, reference):
+    base_logits, _ = reference
+    c = engine.generate("Hello", max_tokens=8, seed=2, guidance=False, repeat_penalty=1.5, repeat_last_n=64,
+                        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # fmt: skip
+    seq = engine.tokenize_prompt(engine.format_prompt("Hello"))
+    for r in c.records:
+        want = ref_log_softmax(base_logits(seq)[-1])[r.token]
+        assert r.base_logprob == pytest.approx(want, abs=2e-3)  # unpenalised
+        seq.append(r.token)

@@ -47,10 +47,12 @@ class TrunkGroup:
         device: str = "cpu",
         threads: int = 1,
         label: str = "trunk",
+        cache: bool = True,
     ):
-        self.trunk = _Trunk(trunk, f"{label} trunk", device=device, threads=threads)
-        self.heads = {n: _Head(p, n, device=device, threads=threads) for n, p in heads.items()}
-        self.lm = OnnxGraph(lm_head, f"{label} LM head", device=device, threads=threads)
+        kw = dict(device=device, threads=threads, cache=cache)
+        self.trunk = _Trunk(trunk, f"{label} trunk", **kw)
+        self.heads = {n: _Head(p, n, **kw) for n, p in heads.items()}
+        self.lm = OnnxGraph(lm_head, f"{label} LM head", **kw)
         want = _trunk_id(self.trunk)
         for graph in [*self.heads.values(), self.lm]:
             if _trunk_id(graph) != want:
