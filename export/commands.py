@@ -144,6 +144,9 @@ def export_arm(
         hf = save_hf(model, tok, Path(tmp) / "hf")
         onnx_dir = Path(tmp) / "onnx"
         export_arm_onnx(hf, onnx_dir)
+        from export.compact import compact_file
+
+        form = compact_file(onnx_dir / "model.onnx")  # fused ops: same math, fewer nodes (parity checks it)
         kind, gated = "f32", None
         if quantize:
             gated = _quantize_gated(out, name, onnx_dir, quantize, block_size, accuracy_level, pairs)
@@ -159,6 +162,7 @@ def export_arm(
             "source": {"path": str(source.resolve()), "fingerprint": fp, "layers": layers},
             "parity": parity,
             **({"gate": gated} if gated else {}),
+            "graph": form,
             "n_layers": model.config.num_hidden_layers,
             "n_params": int(sum(p.numel() for p in model.parameters())),
         }

@@ -69,6 +69,7 @@ def share_trunk(
     log=lambda s: print(s, file=sys.stderr),
     lm_head: str | None = None,
     embedding: str | None = None,
+    compact: bool = True,
 ) -> dict:
     """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk.
 
@@ -93,8 +94,10 @@ def share_trunk(
     full = {n: bundle / arms[n]["file"] for n in names}
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".share-") as tmp:
         work = Path(tmp)
-        plan, heads = split_siblings(full, work)
-        log(f"trunk: layers 0-{plan.layer - 1} of {plan.n_layers} shared by {', '.join(names)}")
+        plan, heads, form = split_siblings(full, work, compact)
+        log(
+            f"trunk: layers 0-{plan.layer - 1} of {plan.n_layers} shared by {', '.join(names)} ({form} graphs)"
+        )
         if quantize:
             lm = lm_head or quantize
             _quantize_file(
@@ -132,6 +135,7 @@ def share_trunk(
                 + ": the bundle is unchanged; try --quantize int8, or no quantization"
             )
         kinds = {
+            "graph": form,
             "quantize": quantize,
             "lm_head_quantize": (lm_head or quantize) if quantize else None,
             # GatherBlockQuantized is 4-bit only: any other kind leaves the embedding fp32

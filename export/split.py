@@ -272,8 +272,14 @@ def save_model(model, path: Path) -> None:
     tmp.replace(path)
 
 
-def split_siblings(onnx_paths: dict[str, Path], out: Path) -> tuple[SplitPlan, dict[str, Path]]:
-    """Cut sibling ARM graphs into out/trunk.onnx, out/lmhead.onnx and out/heads/<name>/head.onnx."""
+def split_siblings(
+    onnx_paths: dict[str, Path], out: Path, compact: bool = True
+) -> tuple[SplitPlan, dict[str, Path], str]:
+    """Cut sibling ARM graphs into out/trunk.onnx, out/lmhead.onnx and out/heads/<name>/head.onnx.
+
+    Returns (plan, head files, form): form "compact" when the graphs are optimum Llama exports
+    (rebuilt with fused ops, export/compact.py), else "cut" (the graphs' own nodes, extract()).
+    """
     import onnx
 
     if len(onnx_paths) < 1:
@@ -285,17 +291,48 @@ def split_siblings(onnx_paths: dict[str, Path], out: Path) -> tuple[SplitPlan, d
         fold_constant_transposes(m)
     plan = plan_split(models)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
     meta = dict(edge_genarm_trunk=plan.trunk_sha, edge_genarm_trunk_layers=plan.layer)
-    for i, (name, model) in enumerate(models.items()):
-        trunk, head, lm = split_model(model, plan)
-        if i == 0:
-            _stamp(trunk, part="trunk", **meta)
-            _stamp(lm, part="lm_head", **meta)
-            save_model(trunk, out / "trunk.onnx")
-            save_model(lm, out / "lmhead.onnx")
-        _stamp(head, part="head", arm=name, **meta)
+    pieces, form = None, "cut"
+    if compact:
+        try:
+            pieces, form = _compact_pieces(models, plan, meta), "compact"
+        except BundleError:
+            pieces = None  # not a plain Llama export: keep the graphs' own nodes
+    if pieces is None:
+        pieces = _cut_pieces(models, plan, meta)
+    trunk, lm, heads = pieces
+    save_model(trunk, out / "trunk.onnx")
+    save_model(lm, out / "lmhead.onnx")
+    files = {}
+    for name, head in heads.items():
         files[name] = out / "heads" / name / "head.onnx"
         files[name].parent.mkdir(parents=True, exist_ok=True)
         save_model(head, files[name])
-    return plan, files
+    return plan, files, form
+
+
+def _cut_pieces(models: dict, plan: SplitPlan, meta: dict):
+    heads, trunk, lm = {}, None, None
+    for name, model in models.items():
+        t, head, lm_ = split_model(model, plan)
+        if trunk is None:
+            trunk, lm = t, lm_
+            _stamp(trunk, part="trunk", **meta)
+            _stamp(lm, part="lm_head", **meta)
+        _stamp(head, part="head", arm=name, **meta)
+        heads[name] = head
+    return trunk, lm, heads
+
+
+def _compact_pieces(models: dict, plan: SplitPlan, meta: dict):
+    from export.compact import build, lm_head_graph, read_llama
+
+    weights = {n: read_llama(m) for n, m in models.items()}
+    first = next(iter(weights.values()))
+    trunk = build(first, 0, plan.layer, True, "hidden", {**meta, "part": "trunk"})
+    lm = lm_head_graph(first, {**meta, "part": "lm_head"})
+    heads = {
+        n: build(w, plan.layer, plan.n_layers, False, "normed", {**meta, "part": "head", "arm": n})
+        for n, w in weights.items()
+    }
+    return trunk, lm, heads

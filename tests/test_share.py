@@ -60,14 +60,16 @@ def siblings(tiny_bundle, tmp_path_factory):
     return full, hf
 
 
-@pytest.fixture(scope="module")
-def shared(siblings, tmp_path_factory):
+@pytest.fixture(scope="module", params=["compact", "cut"])
+def shared(siblings, tmp_path_factory, request):
+    """The siblings on one trunk: rebuilt with fused ops (compact), or cut from their own nodes."""
     from export.share import share_trunk
 
     full, _ = siblings
     dst = tmp_path_factory.mktemp("shared") / "bundle"
     shutil.copytree(full, dst)
-    share_trunk(dst)
+    m = share_trunk(dst, compact=request.param == "compact")
+    assert next(iter(m["trunks"].values()))["graph"] == request.param
     return dst
 
 
