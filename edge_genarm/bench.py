@@ -81,6 +81,46 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
     return report
 
 
+def measure_placement(bundle, prompt: str = "Write a short story about a lighthouse keeper.", n: int = 48):
+    """Sequential vs overlapped for the bundle's default ARMs, one short greedy run each (pack build)."""
+    from .loader import load
+
+    report = {}
+    for parallel in (False, True):
+        engine = load(str(bundle), parallel=parallel)
+        _run(engine, prompt, 8, None, True)  # warm-up: first-run allocations
+        key = "guided_parallel" if parallel else "guided_sequential"
+        report[key] = _run(engine, prompt, n, None, True)
+        if not parallel:
+            report["unguided"] = _run(engine, prompt, n, None, False)
+            report["arms"] = {k: v for k, v in engine.weights.items() if v}
+        engine.close()
+    return record_placement(bundle, report)
+
+
+def record_placement(bundle, report: dict) -> dict | None:
+    """Write the faster of sequential and overlapped (for this set of ARMs) into the bundle's
+    manifest: the loader uses it instead of its size rule (loader.measured_placement)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .bundle import MANIFEST, write_manifest
+
+    if "guided_parallel" not in report:
+        return None
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    seq, par = report["guided_sequential"]["tok_per_s"], report["guided_parallel"]["tok_per_s"]
+    rec = {"parallel": par > seq, "sequential_tok_s": round(seq, 1), "parallel_tok_s": round(par, 1),
+           "unguided_tok_s": round(report["unguided"]["tok_per_s"], 1), "measured": time.strftime("%Y-%m-%d")}  # fmt: skip
+    m.setdefault("placement", {})[",".join(sorted(report["arms"]))] = rec
+    write_manifest(Path(bundle), m)
+    return rec
+
+
 def disk_usage(engine) -> dict:
     """MB on disk: the bundle folder, and the optimized-graph cache entries of its ARM files."""
     from .backends.onnx_arm import optimized_cache_path

@@ -346,17 +346,27 @@ def chat(**o):
 @click.option("--max-tokens", "-n", default=128, show_default=True)
 @click.option("--repeats", default=2, show_default=True, help="Runs per mode; the best is reported.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(prompt, max_tokens, repeats, as_json, **o):
-    """Tokens/s unguided vs guided, ms per step for each part, peak RSS."""
-    from .bench import format_report, run_bench
+@click.option(
+    "--record", is_flag=True, help="Save the faster placement (sequential/overlapped) in the bundle."
+)
+def bench(prompt, max_tokens, repeats, as_json, record, **o):
+    """Tokens/s unguided vs guided, ms per step for each part, peak RSS, disk."""
+    from .bench import format_report, record_placement, run_bench
 
     try:
         report = run_bench(
             lambda parallel: load_engine({**o, "parallel": parallel}), prompt, max_tokens, repeats
         )
+        if record:
+            rec = record_placement(o.get("weights") or default_weights(), report)
+            report["recorded"] = rec
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if record and report.get("recorded"):
+        click.echo(
+            f"recorded: {'overlapped' if report['recorded']['parallel'] else 'sequential'} for these ARMs"
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,13 @@ def overlap_pays(base_path, arm_paths) -> bool:
     return arm_bytes >= 0.5 * base_path.stat().st_size
 
 
+def measured_placement(bundle: Bundle, names: list[str]) -> bool | None:
+    """The placement `edge-genarm bench --record` (or the pack build) measured fastest for these
+    ARMs on this bundle: True overlapped, False sequential, None when never measured."""
+    rec = bundle.manifest.get("placement", {}).get(",".join(sorted(names)))
+    return None if not isinstance(rec, dict) else bool(rec.get("parallel"))
+
+
 def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
     """(base threads, threads per ARM). Sequential: every forward gets all cores.
     Overlapped: the cores are split so that llama.cpp's and onnxruntime's threads
@@ -58,6 +65,8 @@ def load(
     """
     bundle = Bundle.open(weights, verify=verify)
     specs = _arm_specs(bundle, arms)
+    if parallel is None:
+        parallel = measured_placement(bundle, [n for n, _ in specs])
     if parallel is None:
         paths = [resolve_arm(bundle, n).path for n, _ in specs]
         parallel = overlap_pays(bundle.base_path, paths)

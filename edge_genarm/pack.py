@@ -164,6 +164,14 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
     info = json.loads((bundle / "manifest.json").read_text())
     if recipe.get("share") and any("trunk" not in a for a in info.get("arms", {}).values()):
         info = share_fastest(bundle, recipe, log)
+    if info.get("arms") and "placement" not in info:
+        from .bench import measure_placement
+
+        rec = measure_placement(bundle)
+        log(
+            f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
+        )
+        info = json.loads((bundle / "manifest.json").read_text())
     atomic_write_json(
         root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
     )

@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_genarm.errors import BundleError
 
+COMPACT = "edge-genarm-compact-llama"  # graph name of what build() writes
 MAX_POSITIONS = 32768  # rotary cos/sin cache rows: the longest context an ARM can follow
 
 
@@ -50,6 +51,8 @@ def read_llama(model) -> LlamaWeights:
     from onnx import numpy_helper
 
     g = model.graph
+    if g.name == COMPACT:
+        return _read_compact(model)
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     nodes = {n.name: n for n in g.node}
@@ -105,6 +108,27 @@ def read_llama(model) -> LlamaWeights:
     )
 
 
+def _read_compact(model) -> LlamaWeights:
+    """The weights of a whole graph that build() wrote (so a compact ARM can be re-cut)."""
+    from onnx import helper, numpy_helper
+
+    a = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    if "embed_tokens" not in a or "lm_head" not in a:
+        raise BundleError("a compact graph without its embedding and LM head cannot be rebuilt")
+    keys = ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2")
+    layers = []
+    while f"l{len(layers)}.q" in a:
+        layers.append({k: a[f"l{len(layers)}.{k}"] for k in keys})
+    if not layers or "inv_freq" not in a:
+        raise BundleError("this compact graph is quantized or cut: export the ARM again to rebuild it")
+    attrs = {}
+    for n in model.graph.node:
+        if n.op_type in ("GroupQueryAttention", "SimplifiedLayerNormalization"):
+            attrs.update({x.name: helper.get_attribute_value(x) for x in n.attribute})
+    return LlamaWeights(a["embed_tokens"], layers, a["norm"], a["lm_head"], a["inv_freq"],
+                        float(attrs["epsilon"]), int(attrs["num_heads"]), int(attrs["kv_num_heads"]))  # fmt: skip
+
+
 def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta: dict | None = None):
     """A graph of layers [first, last): from token ids (`embed`) or from `hidden`; ending in
     'hidden' (the residual stream), 'normed' (after the final norm) or 'logits'."""
@@ -117,8 +141,10 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=arr.dtype), name))
         return name
 
+    where = [""]  # node names carry optimum's "/model/layers.N/" so export/split.py can cut them too
+
     def op(kind, ins, outs, domain="", **attrs):
-        nodes.append(helper.make_node(kind, ins, outs, name=f"/{outs[0]}", domain=domain, **attrs))
+        nodes.append(helper.make_node(kind, ins, outs, name=f"{where[0]}/{outs[0]}", domain=domain, **attrs))
         return outs[0]
 
     # no position_ids: GroupQueryAttention places new tokens after the cached ones
@@ -139,8 +165,10 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
     pos = np.arange(MAX_POSITIONS, dtype=np.float32)[:, None] * w.inv_freq[None, :]
     cos, sin = init("cos_cache", np.cos(pos)), init("sin_cache", np.sin(pos))
     outputs = []
+    init("inv_freq", w.inv_freq)  # unused by the nodes: lets read_llama rebuild the rotary tables
     for i in range(first, last):
         L, p = w.layers[i], f"l{i}"
+        where[0] = f"/model/layers.{i}"
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
                 f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", w.n_kv, "past", hd]))  # fmt: skip
@@ -174,6 +202,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         up = op("MatMul", [h, init(f"{p}.up", L["up"])], [f"{p}.up_out"])
         mlp = op("MatMul", [op("Mul", [act, up], [f"{p}.act"]), init(f"{p}.down", L["down"])], [f"{p}.mlp"])
         x = op("Add", [x, mlp], [f"{p}.res2"])
+    where[0] = "/model"
     if final in ("normed", "logits"):
         x = op("SimplifiedLayerNormalization", [x, init("norm", w.norm)], ["normed"], axis=-1, epsilon=w.eps)
     if final == "logits":
@@ -182,7 +211,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         x = op("Identity", [x], ["hidden"])
     head_shape = ["batch", "seq", w.lm_head.shape[1] if final == "logits" else d]
     outputs.insert(0, helper.make_tensor_value_info(final, TensorProto.FLOAT, head_shape))
-    graph = helper.make_graph(nodes, "edge-genarm-compact-llama", inputs, outputs, inits)
+    graph = helper.make_graph(nodes, COMPACT, inputs, outputs, inits)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],

@@ -42,7 +42,7 @@ def fold_constant_transposes(model) -> int:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    folded = 0
+    sources = set()
     for node in list(g.node):
         if node.op_type != "Transpose" or node.input[0] not in inits:
             continue
@@ -50,12 +50,12 @@ def fold_constant_transposes(model) -> int:
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         g.initializer.append(numpy_helper.from_array(arr.transpose(perm).copy(), node.output[0]))
         g.node.remove(node)
-        folded += 1
+        sources.add(node.input[0])
     used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
     for init in list(g.initializer):
-        if init.name not in used:
+        if init.name in sources and init.name not in used:  # only a weight the fold left unread
             g.initializer.remove(init)
-    return folded
+    return len(sources)
 
 
 def quantize_model(

@@ -136,7 +136,9 @@ def test_quantized_arm_is_smaller_and_its_drift_is_recorded(exported, tiny_root,
     m = json.loads((exported / "manifest.json").read_text())
     p, g = m["arms"][name]["parity"], m["arms"][name]["gate"]
     assert p["type"] == kind and p["passed"] and 0 < p["mean_kl"] and p["max_abs_logit_diff"] > 1e-4
-    assert g["type"] == kind and g["mean_kl"] > 0 and g["pairs"] == 0  # no --pairs: KL/top-1 against fp32 only
+    assert (
+        g["type"] == kind and g["mean_kl"] > 0 and g["pairs"] == 0
+    )  # no --pairs: KL/top-1 against fp32 only
     # int8 keeps the fp32 embedding (onnxruntime quantizes Gather to 4 bits only), int4 quantizes it too
     f32 = (exported / "arms" / "alpha" / "model.onnx").stat().st_size
     assert (exported / "arms" / name / "model.onnx").stat().st_size < f32 * ratio
@@ -148,6 +150,7 @@ def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monk
 
     import numpy as np
 
+    from edge_genarm.backends import onnx_arm
     from edge_genarm.backends.onnx_arm import OnnxARM, optimized_cache_path
 
     src = tmp_path / "model.onnx"
@@ -156,6 +159,7 @@ def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monk
     plain = OnnxARM(src, "plain").prefill(ids)
     monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
     monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_arm, "CACHE_MIN_SECONDS", 0.0)  # the tiny ARM optimizes in no time
     first = OnnxARM(src, "a")
     cached = optimized_cache_path(src)
     assert not first.from_cache and cached.is_file()
@@ -173,9 +177,27 @@ def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monk
     assert not OnnxARM(src, "e", cache=False).from_cache
 
 
+def test_a_graph_that_optimizes_fast_is_not_copied_into_the_cache(tiny_bundle, tmp_path, monkeypatch):
+    from edge_genarm.backends import onnx_arm
+    from edge_genarm.backends.onnx_arm import OnnxARM, optimized_cache_path
+
+    src = tmp_path / "model.onnx"
+    shutil.copyfile(tiny_bundle / "arms" / "alpha" / "model.onnx", src)
+    monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
+    monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_arm, "CACHE_MIN_SECONDS", 1e9)  # nothing is slow enough to be worth a copy
+    a = OnnxARM(src, "a")
+    entry = optimized_cache_path(src)
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name + ".fast"]  # a marker, no weights
+    b = OnnxARM(src, "b")
+    assert not b.from_cache and b.prefill([1, 2, 3]).tolist() == a.prefill([1, 2, 3]).tolist()
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name + ".fast"]
+
+
 def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, monkeypatch):
     import numpy as np
 
+    from edge_genarm.backends import onnx_arm
     from edge_genarm.backends.onnx_arm import OnnxARM
     from export.onnx_export import _externalize
 
@@ -187,6 +209,7 @@ def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, mon
     plain = OnnxARM(src, "plain").prefill(ids)
     monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
     monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_arm, "CACHE_MIN_SECONDS", 0.0)
     OnnxARM(src, "a")
     again = OnnxARM(src, "b")
     assert again.from_cache  # its weights were saved beside it, not left pointing at model.onnx_data
