@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
@@ -72,15 +72,22 @@ def load(
         parallel = overlap_pays(bundle.base_path, paths)
     n_units = len({(e.trunk.key if e.trunk else e.name) for e in (resolve_arm(bundle, n) for n, _ in specs)})
     auto_base, auto_arm = split_threads(default_threads(), n_units, parallel)
-    base = LlamaBase(bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers)
-    entries = []
-    for name, weight in specs:
-        entry = resolve_arm(bundle, name)
+    entries = [(resolve_arm(bundle, name), weight) for name, weight in specs]
+    # the ARM sessions are created while llama.cpp loads the base (warm start); tokens checked after
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        arms_future = pool.submit(_load_arms, [e for e, _ in entries], arm_device, arm_threads or auto_arm)
+        try:
+            base = LlamaBase(
+                bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers
+            )
+        except BaseException:
+            wait([arms_future])  # the base's error is the one to report
+            raise
+        loaded = arms_future.result()
+    for entry, _ in entries:
         check_arm_tokens(
             entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
         )
-        entries.append((entry, weight))
-    loaded = _load_arms([e for e, _ in entries], arm_device, arm_threads or auto_arm)
     w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
     engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
     nudges = bundle.manifest.get("nudges")

@@ -49,10 +49,14 @@ class TrunkGroup:
         label: str = "trunk",
         cache: bool = True,
     ):
+        from concurrent.futures import ThreadPoolExecutor
+
         kw = dict(device=device, threads=threads, cache=cache)
-        self.trunk = _Trunk(trunk, f"{label} trunk", **kw)
-        self.heads = {n: _Head(p, n, **kw) for n, p in heads.items()}
-        self.lm = OnnxGraph(lm_head, f"{label} LM head", **kw)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # sessions are created side by side (warm start)
+            t = pool.submit(_Trunk, trunk, f"{label} trunk", **kw)
+            hs = {n: pool.submit(_Head, p, n, **kw) for n, p in heads.items()}
+            lm = pool.submit(OnnxGraph, lm_head, f"{label} LM head", **kw)
+            self.trunk, self.heads, self.lm = t.result(), {n: f.result() for n, f in hs.items()}, lm.result()
         want = _trunk_id(self.trunk)
         for graph in [*self.heads.values(), self.lm]:
             if _trunk_id(graph) != want:
