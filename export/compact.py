@@ -141,6 +141,9 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=arr.dtype), name))
         return name
 
+    def rms(x, name, weight, out):  # RMSNorm
+        return op("SimplifiedLayerNormalization", [x, init(name, weight)], [out], axis=-1, epsilon=w.eps)
+
     where = [""]  # node names carry optimum's "/model/layers.N/" so export/split.py can cut them too
 
     def op(kind, ins, outs, domain="", **attrs):
@@ -174,13 +177,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
                 f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", w.n_kv, "past", hd]))  # fmt: skip
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", w.n_kv, "total", hd]))  # fmt: skip
-        h = op(
-            "SimplifiedLayerNormalization",
-            [x, init(f"{p}.ln1", L["ln1"])],
-            [f"{p}.h1"],
-            axis=-1,
-            epsilon=w.eps,
-        )
+        h = rms(x, f"{p}.ln1", L["ln1"], f"{p}.h1")
         q, k, v = (op("MatMul", [h, init(f"{p}.{n}", L[n])], [f"{p}.{n}_out"]) for n in "qkv")
         attn = op(
             "GroupQueryAttention",
@@ -190,13 +187,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
             rotary_interleaved=0, scale=float(1 / np.sqrt(hd)),
         )  # fmt: skip
         x = op("Add", [x, op("MatMul", [attn, init(f"{p}.o", L["o"])], [f"{p}.o_out"])], [f"{p}.res1"])
-        h = op(
-            "SimplifiedLayerNormalization",
-            [x, init(f"{p}.ln2", L["ln2"])],
-            [f"{p}.h2"],
-            axis=-1,
-            epsilon=w.eps,
-        )
+        h = rms(x, f"{p}.ln2", L["ln2"], f"{p}.h2")
         gate = op("MatMul", [h, init(f"{p}.gate", L["gate"])], [f"{p}.gate_out"])
         act = op("Mul", [gate, op("Sigmoid", [gate], [f"{p}.sig"])], [f"{p}.silu"])
         up = op("MatMul", [h, init(f"{p}.up", L["up"])], [f"{p}.up_out"])
@@ -204,7 +195,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         x = op("Add", [x, mlp], [f"{p}.res2"])
     where[0] = "/model"
     if final in ("normed", "logits"):
-        x = op("SimplifiedLayerNormalization", [x, init("norm", w.norm)], ["normed"], axis=-1, epsilon=w.eps)
+        x = rms(x, "norm", w.norm, "normed")
     if final == "logits":
         x = op("MatMul", [x, init("lm_head", w.lm_head)], ["logits"])
     elif final == "hidden":
