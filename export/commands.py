@@ -242,13 +242,31 @@ def inspect_bundle(path: str | Path) -> str:
         f"add_bos {info.get('tokenizer.ggml.add_bos_token', False)}"
     )
     lines.append(f"       parity: {_parity(m['base'].get('parity'))}")
+    for key, t in m.get("trunks", {}).items():
+        lines.append(
+            f"trunk  {key}: {t['file']} {_size(b.root / t['file'])} (layers 0-{t['layers'] - 1} of "
+            f"{t['n_layers']}), LM head {_size(b.root / t['lm_head'])}; {t.get('graph')} graphs, "
+            f"{t.get('quantize') or 'fp32'}"
+        )
     for name, a in m.get("arms", {}).items():
         arm = b.arms[name]
+        on = f", head on trunk {a['trunk']}" if a.get("trunk") else ""
         lines.append(
             f"arm    {name}: {a['file']} {_size(arm.path)}, beta_r {a.get('beta_r')}, default "
-            f"weight {a.get('default_weight')}, layers {a.get('n_layers', '?')}"
+            f"weight {a.get('default_weight')}, layers {a.get('n_layers', '?')}{on}"
         )
         lines.append(f"       parity: {_parity(a.get('parity'))}")
+        if a.get("gate"):
+            g = a["gate"]
+            acc = (
+                f"held-out accuracy {g['accuracy_fp32']:.3f} -> {g['accuracy_quantized']:.3f} on {g['pairs']} pairs, "
+                if g.get("pairs")
+                else ""
+            )
+            lines.append(
+                f"       gate ({g.get('type')}): {acc}KL {g['mean_kl']:.2e}, top-1 {g['top1_agreement']:.3f}: "
+                f"{'passed' if g['passed'] else 'REFUSED'}"
+            )
     lines.append("files")
     for rel, rec in m.get("files", {}).items():
         lines.append(f"       {rel}  {rec['size']:,} bytes  sha256 {rec['sha256'][:16]}")

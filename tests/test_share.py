@@ -249,3 +249,11 @@ def test_quantize_refuses_a_quantized_graph_and_one_without_weights(tmp_path):
     with pytest.raises(BundleError, match="no MatMul with a constant weight"):
         quantize_model(helper.make_model(plain), "int4")
     onnx.checker.check_model(q)
+
+
+def test_bundle_inspect_shows_the_trunk_and_the_gate(shared):
+    from export.commands import inspect_bundle
+
+    text = inspect_bundle(shared)
+    assert "layers 0-1 of 3" in text and "head on trunk" in text
+    assert text.count("gate (f32): KL") == 2
