@@ -71,26 +71,41 @@ class TrunkGroup:
             )
         shape = self.lm.session.get_outputs()[0].shape
         self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
-        self.hidden = np.zeros((0, 0), dtype=np.float32)  # trunk output for each cached position
+        self._buf = np.zeros((0, 0), dtype=np.float32)  # trunk outputs, room to grow (no copy per step)
+        self._n = 0  # positions of _buf in use: one per token the trunk has cached
 
     def reset(self) -> None:
         self.trunk.reset()
         for h in self.heads.values():
             h.reset()
-        self.hidden = self.hidden[:0]
+        self._n = 0
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The trunk's output at every cached position, (positions, hidden)."""
+        return self._buf[: self._n]
+
+    def _append(self, keep: int, new: np.ndarray) -> None:
+        need = keep + len(new)
+        if need > len(self._buf) or self._buf.shape[1] != new.shape[1]:
+            grown = np.zeros((max(2 * len(self._buf), need, 64), new.shape[1]), dtype=np.float32)
+            if keep:
+                grown[:keep] = self._buf[:keep]
+            self._buf = grown
+        self._buf[keep:need] = new
+        self._n = need
 
     def _advance_trunk(self, tokens: list[int]) -> None:
         keep = min(_common_prefix(self.trunk.tokens, tokens), len(tokens) - 1)
         self.trunk.truncate(keep)
-        new = self.trunk.feed(list(tokens[keep:]))
-        self.hidden = new if keep == 0 else np.concatenate([self.hidden[:keep], new])
+        self._append(keep, self.trunk.feed(list(tokens[keep:])))
 
     def run(self, kind: str, arg, names: list[str]) -> dict[str, np.ndarray]:
         tokens = list(arg) if kind == "prefill" else self.trunk.tokens + [int(arg)]
-        if kind == "prefill" or len(self.trunk.tokens) != len(self.hidden):
+        if kind == "prefill" or len(self.trunk.tokens) != self._n:
             self._advance_trunk(tokens)
         else:
-            self.hidden = np.concatenate([self.hidden, self.trunk.feed([int(arg)])])
+            self._append(self._n, self.trunk.feed([int(arg)]))
         normed = []
         for n in names:
             head = self.heads[n]
