@@ -374,15 +374,13 @@ class Engine:
                 jobs[label] = run
         futures = {}
         if self._pools:
-            futures = {
-                lb: self._pools[lb].submit(self._run_unit, lb, run, kind, arg) for lb, run in jobs.items()
-            }
+            futures = {lb: self._pools[lb].submit(self._run_unit, run, kind, arg) for lb, run in jobs.items()}
         tb = time.perf_counter()
         base_logits = getattr(self.base, kind)(arg)
         t.base_s += time.perf_counter() - tb
         arm_logits = {}
         for label, run in jobs.items():
-            out, dt = futures[label].result() if futures else self._run_unit(label, run, kind, arg)
+            out, dt = futures[label].result() if futures else self._run_unit(run, kind, arg)
             arm_logits.update(out)
             t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
         if count:
@@ -391,7 +389,7 @@ class Engine:
             t.base_s, t.arm_s = 0.0, {k: 0.0 for k in t.arm_s}
         return base_logits, arm_logits
 
-    def _run_unit(self, label: str, names: list[str], kind: str, arg):
+    def _run_unit(self, names: list[str], kind: str, arg):
         t0 = time.perf_counter()
         unit = self.arms[names[0]]
         group = getattr(unit, "group", None)
