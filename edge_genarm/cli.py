@@ -11,7 +11,9 @@ import click
 
 from .errors import EdgeGenarmError
 from .guidance import SamplingParams
+from .judges import make_judge
 from .nudge import NudgeConfig
+from .records import DataError, read_prompts
 
 _D = SamplingParams()  # the one home of the sampling defaults
 _N = NudgeConfig()
@@ -386,7 +388,7 @@ def export_group():
 @click.option("--force", is_flag=True, help="Redo / replace an existing export.")
 def export_base_cmd(source, out, quant, force):
     """SOURCE: a Hugging Face folder (converted by llama.cpp's converter) or a .gguf (adopted)."""
-    from export.commands import export_base
+    from edge_genarm.export.commands import export_base
 
     try:
         export_base(source, out, quant, force)
@@ -416,7 +418,7 @@ def quantize_options(f):
 
 def pair_specs(o: dict, names) -> dict:
     """--pairs [NAME=]FILE -> {name: PairSpec}; a bare FILE applies to every named ARM."""
-    from export.share import PairSpec
+    from edge_genarm.export.share import PairSpec
 
     out = {}
     for item in o.get("pairs") or ():
@@ -445,7 +447,7 @@ def export_arm_cmd(
     source, out, name, beta_r, weight, layers, force, quantize, block_size, accuracy_level, **o
 ):
     """SOURCE: a Hugging Face folder or a .gguf (dequantized) sharing the base's tokenizer."""
-    from export.commands import export_arm
+    from edge_genarm.export.commands import export_arm
 
     try:
         pairs = pair_specs(o, [name]).get(name)
@@ -463,7 +465,7 @@ def export_arm_cmd(
 @quantize_options
 def export_share_cmd(bundle, arms, quantize, block_size, accuracy_level, **o):
     """Put sibling ARMs (one init, adapters on the last layers) on one shared trunk and LM head."""
-    from export.share import share_trunk
+    from edge_genarm.export.share import share_trunk
 
     try:
         m = share_trunk(bundle, list(arms) or None, quantize, block_size, accuracy_level, pair_specs(o, arms))
@@ -482,7 +484,7 @@ def bundle_group():
 @click.argument("path", type=click.Path(exists=True))
 def bundle_inspect(path):
     """Models, sizes, vocab, chat template, ARMs, weights, beta_r, hashes, parity."""
-    from export.commands import inspect_bundle
+    from edge_genarm.export.commands import inspect_bundle
 
     try:
         click.echo(inspect_bundle(path))
@@ -516,7 +518,7 @@ def bundle_inspect(path):
 )
 def export_nudges_cmd(source, calibration, out, n_prompts, max_tokens, clusters, tau):
     """Precompute nudge-token scores from a reward model's gradients into the bundle."""
-    from export.nudges import export_nudges
+    from edge_genarm.export.nudges import export_nudges
 
     try:
         meta = export_nudges(out, source, calibration, n_prompts, max_tokens, clusters, tau=tau)
@@ -539,8 +541,8 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
     try:
         engine = load_engine(o)
         entropies = []
-        for i, line in enumerate(Path(prompts_file).read_text().splitlines()[:n_prompts]):
-            c = engine.generate(json.loads(line)["prompt"], seed=i, max_tokens=max_tokens, guidance=False)
+        for i, (_, prompt) in enumerate(read_prompts(prompts_file)[:n_prompts]):
+            c = engine.generate(prompt, seed=i, max_tokens=max_tokens, guidance=False)
             entropies.append([r.entropy for r in c.records])
         tau = choose_tau(entropies, target_rate, nudge_gap)
     except EdgeGenarmError as e:
@@ -577,7 +579,7 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
 @click.option("--ctx", default=2048, show_default=True, help="Context length in tokens.")
 def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, on_error, ctx):
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
-    from export.prefs import make_judge, make_pairs, read_prompts
+    from edge_genarm.export.prefs import make_pairs
 
     from .loader import load
 
@@ -634,7 +636,7 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
 )
 def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
-    from export.train_loop import train_arm
+    from edge_genarm.export.train_loop import train_arm
 
     try:
         info = train_arm(lora_r=None if full else lora_r, **o)
@@ -680,14 +682,13 @@ def doctor(weights, arms):
 @click.option("--seed", default=0, show_default=True)
 def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, **o):
     """Same prompts and seeds, several guidance settings, judged scores (mean ± s.e.)."""
-    from export.prefs import make_judge
-
     from .compare import format_rows, parse_setting, run_compare
 
     try:
         engine = load_engine(o)
-        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()[skip : skip + n_prompts]
-        prompts = [json.loads(x)["prompt"] for x in lines if x.strip()]
+        prompts = [p for _, p in read_prompts(prompts_file)[skip : skip + n_prompts]]
+        if not prompts:
+            raise DataError(f"{prompts_file} has no prompts after --skip {skip}: lower --skip")
         arms = list(engine.arms)
         specs = settings or ["unguided", *[f"{a}=1" for a in arms]]
         parsed = [parse_setting(s, arms) for s in specs]

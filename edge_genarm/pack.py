@@ -21,7 +21,15 @@ from .bundle import sha256_file
 from .errors import EdgeGenarmError
 from .paths import atomic_write_json, cache_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "models"
+def _recipes_default() -> Path:
+    """models/ of the checkout, else the copy installed as package data (edge_genarm.models)."""
+    here = Path(__file__).resolve().parent
+    if (here.parent / "models" / "__init__.py").is_file():
+        return here.parent / "models"
+    return here / "models"
+
+
+RECIPES = _recipes_default()
 MARKER = "pack.json"
 
 
@@ -109,8 +117,8 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
     An ARM whose recipe names a committed `adapter` is the base plus that adapter (seconds);
     `retrain` (or no adapter) trains it from the recipe's pairs instead (minutes).
     """
-    from export.commands import export_arm, export_base
-    from export.train_loop import ARM_INFO, apply_adapter, train_arm
+    from edge_genarm.export.commands import export_arm, export_base
+    from edge_genarm.export.train_loop import ARM_INFO, apply_adapter, train_arm
 
     recipe = load_recipe(name)
     root = packs_root() / name
@@ -182,7 +190,7 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
 def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
     """The ARMs onto one shared trunk, in the fastest form that passes the gate: the recipe's
     `[share] quantize` kinds in order (e.g. int4, then int8), then unquantized."""
-    from export.share import PairSpec, share_trunk
+    from edge_genarm.export.share import PairSpec, share_trunk
 
     share = recipe["share"]
     if len(recipe["arms"]) < 2:

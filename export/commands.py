@@ -15,8 +15,8 @@ from pathlib import Path
 
 from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
 from edge_genarm.errors import BundleError
-from export.parity import format_parity, run_parity
-from export.sources import load_source, save_hf
+from edge_genarm.export.parity import format_parity, run_parity
+from edge_genarm.export.sources import load_source, save_hf
 
 
 def _stages(names: list[str], desc: str):
@@ -68,7 +68,7 @@ def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
 
 
 def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: bool = False) -> dict:
-    from export.converter import convert_hf_to_gguf
+    from edge_genarm.export.converter import convert_hf_to_gguf
 
     source, out = Path(source), Path(out)
     fp = source_fingerprint(source)
@@ -123,10 +123,10 @@ def export_arm(
     gated against the fp32 one on `pairs` (a share.PairSpec; held-out preference accuracy,
     KL, top-1) and refused when it loses more than gate.MAX_ACCURACY_DROP."""
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from export.onnx_export import export_arm_onnx
+    from edge_genarm.export.onnx_export import export_arm_onnx
 
     if quantize:
-        from export.quantize import check_options
+        from edge_genarm.export.quantize import check_options
 
         check_options(quantize, block_size, accuracy_level)
 
@@ -144,7 +144,7 @@ def export_arm(
         hf = save_hf(model, tok, Path(tmp) / "hf")
         onnx_dir = Path(tmp) / "onnx"
         export_arm_onnx(hf, onnx_dir)
-        from export.compact import compact_file
+        from edge_genarm.export.compact import compact_file
 
         form = compact_file(onnx_dir / "model.onnx")  # fused ops: same math, fewer nodes (parity checks it)
         kind, gated = "f32", None
@@ -175,7 +175,7 @@ def export_arm(
 def _check_tokenizer(out: Path, name: str, tok) -> None:
     from edge_genarm.bundle import check_arm_tokens
     from edge_genarm.gguf import read_gguf
-    from export.onnx_export import tokens_from_hf_tokenizer
+    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
     base = read_manifest(out)["base"]["file"]
     check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)
@@ -186,10 +186,10 @@ def _quantize_gated(out: Path, name: str, onnx_dir: Path, kind, block_size, accu
     import onnx
 
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from export.gate import format_gate, gate, heldout_pairs
-    from export.quantize import quantize_model
-    from export.share import probe_sequences
-    from export.split import save_model
+    from edge_genarm.export.gate import format_gate, gate, heldout_pairs
+    from edge_genarm.export.quantize import quantize_model
+    from edge_genarm.export.share import probe_sequences
+    from edge_genarm.export.split import save_model
 
     src = onnx_dir / "model.onnx"
     qdir = onnx_dir.with_name(onnx_dir.name + "-q")

@@ -236,7 +236,7 @@ def compact_file(path) -> str:
     the graph is not one this module reads (left as it is)."""
     import onnx
 
-    from export.split import save_model
+    from edge_genarm.export.split import save_model
 
     try:
         w = read_llama(onnx.load(str(path)))

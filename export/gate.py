@@ -22,9 +22,9 @@ def heldout_pairs(bundle: Path, data: Path, max_len: int, eval_frac: float, seed
     """[(prompt ids, chosen ids, rejected ids)] held out exactly as train-arm held them out."""
     from edge_genarm.bundle import Bundle
     from edge_genarm.gguf import read_gguf
-    from export.gguf_tokenizer import build_tokenizer
-    from export.train import encode_pairs, load_pairs
-    from export.train_loop import split
+    from edge_genarm.export.gguf_tokenizer import build_tokenizer
+    from edge_genarm.export.train import encode_pairs, load_pairs
+    from edge_genarm.export.train_loop import split
 
     b = Bundle.open(bundle, verify=False)
     info = read_gguf(b.base_path)

@@ -21,6 +21,7 @@ from edge_genarm.bundle import add_file, check_arm_tokens, read_manifest, write_
 from edge_genarm.errors import ConfigError
 from edge_genarm.gguf import read_gguf, vocab_fingerprint
 from edge_genarm.nudge import NudgeTable
+from edge_genarm.records import read_prompts
 
 NUDGE_FILE = "nudges.npz"
 
@@ -29,7 +30,7 @@ def load_reward_model(source: str | Path):
     """(model, tokenizer, kind): a sequence classifier ('classifier') or a causal LM ('arm')."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from export.sources import load_source
+    from edge_genarm.export.sources import load_source
 
     src = Path(source)
     cfg = src / "config.json"
@@ -92,10 +93,10 @@ def export_nudges(
     bundle = Path(bundle)
     base_tokens = read_gguf(bundle / read_manifest(bundle)["base"]["file"]).tokens
     model, tok, kind = load_reward_model(source)
-    from export.onnx_export import tokens_from_hf_tokenizer
+    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
     check_arm_tokens("reward model", tokens_from_hf_tokenizer(tok), base_tokens, "base")
-    prompts = _read_prompts(calibration, n_prompts)
+    prompts = [p for _, p in read_prompts(calibration)[:n_prompts]]
     engine = edge_genarm.load(str(bundle), arms=[])
     E = model.get_input_embeddings().weight.detach().double().numpy()[: len(base_tokens)]
     proj = _low_rank(E, rank) if clusters else None
@@ -151,17 +152,3 @@ def _low_rank(E: np.ndarray, rank: int) -> np.ndarray:
     Ec = E - E.mean(0)
     _, _, vt = np.linalg.svd(Ec[:: max(1, len(Ec) // 8192)], full_matrices=False)
     return (Ec @ vt[:rank].T).astype(np.float32)
-
-
-def _read_prompts(path: str | Path, n: int) -> list[str]:
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line)["prompt"])
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f'{path}, line {i}: expected {{"prompt": ...}}') from None
-        if len(out) >= n:
-            break
-    return out

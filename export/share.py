@@ -36,8 +36,8 @@ class PairSpec:
 def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, embed_kind=None) -> None:
     import onnx
 
-    from export.quantize import quantize_model
-    from export.split import save_model
+    from edge_genarm.export.quantize import quantize_model
+    from edge_genarm.export.split import save_model
 
     model = quantize_model(
         onnx.load(str(path)), kind, block_size, accuracy_level, f"'{path.name}'", embed_kind
@@ -48,8 +48,8 @@ def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, 
 def probe_sequences(bundle: Path) -> list[tuple[list[int], list[int], list[int]]]:
     """Without pairs: the parity prompts, so KL and top-1 are still measured."""
     from edge_genarm.gguf import read_gguf
-    from export.gguf_tokenizer import build_tokenizer
-    from export.parity import PROMPTS
+    from edge_genarm.export.gguf_tokenizer import build_tokenizer
+    from edge_genarm.export.parity import PROMPTS
 
     tok = build_tokenizer(read_gguf(bundle / read_manifest(bundle)["base"]["file"]))
     out = []
@@ -78,8 +78,8 @@ def share_trunk(
     `embedding="int4"`)."""
     from edge_genarm.backends.onnx_arm import OnnxARM
     from edge_genarm.backends.trunk import TrunkGroup
-    from export.gate import format_gate, gate, heldout_pairs
-    from export.split import split_siblings
+    from edge_genarm.export.gate import format_gate, gate, heldout_pairs
+    from edge_genarm.export.split import split_siblings
 
     bundle = Path(bundle)
     m = read_manifest(bundle)

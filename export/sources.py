@@ -68,7 +68,7 @@ def load_source(source: str | Path, layers: int | None = None):
 
     src = Path(source)
     if src.suffix == ".gguf":
-        from export.gguf_tokenizer import build_tokenizer
+        from edge_genarm.export.gguf_tokenizer import build_tokenizer
 
         tok = build_tokenizer(src)  # transformers' own GGUF tokenizer gets EOS/add_bos wrong
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")

@@ -284,7 +284,7 @@ def split_siblings(
 
     if len(onnx_paths) < 1:
         raise BundleError("no ARMs to split")
-    from export.quantize import fold_constant_transposes
+    from edge_genarm.export.quantize import fold_constant_transposes
 
     models = {n: onnx.load(str(p)) for n, p in onnx_paths.items()}
     for m in models.values():  # a tied LM head reads Transpose(embedding): give it its own weight
@@ -325,7 +325,7 @@ def _cut_pieces(models: dict, plan: SplitPlan, meta: dict):
 
 
 def _compact_pieces(models: dict, plan: SplitPlan, meta: dict):
-    from export.compact import build, lm_head_graph, read_llama
+    from edge_genarm.export.compact import build, lm_head_graph, read_llama
 
     weights = {n: read_llama(m) for n, m in models.items()}
     first = next(iter(weights.values()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.gguf_tokenizer import build_tokenizer
+from edge_genarm.export.gguf_tokenizer import build_tokenizer
 
 
 def smollm2_gguf() -> Path:
@@ -65,8 +65,8 @@ def build_tiny_bundle(root: str | Path, arm_seeds: dict[str, int] | None = None)
     import shutil
 
     from edge_genarm.bundle import add_arm, add_base
-    from export.converter import convert_hf_to_gguf
-    from export.onnx_export import export_arm_onnx
+    from edge_genarm.export.converter import convert_hf_to_gguf
+    from edge_genarm.export.onnx_export import export_arm_onnx
 
     root = Path(root)
     if (root / "bundle" / "manifest.json").is_file():

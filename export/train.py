@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_genarm.errors import ConfigError
-from export.prefs import DataError, report_bad_line
+from edge_genarm.export.prefs import DataError, report_bad_line
 
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"

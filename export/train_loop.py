@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edge_genarm.errors import ConfigError
 from edge_genarm.paths import atomic_write_json
-from export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
+from edge_genarm.export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
 
 ARM_INFO = "edge_genarm_arm.json"
 LORA_TARGETS = {
@@ -33,7 +33,7 @@ def check_base_tokens(weights: str | Path, tok, name: str) -> None:
     """Refuse an init tokenizer whose ids differ from the base's; adopt the base's chat template."""
     from edge_genarm.bundle import Bundle, check_arm_tokens
     from edge_genarm.gguf import read_gguf
-    from export.onnx_export import tokens_from_hf_tokenizer
+    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
     bundle = Bundle.open(weights, verify=False)
     info = read_gguf(bundle.base_path)
@@ -56,7 +56,7 @@ def prepare_model(
     `lora_layers` N puts the adapters on the last N decoder layers only: backward then
     stops there, so a step costs about a forward plus 2N/L of the backward.
     """
-    from export.sources import load_source
+    from edge_genarm.export.sources import load_source
 
     model, tok = load_source(init, layers)
     if not tok.chat_template:

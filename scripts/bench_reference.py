@@ -23,8 +23,8 @@ def load_models(arms: dict[str, float]):
     import torch
     from peft import PeftModel
 
-    from export.sources import load_source
-    from export.tiny import smollm2_gguf
+    from edge_genarm.export.sources import load_source
+    from edge_genarm.export.tiny import smollm2_gguf
 
     base, tok = load_source(smollm2_gguf())
     out = {}

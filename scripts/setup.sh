@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with edge-genarm and everything its tests need.
-#   VENV=.venv  EXTRAS=cpu,export,train,test  EDGE_GENARM_CMAKE_ARGS="-DGGML_CUDA=on" for CUDA
+#   VENV=.venv  EXTRAS=cpu,export,train,serve,ray,eval,test  EDGE_GENARM_CMAKE_ARGS="-DGGML_CUDA=on" for CUDA
 # llama-cpp-python is sdist-only on Linux and pip's wheel cache ignores CMAKE_ARGS, so
 # the wheel we build is kept in a folder keyed by version + build flags + machine and
 # installed from there with --find-links (seconds instead of minutes).
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-cpu,export,train,test}
+EXTRAS=${EXTRAS:-cpu,export,train,serve,ray,eval,test}
 CACHE=${EDGE_GENARM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-genarm}
 LLAMA_VERSION=0.3.36
 # Portable by default (-march=native wheels crash on other CPUs): about 10% slower.

@@ -36,7 +36,7 @@ def tiny_root() -> Path:
     import fcntl
 
     from edge_genarm.paths import cache_dir
-    from export.tiny import build_tiny_bundle
+    from edge_genarm.export.tiny import build_tiny_bundle
 
     root = cache_dir() / "fixtures" / f"tiny-{_fixture_key()}"
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def engine(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from export.tiny import smollm2_gguf
+    from edge_genarm.export.tiny import smollm2_gguf
 
     return smollm2_gguf()
 

@@ -12,8 +12,8 @@ from edge_genarm.cli import main
 from edge_genarm.errors import BundleError, TokenizerMismatchError
 
 pytest.importorskip("torch")
-from export import commands  # noqa: E402
-from export.sources import SourceError, check_hf_dir  # noqa: E402
+from edge_genarm.export import commands  # noqa: E402
+from edge_genarm.export.sources import SourceError, check_hf_dir  # noqa: E402
 
 
 def cli(*args):
@@ -116,7 +116,7 @@ def test_large_arms_get_external_data_with_identical_logits(tiny_bundle, tmp_pat
     import numpy as np
 
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from export.onnx_export import _externalize
+    from edge_genarm.export.onnx_export import _externalize
 
     src = tiny_bundle / "arms" / "alpha" / "model.onnx"
     dst = tmp_path / "model.onnx"
@@ -199,7 +199,7 @@ def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, mon
 
     from edge_genarm.backends import onnx_arm
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from export.onnx_export import _externalize
+    from edge_genarm.export.onnx_export import _externalize
 
     src = tmp_path / "arm" / "model.onnx"
     src.parent.mkdir()

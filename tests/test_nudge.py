@@ -234,7 +234,7 @@ def test_nudging_needs_a_table_or_arms(tiny_bundle):
 
 def test_export_nudges_on_a_tiny_reward_model(tiny_root, tmp_path):
     pytest.importorskip("torch")
-    from export.nudges import export_nudges
+    from edge_genarm.export.nudges import export_nudges
 
     b = tmp_path / "b"
     shutil.copytree(tiny_root / "bundle", b)

@@ -39,7 +39,7 @@ def test_checksum_mismatch_is_refused(recipe):
 
 
 def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
-    import export.commands as commands
+    import edge_genarm.export.commands as commands
 
     real = commands.export_arm
 
@@ -53,7 +53,7 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
     assert [p["state"] for p in pack.list_packs()] == ["partial"]
     trained = pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json"
     assert trained.is_file()
-    import export.train_loop as train_loop
+    import edge_genarm.export.train_loop as train_loop
 
     def no_training(*a, **k):
         raise AssertionError("the finished training must not be redone")
@@ -72,7 +72,7 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
 def test_committed_adapter_is_applied_without_training(recipe, monkeypatch, tiny_root, tmp_path):
     import shutil
 
-    import export.train_loop as train_loop
+    import edge_genarm.export.train_loop as train_loop
 
     work = tmp_path / "trained"
     train_loop.train_arm(recipe / "pairs.jsonl", tiny_root / "bundle" / "base.gguf", work, beta_r=0.5, lora_r=4,

@@ -18,7 +18,7 @@ def _sibling_hf(root, name, seed):
     (what a LoRA adapter on the last layer does)."""
     from transformers import AutoModelForCausalLM
 
-    from export.tiny import build_tiny_hf
+    from edge_genarm.export.tiny import build_tiny_hf
 
     base = root / "hf_init"
     if not base.exists():
@@ -41,7 +41,7 @@ def _sibling_hf(root, name, seed):
 def siblings(tiny_bundle, tmp_path_factory):
     """(full bundle, hf folders): the tiny base + sibling ARMs 'a' and 'b' as whole graphs."""
     from edge_genarm.bundle import add_arm
-    from export.onnx_export import export_arm_onnx
+    from edge_genarm.export.onnx_export import export_arm_onnx
 
     root = tmp_path_factory.mktemp("siblings")
     full = root / "full"
@@ -63,7 +63,7 @@ def siblings(tiny_bundle, tmp_path_factory):
 @pytest.fixture(scope="module", params=["compact", "cut"])
 def shared(siblings, tmp_path_factory, request):
     """The siblings on one trunk: rebuilt with fused ops (compact), or cut from their own nodes."""
-    from export.share import share_trunk
+    from edge_genarm.export.share import share_trunk
 
     full, _ = siblings
     dst = tmp_path_factory.mktemp("shared") / "bundle"
@@ -143,7 +143,7 @@ def test_shared_pieces_match_pytorch(shared, siblings):
 
 
 def test_int4_share_is_gated_on_heldout_pairs(siblings, tmp_path):
-    from export.share import PairSpec, share_trunk
+    from edge_genarm.export.share import PairSpec, share_trunk
 
     full, _ = siblings
     dst = tmp_path / "b"
@@ -166,8 +166,8 @@ def test_a_quantized_arm_that_fails_the_gate_is_refused_and_the_bundle_unchanged
     siblings, tmp_path, monkeypatch
 ):
     from edge_genarm.bundle import sha256_file
-    from export import gate
-    from export.share import PairSpec, share_trunk
+    from edge_genarm.export import gate
+    from edge_genarm.export.share import PairSpec, share_trunk
 
     full, _ = siblings
     dst = tmp_path / "b"
@@ -209,7 +209,7 @@ def test_a_head_whose_trunk_is_missing_or_foreign_is_refused(shared, tmp_path):
 
 
 def test_siblings_that_differ_everywhere_cannot_share(tiny_bundle, tmp_path):
-    from export.share import share_trunk
+    from edge_genarm.export.share import share_trunk
 
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundle, dst)  # alpha and beta: two unrelated random models
@@ -221,7 +221,7 @@ def test_quantize_refuses_a_quantized_graph_and_one_without_weights(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import quantize_model
+    from edge_genarm.export.quantize import quantize_model
 
     e = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32), "E")
     # a tied LM head: logits = Gather(E, ids) @ Transpose(E)
@@ -252,7 +252,7 @@ def test_quantize_refuses_a_quantized_graph_and_one_without_weights(tmp_path):
 
 
 def test_bundle_inspect_shows_the_trunk_and_the_gate(shared):
-    from export.commands import inspect_bundle
+    from edge_genarm.export.commands import inspect_bundle
 
     text = inspect_bundle(shared)
     assert "layers 0-1 of 3" in text and "head on trunk" in text

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from edge_genarm.errors import ConfigError, TokenizerMismatchError
-from export.prefs import DataError
-from export.train import (
+from edge_genarm.export.prefs import DataError
+from edge_genarm.export.train import (
     IGNORE,
     build_sequence,
     collate,
@@ -21,14 +21,14 @@ from export.train import (
     prompt_ids,
     response_ids,
 )
-from export.train_loop import ARM_INFO, prepare_model, train_arm
+from edge_genarm.export.train_loop import ARM_INFO, prepare_model, train_arm
 
 WORDS = "apple river cloud stone lamp music garden window paper bridge".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from export.tiny import build_tiny_hf
+    from edge_genarm.export.tiny import build_tiny_hf
 
     return build_tiny_hf(tmp_path_factory.mktemp("train") / "hf", seed=3)
 
@@ -118,7 +118,7 @@ def test_adapter_reproduces_the_trained_arm(tiny_hf, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from export.train_loop import apply_adapter
+    from edge_genarm.export.train_loop import apply_adapter
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=8)
     out = tmp_path / "arm"
@@ -143,7 +143,7 @@ def test_training_learns_a_separable_set_and_exports(tiny_hf, tmp_path, bundle_c
     saved = json.loads((out / ARM_INFO).read_text())
     assert saved["beta_r"] == 0.5 and saved["layers"] == 2 and saved["steps"] == 7  # ceil(18 * 3 / 8)
     assert (out / "model.safetensors").is_file() and not (out / "checkpoint").exists()
-    from export.commands import export_arm
+    from edge_genarm.export.commands import export_arm
 
     m = export_arm(out, bundle_copy, "yes", beta_r=0.5)
     assert m["arms"]["yes"]["parity"]["passed"]
@@ -152,7 +152,7 @@ def test_training_learns_a_separable_set_and_exports(tiny_hf, tmp_path, bundle_c
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_hf, tmp_path, monkeypatch, capsys):
-    import export.train_loop as tl
+    import edge_genarm.export.train_loop as tl
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=16)
     kw = dict(beta_r=0.5, lr=5e-3, batch_size=4, micro_batch=4, eval_frac=0.25, save_every=1, progress=False)
@@ -266,7 +266,7 @@ def test_cli_train_arm_reports_bad_data(tmp_path):
 
 
 def test_adapter_folder_without_config_is_named(tiny_hf, tmp_path):
-    from export.train_loop import apply_adapter
+    from edge_genarm.export.train_loop import apply_adapter
 
     (tmp_path / "adapter").mkdir()
     with pytest.raises(ConfigError, match="is not a LoRA adapter folder .*retrain it"):

@@ -1,0 +1,1 @@
+"""Pack recipes (installed as edge_genarm.models): one folder per pack, `<name>-pack/recipe.toml`."""
