@@ -21,6 +21,7 @@ from .bundle import sha256_file
 from .errors import EdgeGenarmError
 from .paths import atomic_write_json, cache_dir
 
+
 def _recipes_default() -> Path:
     """models/ of the checkout, else the copy installed as package data (edge_genarm.models)."""
     here = Path(__file__).resolve().parent

@@ -13,10 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
-from edge_genarm.errors import BundleError
 from edge_genarm.export.parity import format_parity, run_parity
 from edge_genarm.export.sources import load_source, save_hf
+
+from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
+from edge_genarm.errors import BundleError
 
 
 def _stages(names: list[str], desc: str):
@@ -122,8 +123,9 @@ def export_arm(
     """Export SOURCE as ARM `name`; with `quantize` (int4/int8) the weight-quantized graph is
     gated against the fp32 one on `pairs` (a share.PairSpec; held-out preference accuracy,
     KL, top-1) and refused when it loses more than gate.MAX_ACCURACY_DROP."""
-    from edge_genarm.backends.onnx_arm import OnnxARM
     from edge_genarm.export.onnx_export import export_arm_onnx
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
 
     if quantize:
         from edge_genarm.export.quantize import check_options
@@ -173,9 +175,10 @@ def export_arm(
 
 
 def _check_tokenizer(out: Path, name: str, tok) -> None:
+    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
+
     from edge_genarm.bundle import check_arm_tokens
     from edge_genarm.gguf import read_gguf
-    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
     base = read_manifest(out)["base"]["file"]
     check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)
@@ -184,12 +187,12 @@ def _check_tokenizer(out: Path, name: str, tok) -> None:
 def _quantize_gated(out: Path, name: str, onnx_dir: Path, kind, block_size, accuracy_level, pairs) -> dict:
     """Quantize onnx_dir/model.onnx in place, after checking it against the fp32 graph."""
     import onnx
-
-    from edge_genarm.backends.onnx_arm import OnnxARM
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
     from edge_genarm.export.quantize import quantize_model
     from edge_genarm.export.share import probe_sequences
     from edge_genarm.export.split import save_model
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
 
     src = onnx_dir / "model.onnx"
     qdir = onnx_dir.with_name(onnx_dir.name + "-q")

@@ -20,11 +20,12 @@ MAX_ACCURACY_DROP = 0.02
 
 def heldout_pairs(bundle: Path, data: Path, max_len: int, eval_frac: float, seed: int = 0):
     """[(prompt ids, chosen ids, rejected ids)] held out exactly as train-arm held them out."""
-    from edge_genarm.bundle import Bundle
-    from edge_genarm.gguf import read_gguf
     from edge_genarm.export.gguf_tokenizer import build_tokenizer
     from edge_genarm.export.train import encode_pairs, load_pairs
     from edge_genarm.export.train_loop import split
+
+    from edge_genarm.bundle import Bundle
+    from edge_genarm.gguf import read_gguf
 
     b = Bundle.open(bundle, verify=False)
     info = read_gguf(b.base_path)

@@ -28,9 +28,8 @@ NUDGE_FILE = "nudges.npz"
 
 def load_reward_model(source: str | Path):
     """(model, tokenizer, kind): a sequence classifier ('classifier') or a causal LM ('arm')."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from edge_genarm.export.sources import load_source
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     src = Path(source)
     cfg = src / "config.json"

@@ -11,16 +11,12 @@ last whole line.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from edge_genarm.errors import ConfigError
 from edge_genarm.judges import Judge, make_judge, run_judge  # noqa: F401 (re-exported)
 from edge_genarm.records import DataError, append_line, done_prompts, read_prompts, report_bad_line  # noqa: F401
-
 
 # ---------------------------------------------------------------------------
 # sampling and pairing

@@ -35,7 +35,6 @@ class PairSpec:
 
 def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, embed_kind=None) -> None:
     import onnx
-
     from edge_genarm.export.quantize import quantize_model
     from edge_genarm.export.split import save_model
 
@@ -47,9 +46,10 @@ def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, 
 
 def probe_sequences(bundle: Path) -> list[tuple[list[int], list[int], list[int]]]:
     """Without pairs: the parity prompts, so KL and top-1 are still measured."""
-    from edge_genarm.gguf import read_gguf
     from edge_genarm.export.gguf_tokenizer import build_tokenizer
     from edge_genarm.export.parity import PROMPTS
+
+    from edge_genarm.gguf import read_gguf
 
     tok = build_tokenizer(read_gguf(bundle / read_manifest(bundle)["base"]["file"]))
     out = []
@@ -76,10 +76,11 @@ def share_trunk(
     `quantize` applies to the layers; `lm_head` and `embedding` (default: the same) to the LM
     head and the embedding lookup (4-bit only in onnxruntime: an int8 ARM keeps it fp32 unless
     `embedding="int4"`)."""
-    from edge_genarm.backends.onnx_arm import OnnxARM
-    from edge_genarm.backends.trunk import TrunkGroup
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
     from edge_genarm.export.split import split_siblings
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
+    from edge_genarm.backends.trunk import TrunkGroup
 
     bundle = Path(bundle)
     m = read_manifest(bundle)

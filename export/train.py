@@ -18,8 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_genarm.errors import ConfigError
 from edge_genarm.export.prefs import DataError, report_bad_line
+
+from edge_genarm.errors import ConfigError
 
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"

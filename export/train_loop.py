@@ -18,9 +18,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from edge_genarm.export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
+
 from edge_genarm.errors import ConfigError
 from edge_genarm.paths import atomic_write_json
-from edge_genarm.export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
 
 ARM_INFO = "edge_genarm_arm.json"
 LORA_TARGETS = {
@@ -31,9 +32,10 @@ LORA_TARGETS = {
 
 def check_base_tokens(weights: str | Path, tok, name: str) -> None:
     """Refuse an init tokenizer whose ids differ from the base's; adopt the base's chat template."""
+    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
+
     from edge_genarm.bundle import Bundle, check_arm_tokens
     from edge_genarm.gguf import read_gguf
-    from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
     bundle = Bundle.open(weights, verify=False)
     info = read_gguf(bundle.base_path)

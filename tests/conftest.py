@@ -35,8 +35,9 @@ def _fixture_key() -> str:
 def tiny_root() -> Path:
     import fcntl
 
-    from edge_genarm.paths import cache_dir
     from edge_genarm.export.tiny import build_tiny_bundle
+
+    from edge_genarm.paths import cache_dir
 
     root = cache_dir() / "fixtures" / f"tiny-{_fixture_key()}"
     root.parent.mkdir(parents=True, exist_ok=True)

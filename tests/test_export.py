@@ -114,9 +114,9 @@ def test_arm_with_a_different_tokenizer_is_refused_before_export(exported, tiny_
 
 def test_large_arms_get_external_data_with_identical_logits(tiny_bundle, tmp_path):
     import numpy as np
+    from edge_genarm.export.onnx_export import _externalize
 
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from edge_genarm.export.onnx_export import _externalize
 
     src = tiny_bundle / "arms" / "alpha" / "model.onnx"
     dst = tmp_path / "model.onnx"
@@ -196,10 +196,10 @@ def test_a_graph_that_optimizes_fast_is_not_copied_into_the_cache(tiny_bundle, t
 
 def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, monkeypatch):
     import numpy as np
+    from edge_genarm.export.onnx_export import _externalize
 
     from edge_genarm.backends import onnx_arm
     from edge_genarm.backends.onnx_arm import OnnxARM
-    from edge_genarm.export.onnx_export import _externalize
 
     src = tmp_path / "arm" / "model.onnx"
     src.parent.mkdir()

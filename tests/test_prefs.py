@@ -7,9 +7,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from edge_genarm.export.prefs import DataError, done_prompts, make_judge, make_pairs, pick_pair, read_prompts
 
 from edge_genarm.errors import ConfigError
-from edge_genarm.export.prefs import DataError, done_prompts, make_judge, make_pairs, pick_pair, read_prompts
 
 
 class FakeEngine:

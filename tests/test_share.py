@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 def _sibling_hf(root, name, seed):
     """A 3-layer tiny LM, and a sibling: the same weights but layer 2's projections moved
     (what a LoRA adapter on the last layer does)."""
-    from transformers import AutoModelForCausalLM
-
     from edge_genarm.export.tiny import build_tiny_hf
+    from transformers import AutoModelForCausalLM
 
     base = root / "hf_init"
     if not base.exists():
@@ -40,8 +39,9 @@ def _sibling_hf(root, name, seed):
 @pytest.fixture(scope="module")
 def siblings(tiny_bundle, tmp_path_factory):
     """(full bundle, hf folders): the tiny base + sibling ARMs 'a' and 'b' as whole graphs."""
-    from edge_genarm.bundle import add_arm
     from edge_genarm.export.onnx_export import export_arm_onnx
+
+    from edge_genarm.bundle import add_arm
 
     root = tmp_path_factory.mktemp("siblings")
     full = root / "full"
@@ -165,9 +165,10 @@ def test_int4_share_is_gated_on_heldout_pairs(siblings, tmp_path):
 def test_a_quantized_arm_that_fails_the_gate_is_refused_and_the_bundle_unchanged(
     siblings, tmp_path, monkeypatch
 ):
-    from edge_genarm.bundle import sha256_file
     from edge_genarm.export import gate
     from edge_genarm.export.share import PairSpec, share_trunk
+
+    from edge_genarm.bundle import sha256_file
 
     full, _ = siblings
     dst = tmp_path / "b"
@@ -219,9 +220,8 @@ def test_siblings_that_differ_everywhere_cannot_share(tiny_bundle, tmp_path):
 
 def test_quantize_refuses_a_quantized_graph_and_one_without_weights(tmp_path):
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from edge_genarm.export.quantize import quantize_model
+    from onnx import TensorProto, helper, numpy_helper
 
     e = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32), "E")
     # a tied LM head: logits = Gather(E, ids) @ Transpose(E)

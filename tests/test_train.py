@@ -6,8 +6,6 @@ import json
 import random
 
 import pytest
-
-from edge_genarm.errors import ConfigError, TokenizerMismatchError
 from edge_genarm.export.prefs import DataError
 from edge_genarm.export.train import (
     IGNORE,
@@ -22,6 +20,8 @@ from edge_genarm.export.train import (
     response_ids,
 )
 from edge_genarm.export.train_loop import ARM_INFO, prepare_model, train_arm
+
+from edge_genarm.errors import ConfigError, TokenizerMismatchError
 
 WORDS = "apple river cloud stone lamp music garden window paper bridge".split()
 
@@ -116,9 +116,8 @@ def test_lora_on_the_last_layers_only(tiny_hf):
 
 def test_adapter_reproduces_the_trained_arm(tiny_hf, tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from edge_genarm.export.train_loop import apply_adapter
+    from transformers import AutoModelForCausalLM
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=8)
     out = tmp_path / "arm"
