@@ -565,7 +565,8 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
 @click.option(
     "--judge",
     required=True,
-    help="sentiment | length | regex:PATTERN | keyword:a,b,c | python:MODULE:FUNCTION (higher is better).",
+    help="sentiment | afinn | length | tokens | regex:PATTERN | keyword:a,b,c | python:MODULE:FUNCTION "
+    "(higher is better; length counts words, tokens counts the base's tokens).",
 )
 @click.option("-k", default=2, show_default=True, help="Responses sampled per prompt (best vs worst kept).")
 @click.option(
@@ -575,19 +576,29 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
 @click.option("--temperature", "--temp", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option("--skip", default=0, show_default=True, help="Skip the first N prompts (keep a held-out part).")
+@click.option(
+    "--require-finished",
+    is_flag=True,
+    help="Keep a pair only when the chosen reply ended by itself (EOS), not at --max-tokens.",
+)
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "stop"]))
 @click.option("--ctx", default=2048, show_default=True, help="Context length in tokens.")
-def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, on_error, ctx):
+def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, skip, require_finished,
+          on_error, ctx):  # fmt: skip
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
     from edge_genarm.export.prefs import make_pairs
 
     from .loader import load
 
     try:
-        fn = make_judge(judge)
-        items = read_prompts(prompts, on_error)[:limit]
+        items = read_prompts(prompts, on_error)[skip:][:limit]
         engine = load(weights or default_weights(), arms=[], n_ctx=ctx)
-        stats = make_pairs(engine, items, fn, judge, out, k, seed, max_tokens, temperature, on_error)
+        fn = make_judge(judge, tokenize=lambda s: engine.base.tokenize(s, add_bos=False, special=False))
+        stats = make_pairs(
+            engine, items, fn, judge, out, k, seed, max_tokens, temperature, on_error,
+            require_finished=require_finished,
+        )  # fmt: skip
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(stats))

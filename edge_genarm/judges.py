@@ -68,9 +68,15 @@ def _python(target: str) -> Judge:
     return fn
 
 
-def make_judge(spec: str) -> Judge:
-    """Build a judge from its spec: sentiment | length | regex:P | keyword:a,b | python:mod:fn."""
+def make_judge(spec: str, tokenize: Callable[[str], list[int]] | None = None) -> Judge:
+    """Build a judge from its spec: sentiment | afinn | length | tokens | regex:P | keyword:a,b |
+    python:mod:fn. `tokens` (-token count: shorter wins, judged in the model's own tokens, not in
+    words) needs `tokenize`, the base model's tokenizer."""
     kind, _, arg = spec.partition(":")
+    if kind == "tokens" and not arg:
+        if tokenize is None:
+            raise ConfigError("judge 'tokens' needs the base model's tokenizer: load a model first")
+        return lambda prompt, response: -float(len(tokenize(response)))
     if kind == "sentiment" and not arg:
         return _sentiment()
     if kind == "afinn" and not arg:
@@ -85,7 +91,7 @@ def make_judge(spec: str) -> Judge:
     if kind == "python" and arg:
         return _python(arg)
     raise ConfigError(
-        f"unknown judge {spec!r}: use sentiment, afinn, length, regex:PATTERN, keyword:a,b,c "
+        f"unknown judge {spec!r}: use sentiment, afinn, length, tokens, regex:PATTERN, keyword:a,b,c "
         "or python:MODULE:FUNCTION"
     )
 

@@ -53,6 +53,7 @@ def make_pairs(
     temperature: float = 1.0,
     on_error: str = "skip",
     progress: bool = True,
+    require_finished: bool = False,
 ) -> dict:
     """Append {prompt, chosen, rejected, scores, ...} lines to `out`; skip prompts already there."""
     if k < 2:
@@ -86,6 +87,9 @@ def make_pairs(
             stats["ties"] += 1
             continue
         w, lo = pair
+        if require_finished and samples[w][1] == "length":
+            stats["unfinished"] = stats.get("unfinished", 0) + 1  # the winner was cut: it teaches no stop
+            continue
         append_line(
             out,
             {
