@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import EdgeGenarmError
-from .guidance import SamplingParams
+from .guidance import GUIDED_DRY, SamplingParams
 from .judges import make_judge
 from .nudge import NudgeConfig
 from .records import DataError, read_prompts
@@ -105,6 +105,13 @@ def sampling_options(f):
             help="llama.cpp's repeat penalty over the last --repeat-last-n tokens (1.0: off; Ollama uses 1.1).",
         ),
         click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True, type=int),
+        click.option(
+            "--dry-multiplier",
+            "--dry",
+            type=float,
+            help="DRY repetition penalty strength (0: off). Default: auto, "
+            f"{GUIDED_DRY} when an ARM is active (guided replies loop without it), else off.",
+        ),
         click.option("--seed", type=int, help="Seed for reproducible output."),
         click.option(
             "--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate at most."
@@ -183,8 +190,9 @@ def nudge_config(o: dict) -> NudgeConfig | None:
 def gen_kwargs(o: dict) -> dict:
     return dict(
         sampling=SamplingParams(
-            o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repeat_penalty"], o["repeat_last_n"]
-        ),
+            o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repeat_penalty"], o["repeat_last_n"],
+            dry_multiplier=o.get("dry_multiplier"),
+        ),  # fmt: skip
         seed=o["seed"],
         max_tokens=o["max_tokens"],
         stop=list(o["stop"]),

@@ -35,6 +35,7 @@ KEYS: dict[str, tuple[type, object]] = {
     "min_p": (float, _S.min_p),
     "repeat_penalty": (float, _S.repeat_penalty),
     "repeat_last_n": (int, _S.repeat_last_n),
+    "dry_multiplier": (float, _S.dry_multiplier),
     "max_tokens": (int, 256),
     "seed": (int, None),
     "ctx": (int, 4096),

@@ -11,11 +11,13 @@ lives in a `Generation`, so two requests never read each other's results.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -148,6 +150,17 @@ class Engine:
         # interrupted (Ctrl+C) while its step was still running.
         self._pools = {label: ThreadPoolExecutor(max_workers=1) for label in self._units} if parallel else {}
         self.nudge_table: NudgeTable | None = None
+        self._breakers: frozenset[int] | None = None
+
+    @property
+    def dry_breakers(self) -> frozenset[int]:
+        """Token ids DRY never matches across: their text holds a newline, ':', '"' or '*'."""
+        if self._breakers is None:
+            marks = (b"\n", b":", b'"', b"*")
+            self._breakers = frozenset(
+                t for t in range(self.base.n_vocab) if any(m in self.base.token_bytes(t) for m in marks)
+            )
+        return self._breakers
 
     # -- configuration ------------------------------------------------------
     def check_weights(self, weights: dict[str, float]) -> dict[str, float]:
@@ -229,6 +242,8 @@ class Engine:
         params = sampling or G.SamplingParams(**sampling_kw)
         w = self.check_weights(weights or {})
         active = {n: v for n, v in w.items() if v != 0.0} if guidance else {}
+        if params.dry_multiplier is None:  # "auto": DRY on for guided requests only
+            params = replace(params, dry_multiplier=G.GUIDED_DRY if active else 0.0)
         if nudge is not None and self.nudge_table is None and not self.arms:
             raise ConfigError(
                 "nudging needs a nudge table (`edge-genarm export nudges`) or ARMs to score "
@@ -274,10 +289,12 @@ class Engine:
             t1 = time.perf_counter()
             st = self._combine(logits, active)
             p = g.params
-            if p.repeat_penalty != 1.0 and p.repeat_last_n:
+            if (p.repeat_penalty != 1.0 and p.repeat_last_n) or p.dry_multiplier:
                 if st.scores is st.base_lp:  # no ARM ran: keep the base log-probs unpenalised
                     st.scores = st.base_lp.copy()
-                G.repeat_penalty(st.scores, seq[-p.repeat_last_n :], p.repeat_penalty)
+                if p.repeat_last_n:
+                    G.repeat_penalty(st.scores, seq[-p.repeat_last_n :], p.repeat_penalty)
+                G.dry_penalty(st.scores, seq, p, self.dry_breakers)
             if g.on_step is not None:
                 g.on_step(i, st.scores, p)
             tok = self._choose(i, st, g, seq)

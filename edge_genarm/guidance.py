@@ -98,6 +98,15 @@ class SamplingParams:
     # 1.0 is off, as in llama.cpp (Ollama uses 1.1 over 64)
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    # DRY ("don't repeat yourself", as in llama.cpp / koboldcpp): a token that would extend a
+    # sequence already seen in the last `dry_last_n` tokens, by a match of length L >=
+    # `dry_allowed_length`, loses dry_multiplier * dry_base ** (L - dry_allowed_length) from
+    # its score. 0 is off (llama.cpp's default). None (the default) is "auto": the engine uses
+    # GUIDED_DRY when an ARM is active and 0 otherwise (guided replies loop; README "Loops").
+    dry_multiplier: float | None = None
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_last_n: int = 256
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, lo=0.0, fix="use 0 for greedy, 1 for plain sampling")
@@ -108,9 +117,13 @@ class SamplingParams:
         _check_number(
             "repeat_penalty", self.repeat_penalty, lo=0.0, lo_open=True, fix="use 1.0 to disable it"
         )
-        n = self.repeat_last_n
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ConfigError(f"repeat_last_n must be an integer >= 0, got {n!r}")
+        for name in ("repeat_last_n", "dry_allowed_length", "dry_last_n"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {n!r}")
+        if self.dry_multiplier is not None:
+            _check_number("dry_multiplier", self.dry_multiplier, lo=0.0, fix="use 0 to disable it")
+        _check_number("dry_base", self.dry_base, lo=1.0, fix="llama.cpp's default is 1.75")
 
     @property
     def greedy(self) -> bool:
@@ -127,6 +140,40 @@ def repeat_penalty(scores: np.ndarray, recent, penalty: float) -> np.ndarray:
     ids = ids[ids < scores.size]
     s = scores[ids]
     scores[ids] = np.where(s > 0, s / penalty, s * penalty).astype(scores.dtype)
+    return scores
+
+
+GUIDED_DRY = 0.8  # dry_multiplier "auto" when an ARM is active (llama.cpp's suggested value)
+DRY_MAX_MATCH = 64  # longer matches get the same (already huge) penalty; bounds the work in a loop
+
+
+def dry_penalty(scores: np.ndarray, seq, params: SamplingParams, breakers=frozenset()) -> np.ndarray:
+    """DRY on the combined scores, in place (see SamplingParams). `seq` is the token history
+    (prompt included); a match never runs across a token in `breakers` (ids whose text holds a
+    newline, ':', '"' or '*', as llama.cpp's default sequence breakers)."""
+    mult, allowed = params.dry_multiplier, max(1, params.dry_allowed_length)
+    if not mult or len(seq) < 2:
+        return scores
+    s = list(seq[-params.dry_last_n :]) if params.dry_last_n else list(seq)
+    n = len(s)
+    cap = 0  # the suffix that may repeat stops at the newest breaker
+    while cap < n and cap < DRY_MAX_MATCH and s[n - 1 - cap] not in breakers:
+        cap += 1
+    if cap < allowed:
+        return scores
+    arr = np.asarray(s, dtype=np.int64)
+    longest: dict[int, int] = {}
+    for j in np.flatnonzero(arr[:-1] == arr[-1]).tolist():  # earlier places where the last token was
+        length = 1
+        while length < cap and j - length >= 0 and s[j - length] == s[n - 1 - length]:
+            length += 1
+        if length >= allowed:
+            nxt = s[j + 1]  # the token that continued the earlier copy
+            if length > longest.get(nxt, 0):
+                longest[nxt] = length
+    for tok, length in longest.items():
+        if tok < scores.size:
+            scores[tok] -= np.float32(mult * params.dry_base ** (length - allowed))
     return scores
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge_genarm import guidance as G
+from edge_genarm.errors import ConfigError
 
 from .reference import ref_distribution, ref_log_softmax
 
@@ -151,3 +152,71 @@ def test_repeat_penalty_in_the_loop(engine):
     seq = ids + c.tokens
     for i, t in enumerate(c.tokens):
         assert t not in seq[len(ids) + i - 64 : len(ids) + i]
+
+
+def _dry_brute(seq, vocab, mult, base, allowed, breakers):
+    """DRY from its definition: token c loses mult * base**(L - allowed) where L is the longest
+    breaker-free suffix of `seq` that occurs earlier followed by c."""
+    out = np.zeros(vocab, dtype=np.float64)
+    n = len(seq)
+    for c in range(vocab):
+        best = 0
+        for L in range(1, n):
+            suffix = seq[n - L :]
+            if any(t in breakers for t in suffix):
+                break
+            hit = any(seq[j - L + 1 : j + 1] == suffix and seq[j + 1] == c for j in range(L - 1, n - 1))
+            if hit:
+                best = L
+        if best >= allowed:
+            out[c] = mult * base ** (best - allowed)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dry_penalty_matches_its_definition(seed):
+    rng = np.random.default_rng(seed)
+    vocab = 6
+    # short alphabets make long repeats likely; breakers are ids 5 (sometimes absent)
+    seq = rng.integers(0, 3 if seed % 2 else 6, size=int(rng.integers(2, 40))).tolist()
+    breakers = frozenset({5}) if seed % 3 else frozenset()
+    params = G.SamplingParams(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_last_n=0)
+    scores = rng.normal(size=vocab).astype(np.float32)
+    got = scores - G.dry_penalty(scores.copy(), seq, params, breakers)
+    want = _dry_brute(seq, vocab, 0.8, 1.75, 2, breakers)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dry_on_a_loop_and_off_by_default():
+    seq = [1, 2, 3, 4, 1, 2, 3]  # "1 2 3" again: 4 would extend a 3-token repeat
+    on = G.SamplingParams(dry_multiplier=1.0, dry_base=2.0, dry_allowed_length=2)
+    s = G.dry_penalty(np.zeros(8, dtype=np.float32), seq, on)
+    assert s[4] == pytest.approx(-2.0) and np.count_nonzero(s) == 1  # 1.0 * 2 ** (3 - 2)
+    assert not np.any(G.dry_penalty(np.zeros(8, dtype=np.float32), seq, G.SamplingParams()))
+    assert not np.any(G.dry_penalty(np.zeros(8, dtype=np.float32), seq, on, breakers=frozenset({3})))
+    with pytest.raises(ConfigError, match="dry_multiplier"):
+        G.SamplingParams(dry_multiplier=float("nan"))
+
+
+def test_dry_in_the_loop_is_auto_on_for_guided_requests(engine):
+    """At the first step the sampler's scores lose exactly the DRY penalty of the prompt's
+    history; "auto" (None) is GUIDED_DRY with an ARM active and off without one."""
+    arm = next(iter(engine.arms))
+    prompt = "Count: one two one two one two one two"
+    first: dict = {}
+
+    def run(dry, w):
+        def hook(i, scores, p):
+            first.setdefault((dry, w), (scores.copy(), p.dry_multiplier))
+
+        weights = {a: 0.0 for a in engine.arms} | {arm: w}
+        engine.generate(prompt, max_tokens=2, seed=3, weights=weights, dry_multiplier=dry, on_step=hook,
+                        raw=True)  # fmt: skip (raw: the history ends in the repeats, not a template newline)
+        return first[(dry, w)]
+
+    (plain, _), (penalised, mult) = run(0.0, 1.0), run(4.0, 1.0)
+    seq = engine.tokenize_prompt(engine.format_prompt(prompt, raw=True))
+    want = G.dry_penalty(plain.copy(), seq, G.SamplingParams(dry_multiplier=4.0), engine.dry_breakers)
+    assert mult == 4.0 and not np.array_equal(want, plain)  # the history repeats: something is penalised
+    np.testing.assert_allclose(penalised, want, rtol=1e-6, atol=1e-6)
+    assert run(None, 1.0)[1] == G.GUIDED_DRY and run(None, 0.0)[1] == 0.0
