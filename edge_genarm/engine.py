@@ -11,8 +11,6 @@ lives in a `Generation`, so two requests never read each other's results.
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import time
 from collections.abc import Iterator
