@@ -170,6 +170,9 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
 
             m["arms"][arm]["training"] = json.loads((work / ARM_INFO).read_text())
             write_manifest(bundle, m)
+    nudges = recipe.get("nudges")
+    if nudges and "nudges" not in json.loads((bundle / "manifest.json").read_text()):
+        make_nudges(bundle, root / "train" / nudges["source"], recipe, log)
     info = json.loads((bundle / "manifest.json").read_text())
     if recipe.get("share") and any("trunk" not in a for a in info.get("arms", {}).values()):
         info = share_fastest(bundle, recipe, log)
@@ -186,6 +189,27 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
     )
     shutil.rmtree(root / "train", ignore_errors=True)  # checkpoints: the pack keeps only what it runs
     return bundle
+
+
+def make_nudges(bundle: Path, source: Path, recipe: dict, log=print) -> dict:
+    """The pack's nudge table: reward-gradient directions of the recipe's `[nudges] source` ARM
+    (its HF checkpoint, still in train/), over the first `n_prompts` prompts of `prompts`."""
+    from edge_genarm.export.nudges import export_nudges
+
+    spec = recipe["nudges"]
+    if not (source / "config.json").is_file():
+        raise EdgeGenarmError(
+            f"the recipe's [nudges] source '{spec['source']}' has no checkpoint at {source}: "
+            "it must name one of the recipe's ARMs; rebuild with --force"
+        )
+    n = spec.get("n_prompts", 64)
+    log(f"nudge table from ARM '{spec['source']}' ({n} calibration prompts)")
+    meta = export_nudges(
+        bundle, source, recipe["_dir"] / spec["prompts"], n, spec.get("max_tokens", 48),
+        spec.get("clusters", 0), tau=spec.get("tau", 1.5), seed=spec.get("seed", 0),
+    )  # fmt: skip
+    log(f"nudge table: {meta['n_sites']} gradient sites")
+    return meta
 
 
 def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:

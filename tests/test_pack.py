@@ -119,3 +119,27 @@ def test_pack_shares_one_trunk_in_the_fastest_form_that_passes_the_gate(recipe):
     e = load(str(bundle))
     assert type(e.arms["yes"]).__name__ == "HeadARM" and e.generate("Hi", max_tokens=3, seed=0).tokens
     e.close()
+
+
+def test_pack_ships_a_nudge_table_from_its_recipe(recipe):
+    text = (recipe / "recipe.toml").read_text()
+    text += '[nudges]\nsource = "yes"\nprompts = "pairs.jsonl"\nn_prompts = 3\nmax_tokens = 6\ntau = 0.0\n'
+    (recipe / "recipe.toml").write_text(text)
+    logs = []
+    bundle = pack.build_pack("tiny", log=logs.append)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["nudges"]["n_prompts"] == 3 and m["nudges"]["n_sites"] > 0
+    assert any("nudge table from ARM 'yes'" in line for line in logs)
+    assert not (pack.packs_root() / "tiny" / "train").exists()
+    from edge_genarm.nudge import NudgeConfig
+
+    e = load(str(bundle), arms=[])  # nudging alone: no ARM runs
+    c = e.generate("Hi", max_tokens=4, seed=0, nudge=NudgeConfig(tau=0.0))
+    assert e.nudge_table is not None and c.nudge.sites and not e.arms
+    e.close()
+
+
+def test_pack_refuses_a_nudge_source_that_is_not_an_arm(recipe, tmp_path):
+    r = {"nudges": {"source": "nope", "prompts": "pairs.jsonl"}, "_dir": recipe}
+    with pytest.raises(EdgeGenarmError, match="\\[nudges\\] source 'nope' has no checkpoint"):
+        pack.make_nudges(tmp_path, tmp_path / "train" / "nope", r, log=lambda m: None)
