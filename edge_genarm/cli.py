@@ -467,6 +467,27 @@ def export_arm_cmd(
     click.echo(f"ARM '{name}' added to {out}")
 
 
+@export_group.command("rm")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(exists=True), help="Bundle folder.")
+@click.option("--name", required=True, help="The reward model's name in the bundle (e.g. positive).")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), help="Weight-only, gated on held-out pairs.")
+@click.option("--block-size", default=32, show_default=True, help="Quantization block (weights per scale).")
+@click.option("--accuracy-level", default=4, show_default=True, help="MatMulNBits compute: 4 = int8 activations.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
+              help="Pairs it was trained on (default: the file train-rm recorded); gates --quantize.")
+@click.option("--force", is_flag=True)
+def export_rm_cmd(source, out, name, quantize, block_size, accuracy_level, pairs, force):
+    """SOURCE: a `train-rm` output folder: ONNX with KV cache (reward per position), parity-checked."""
+    from edge_genarm.export.rm_export import export_rm
+
+    try:
+        export_rm(source, out, name, quantize, block_size, accuracy_level, pairs, force)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(f"reward model '{name}' added to {out}")
+
+
 @export_group.command("share-trunk")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--arm", "arms", multiple=True, help="An ARM to move onto the shared trunk (default: all).")
@@ -659,6 +680,37 @@ def train_arm_cmd(lora_r, full, **o):
 
     try:
         info = train_arm(lora_r=None if full else lora_r, **o)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps(info, indent=2))
+
+
+@main.command("train-rm")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Pairs JSONL.")
+@click.option("--init", "init", required=True, type=click.Path(exists=True), help="HF folder or the base .gguf.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--lora", "lora_r", default=16, show_default=True, help="LoRA rank (alpha 2r).")
+@click.option("--lora-layers", default=8, show_default=True, help="LoRA on the last N decoder layers.")
+@click.option("--lora-targets", type=click.Choice(["attn", "all"]), default="all", show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Pairs per optimizer step.")
+@click.option("--micro-batch", default=8, show_default=True, help="Pairs per forward.")
+@click.option("--max-len", default=512, show_default=True, help="Max tokens per sequence.")
+@click.option("--on-long", default="truncate", show_default=True, type=click.Choice(["truncate", "skip"]))
+@click.option("--on-error", default="stop", show_default=True, type=click.Choice(["skip", "stop"]))
+@click.option("--eval-frac", default=0.1, show_default=True, help="Held-out share of the pairs (seeded).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--weights", "-m", help="The base bundle or .gguf: refuse an init with other token ids.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available.")
+@click.option("--force", is_flag=True, help="Retrain over a finished reward model in -o.")
+def train_rm_cmd(**o):
+    """Train a reward model for Best-of-N / ARGS: base + LoRA + score head, L = -log sigmoid(r_w - r_l)."""
+    from edge_genarm.export.train_rm import train_rm
+
+    try:
+        info = train_rm(**o)
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(info, indent=2))
