@@ -822,5 +822,11 @@ def pack_rm(name):
     click.echo(f"removed pack '{name}'" if remove_pack(name) else f"pack '{name}' is not built")
 
 
+
+# Commands that live in their own modules register themselves on `main` (they use the helpers above).
+from . import cli_eval  # noqa: E402, F401
+
 if __name__ == "__main__":
-    main()
+    from edge_genarm.cli import main as _main  # the imported module: every command is registered on it
+
+    _main()

@@ -1,0 +1,72 @@
+"""`edge-genarm eval`: the command line of evaluate.py (methods, judges, plots, report)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import fail, load_engine, main, model_options
+from .errors import EdgeGenarmError
+
+
+@main.command("eval")
+@model_options
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL of {"prompt": ...}; use a held-out part (--skip) never used for pairs.')  # fmt: skip
+@click.option("--skip", default=0, show_default=True, help="Skip the first N prompts.")
+@click.option("-n", "n_prompts", default=64, show_default=True, help="Prompts to use.")
+@click.option("--method", "methods", multiple=True, metavar="SPEC",
+              help="unguided | nudge | NAME=W[,NAME=W][+nudge] | bon:N[:SCORER] | args:K[:W], repeatable "
+              "(default: unguided, each ARM at its default weight, all defaults, nudge, bon:4).")  # fmt: skip
+@click.option("--grid", "grid", multiple=True, metavar="NAME=W1,W2,..",
+              help="A weight grid axis, one per ARM: every combination is a GenARM method (the front plot).")  # fmt: skip
+@click.option("--judge", "judges", multiple=True, default=("sentiment", "afinn"), show_default=True,
+              help="A judge spec as for `prefs`, repeatable; the last one is the plot's y axis.")  # fmt: skip
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder: records.jsonl (resumable), report.md, summary.json, PNG plots.")  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_cmd(prompts_file, skip, n_prompts, methods, grid, judges, max_tokens, seed, out, no_progress, **o):
+    """Compare decoding methods on the same prompts and seeds: judged gain, loops, NLL, speed."""
+    from .evaluate import EvalConfig, evaluate, expand_grid, parse_method
+    from .records import read_prompts
+
+    try:
+        items = read_prompts(prompts_file)[skip : skip + n_prompts]
+        engine = load_engine(o)
+        arms = list(engine.arms)
+        rm = getattr(engine, "reward_model", None)
+        has_nudges = engine.nudge_table is not None
+        specs = list(methods) or default_methods(engine, has_nudges)
+        parsed = [parse_method(s, arms, has_nudges, rm is not None) for s in specs]
+        parsed += [m for m in expand_grid(list(grid), arms) if m.label not in {p.label for p in parsed}]
+        cfg = EvalConfig(
+            str(Path(o["weights"]).resolve()) if o["weights"] else "default", str(Path(prompts_file).resolve()),
+            skip, n_prompts, [m.label for m in parsed], list(judges), max_tokens, seed,
+        )  # fmt: skip
+        command = "edge-genarm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        rows, report = evaluate(engine, cfg, items, parsed, Path(out), command, rm, not no_progress)
+    except EdgeGenarmError as e:
+        fail(e)
+    from .evaluate import format_table
+
+    click.echo(format_table(rows, list(judges)))
+    click.echo(f"\nreport: {report}")
+
+
+def default_methods(engine, has_nudges: bool) -> list[str]:
+    """unguided, each ARM at its default weight, all defaults together, nudge, Best-of-4."""
+    arms = {a: w for a, w in engine.weights.items()}
+    out = ["unguided"]
+    out += [f"{a}={w:g}" for a, w in arms.items() if w]
+    if sum(1 for w in arms.values() if w) > 1:
+        out.append(",".join(f"{a}={w:g}" for a, w in arms.items() if w))
+    if has_nudges:
+        out.append("nudge")
+    if arms:
+        out.append(f"bon:4:{next(iter(arms))}")
+    return out

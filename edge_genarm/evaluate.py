@@ -1,0 +1,511 @@
+"""`edge-genarm eval`: decoding methods on the same held-out prompts and seeds, judged.
+
+Methods (one `--method` each, or a `--grid`):
+
+    unguided                   the base alone
+    NAME=W[,NAME=W]            GenARM with those ARM weights (the others at 0)
+    ...+nudge / nudge          with entropy-triggered nudging (`nudge`: the nudge table alone)
+    bon:N[:SCORER]             Best-of-N: N unguided samples, the best by a trajectory reward
+                               (an ARM's summed log-prob, or `rm`, the bundle's reward model),
+                               each scored in one prefill
+    args:K[:W]                 ARGS-K: the base's top-K candidates rescored each step by the
+                               reward model on the partial reply (weight W, default 1)
+
+Every method decodes every prompt with the same seed (`seed_for`). Each reply gets: every
+judge's score, the distinct-bigram ratio of its words (a reply below 0.6 "loops"), its mean
+NLL under the base (nats/token, from the base's own log-probs of the sampled tokens), its
+length in tokens and whether it finished, its seconds, and its model forwards: positions any
+model evaluated beyond each model's first read of the prompt (GenARM: 1 + active ARMs per
+token; Best-of-N: every sample and every scoring prefill). The report holds per method the mean and standard error of each judge and
+the paired difference from the first method with its standard error (same prompt, same seed:
+prompt-to-prompt variation cancels), the loop rate, NLL, tokens, finish rate, tok/s and
+forwards per generated token; two plots (judged gain vs tok/s, and the two-objective front of
+a weight grid) are written as PNG next to report.md.
+
+Records are appended to OUT/records.jsonl one whole line at a time; a rerun with the same
+settings skips what is there (resume), and refuses a folder made with other settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, EdgeGenarmError
+from .judges import make_judge, run_judge
+from .nudge import NudgeConfig
+from .paths import atomic_write_json, atomic_write_text
+from .records import DataError, append_line, whole_records
+
+LOOP_RATIO = 0.6  # a reply whose distinct-bigram ratio is below this loops
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    kind: str  # unguided | genarm | bon | args
+    weights: dict = field(default_factory=dict)  # ARM name -> weight (every loaded ARM)
+    nudge: bool = False
+    n: int = 0  # bon: samples; args: candidates
+    scorer: str | None = None  # bon: ARM name or "rm"
+    w: float = 1.0  # args: reward weight
+
+
+# ---------------------------------------------------------------------------
+# methods: spec strings -> Method
+# ---------------------------------------------------------------------------
+
+
+def parse_method(spec: str, arms: list[str], has_nudges: bool = False, has_rm: bool = False) -> Method:
+    """One method from its spec (see the module docstring); errors name the fix."""
+    spec = spec.strip()
+    zero = {a: 0.0 for a in arms}
+    kind, _, rest = spec.partition(":")
+    if kind in ("bon", "args"):
+        parts = rest.split(":") if rest else []
+        try:
+            n = int(parts[0])
+        except (IndexError, ValueError):
+            raise ConfigError(f"method {spec!r}: write {kind}:N with N an integer, e.g. {kind}:4") from None
+        if n < 1 or (kind == "bon" and n < 2):
+            raise ConfigError(f"method {spec!r}: N must be at least {2 if kind == 'bon' else 1}")
+        if kind == "bon":
+            scorer = parts[1] if len(parts) > 1 else (arms[0] if arms else "rm")
+            if scorer == "rm" and not has_rm:
+                raise ConfigError(f"method {spec!r}: the bundle has no reward model: train one with `edge-genarm train-rm`")
+            if scorer != "rm" and scorer not in arms:
+                raise ConfigError(
+                    f"method {spec!r}: unknown scorer '{scorer}': use an ARM of the bundle "
+                    f"({', '.join(arms) or 'none loaded'}) or rm"
+                )
+            return Method(spec, "bon", zero, n=n, scorer=scorer)
+        if not has_rm:
+            raise ConfigError(
+                f"method {spec!r}: ARGS scores candidates with a reward model and the bundle has none: "
+                "train one with `edge-genarm train-rm`"
+            )
+        w = _number(parts[1], spec) if len(parts) > 1 else 1.0
+        return Method(spec, "args", zero, n=n, scorer="rm", w=w)
+    if ":" in spec:
+        raise ConfigError(
+            f"unknown method {spec!r}: use unguided, nudge, NAME=W[,NAME=W][+nudge], bon:N[:SCORER] or args:K[:W]"
+        )
+    body, nudge = (spec[: -len("+nudge")], True) if spec.endswith("+nudge") else (spec, False)
+    if body == "nudge":
+        body, nudge = "unguided", True
+    if nudge and not has_nudges and not arms:
+        raise ConfigError(f"method {spec!r}: the bundle has no nudge table: `edge-genarm export nudges`")
+    if body in ("unguided", ""):
+        return Method(spec, "unguided", zero, nudge=nudge)
+    weights = dict(zero)
+    for part in body.split(","):
+        name, eq, val = part.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ConfigError(
+                f"unknown method {spec!r}: use unguided, nudge, NAME=W[,NAME=W][+nudge], bon:N[:SCORER] or args:K[:W]"
+            )
+        if name not in zero:
+            raise ConfigError(f"method {spec!r}: the bundle has no ARM '{name}' (it has: {', '.join(arms) or 'none'})")
+        weights[name] = _number(val, spec)
+    kind = "genarm" if any(weights.values()) else "unguided"
+    return Method(spec, kind, weights, nudge=nudge)
+
+
+def expand_grid(grid: list[str], arms: list[str], nudge: bool = False) -> list[Method]:
+    """`NAME=w1,w2,...` per ARM -> one GenARM method per combination (the multi-objective grid)."""
+    axes = []
+    for g in grid:
+        name, eq, vals = g.partition("=")
+        name = name.strip()
+        if not eq or not vals.strip():
+            raise ConfigError(f"grid {g!r}: write NAME=W1,W2,..., e.g. positive=0,0.5,1")
+        if name not in arms:
+            raise ConfigError(f"grid {g!r}: the bundle has no ARM '{name}' (it has: {', '.join(arms) or 'none'})")
+        if any(name == a for a, _ in axes):
+            raise ConfigError(f"grid {g!r}: ARM '{name}' is given twice: one --grid per ARM")
+        axes.append((name, [_number(v, g) for v in vals.split(",")]))
+    out = []
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        body = ",".join(f"{a}={_fmt(w)}" for (a, _), w in zip(axes, combo))
+        m = parse_method(body + ("+nudge" if nudge else ""), arms, True)
+        out.append(Method(m.label, m.kind, m.weights, m.nudge))
+    return out
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"{where!r}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{where!r}: weights must be finite, got {text!r}")
+    return v
+
+
+def _fmt(w: float) -> str:
+    return f"{w:g}"
+
+
+# ---------------------------------------------------------------------------
+# one reply -> one record
+# ---------------------------------------------------------------------------
+
+
+def seed_for(seed: int, index: int, sample: int = 0) -> int:
+    """The seed of prompt `index` (sample j of Best-of-N): the same for every method, and
+    independent of which prompts run together or in what order."""
+    return (seed * 1_000_003 + index * 7_919 + sample * 104_729) % (2**31)
+
+
+def distinct_bigram_ratio(text: str) -> float:
+    """Distinct word bigrams / word bigrams (1.0 for a reply of fewer than two words)."""
+    words = text.split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+def run_method(engine, m: Method, prompt: str, seed: int, max_tokens: int, rm=None) -> dict:
+    """Decode one prompt with method m: text, tokens, finish, base log-probs, seconds, forwards."""
+    t0 = time.perf_counter()
+    if m.kind in ("unguided", "genarm"):
+        c = engine.generate(
+            prompt, seed=seed, max_tokens=max_tokens, weights=m.weights, guidance=m.kind == "genarm",
+            nudge=NudgeConfig() if m.nudge else None,
+        )  # fmt: skip
+        n_active = sum(1 for w in m.weights.values() if w) if m.kind == "genarm" else 0
+        forwards = (1 + n_active) * len(c.tokens)
+        lp = [r.base_logprob for r in c.records]
+        out = dict(text=c.text, tokens=c.tokens, finish=c.finish_reason, base_logprobs=lp, forwards=forwards)
+    elif m.kind == "bon":
+        from .baselines import best_of_n
+
+        r = best_of_n(engine, prompt, m.n, seed, m.scorer if m.scorer != "rm" else rm, max_tokens=max_tokens)
+        out = _from_baseline(r)
+    elif m.kind == "args":
+        from .baselines import args_decode
+
+        r = args_decode(engine, prompt, rm, m.n, m.w, seed, max_tokens)
+        out = _from_baseline(r)
+    else:  # pragma: no cover - parse_method makes only the kinds above
+        raise ConfigError(f"unknown method kind {m.kind!r}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _from_baseline(r) -> dict:
+    """A BestOfN / ArgsResult (baselines.py) as run_method's dict: base log-probs of the reply's
+    tokens (the winning sample's records; ARGS: each pick's log p_base), forwards = positions
+    the base and the scorer evaluated."""
+    if hasattr(r, "samples"):  # Best-of-N
+        lp = [x.base_logprob for x in r.samples[r.index].records]
+        prompt = r.samples[0].timings.prompt_tokens
+    else:  # ARGS
+        lp = [float(st.base_logprobs[list(st.candidates).index(st.token)]) for st in r.steps]
+        lp = lp[: len(r.tokens)]
+        prompt = r.prompt_tokens
+    c = r.compute
+    return dict(
+        text=r.text, tokens=list(r.tokens), finish=r.finish_reason, base_logprobs=lp,
+        forwards=int(c.base_tokens + c.scorer_tokens - 2 * prompt),  # the first read of the prompt is free
+    )  # fmt: skip
+
+
+def make_record(index: int, prompt: str, m: Method, seed: int, out: dict, judges: dict) -> dict:
+    n = len(out["tokens"])
+    ratio = distinct_bigram_ratio(out["text"])
+    lp = out["base_logprobs"]
+    return {
+        "prompt_index": index,
+        "method": m.label,
+        "seed": seed,
+        "text": out["text"],
+        "n_tokens": n,
+        "finished": out["finish"] == "stop",
+        "scores": {name: run_judge(fn, name, index, prompt, out["text"]) for name, fn in judges.items()},
+        "distinct_bigrams": ratio,
+        "loops": ratio < LOOP_RATIO,
+        "nll": -sum(lp) / len(lp) if lp else 0.0,
+        "seconds": out["seconds"],
+        "forwards": out["forwards"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# the run: resumable records, then the summary
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    weights: str
+    prompts: str
+    skip: int
+    n_prompts: int
+    methods: list[str]
+    judges: list[str]
+    max_tokens: int
+    seed: int
+
+
+def check_folder(out: Path, cfg: EvalConfig) -> None:
+    """A folder holds one evaluation: the same settings resume it, others are refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / "eval.json"
+    want = asdict(cfg)
+    if f.is_file():
+        try:
+            have = json.loads(f.read_text())
+        except ValueError:
+            have = None
+        keys = ("weights", "prompts", "skip", "max_tokens", "seed")
+        if not isinstance(have, dict) or any(have.get(k) != want[k] for k in keys):
+            raise ConfigError(
+                f"{out} holds an evaluation made with other settings ({f}): use another -o folder, "
+                "or delete it to start again"
+            )
+        want["methods"] = list(dict.fromkeys([*have.get("methods", []), *cfg.methods]))
+        want["judges"] = list(dict.fromkeys([*have.get("judges", []), *cfg.judges]))
+    atomic_write_json(f, want)
+
+
+def run_eval(engine, items, methods, judges: dict, out: Path, max_tokens: int, seed: int,
+             rm=None, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Decode every (prompt, method) not yet in OUT/records.jsonl; return every record."""
+    path = out / "records.jsonl"
+    done = {(r.get("prompt_index"), r.get("method")) for r in whole_records(path)}
+    todo = [(i, p, m) for m in methods for i, p in items if (i, m.label) not in done]
+    bar = _Progress(len(todo), progress)
+    for i, p, m in todo:
+        s = seed_for(seed, i)
+        rec = make_record(i, p, m, s, run_method(engine, m, p, s, max_tokens, rm), judges)
+        append_line(path, rec)
+        bar.step(m.label)
+    bar.close()
+    wanted = {m.label for m in methods}
+    prompts = dict(items)
+    out_recs = [r for r in whole_records(path) if r.get("method") in wanted and r.get("prompt_index") in prompts]
+    for r in out_recs:  # a judge added on a rerun scores the replies already there (cheap, not stored)
+        for name, fn in judges.items():
+            if name not in r["scores"]:
+                r["scores"][name] = run_judge(fn, name, r["prompt_index"], prompts[r["prompt_index"]], r["text"])
+    return out_recs
+
+
+class _Progress:
+    def __init__(self, total: int, on: bool):
+        self.bar = None
+        if on and total:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="eval", unit="reply", file=sys.stderr)
+            except ImportError:
+                self.bar = False
+        self.total, self.n = total, 0
+
+    def step(self, label: str) -> None:
+        self.n += 1
+        if self.bar:
+            self.bar.set_postfix_str(label)
+            self.bar.update(1)
+        elif self.bar is False:
+            print(f"\reval: {self.n}/{self.total} ({label})", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        elif self.bar is False:
+            print(file=sys.stderr)
+
+
+def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> list[dict]:
+    """Per method: judge means (± s.e.), paired differences from the first method, loop rate,
+    NLL, tokens, finish rate, tok/s and forwards per generated token."""
+    by = {m.label: {r["prompt_index"]: r for r in records if r["method"] == m.label} for m in methods}
+    base = by[methods[0].label] if methods else {}
+    rows = []
+    for m in methods:
+        rs = by[m.label]
+        v = list(rs.values())
+        if not v:
+            continue
+        tokens = sum(r["n_tokens"] for r in v)
+        row = {
+            "method": m.label,
+            "kind": m.kind,
+            "weights": {a: w for a, w in m.weights.items() if w},
+            "n": len(v),
+            "loop_rate": sum(r["loops"] for r in v) / len(v),
+            "nll": mean_sem([r["nll"] for r in v]),
+            "tokens": mean_sem([r["n_tokens"] for r in v]),
+            "finish_rate": sum(r["finished"] for r in v) / len(v),
+            "tok_per_s": tokens / max(1e-9, sum(r["seconds"] for r in v)),
+            "forwards_per_token": sum(r["forwards"] for r in v) / max(1, tokens),
+        }
+        for j in judges:
+            row[j] = mean_sem([r["scores"][j] for r in v])
+            common = [i for i in rs if i in base]
+            if m is not methods[0] and common:
+                row[f"{j}_diff"] = mean_sem([rs[i]["scores"][j] - base[i]["scores"][j] for i in common])
+        rows.append(row)
+    return rows
+
+
+def mean_sem(v: list[float]) -> tuple[float, float]:
+    if not v:
+        return float("nan"), float("nan")
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
+
+
+# ---------------------------------------------------------------------------
+# the report: markdown table + PNG plots
+# ---------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict], judges: list[str]) -> str:
+    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "NLL", "tokens", "finished", "tok/s",
+            "fwd/tok"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['method']}`"]
+        cells += [f"{r[j][0]:+.3f} ± {r[j][1]:.3f}" for j in judges]
+        cells += [f"{r[j + '_diff'][0]:+.3f} ± {r[j + '_diff'][1]:.3f}" if j + "_diff" in r else "-" for j in judges]
+        cells += [
+            f"{100 * r['loop_rate']:.1f}%", f"{r['nll'][0]:.3f}", f"{r['tokens'][0]:.1f}",
+            f"{100 * r['finish_rate']:.0f}%", f"{r['tok_per_s']:.1f}", f"{r['forwards_per_token']:.2f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_reward_vs_speed(rows: list[dict], judge: str, path: Path) -> None:
+    """Judged gain over the first method (paired, ± s.e.) against tok/s, one point per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in rows:
+        y, e = r.get(f"{judge}_diff", (0.0, 0.0))
+        ax.errorbar(r["tok_per_s"], y, yerr=0 if e != e else e, fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["tok_per_s"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("tokens per second (measured)")
+    ax.set_ylabel(f"paired gain in '{judge}' over '{rows[0]['method']}'")
+    ax.set_title("judged reward vs speed")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_front(rows: list[dict], judge_x: str, judge_y: str, path: Path) -> None:
+    """The weight grid on two objectives (paired gains), with its Pareto front."""
+    plt = _pyplot()
+    pts = [(r.get(f"{judge_x}_diff", (0.0, 0.0))[0], r.get(f"{judge_y}_diff", (0.0, 0.0))[0], r) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2]["loop_rate"] for p in pts], cmap="viridis_r",
+               vmin=0, vmax=max(0.1, max(p[2]["loop_rate"] for p in pts)))  # fmt: skip
+    for x, y, r in pts:
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto([(x, y) for x, y, _ in pts])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel(f"paired gain in '{judge_x}'")
+    ax.set_ylabel(f"paired gain in '{judge_y}'")
+    ax.set_title("two objectives over the weight grid (colour: loop rate)")
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (higher is better), by x."""
+    pts = sorted(set(points), key=lambda p: (-p[0], -p[1]))
+    front, best_y = [], -math.inf
+    for x, y in pts:
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return sorted(front)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("the eval plots need matplotlib: pip install 'edge-genarm[eval]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    fig.clf()
+    from .paths import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+
+
+def write_report(out: Path, cfg: EvalConfig, rows: list[dict], methods: list[Method], judges: list[str],
+                 command: str) -> Path:  # fmt: skip
+    """report.md, summary.json and the plots; returns the report's path."""
+    plots = []
+    if rows:
+        plot_reward_vs_speed(rows, judges[-1], out / "reward_vs_speed.png")
+        plots.append(("Judged reward vs speed", "reward_vs_speed.png"))
+    grid = [r for r in rows if r["kind"] in ("unguided", "genarm") and not r["method"].endswith("nudge")]
+    if len(judges) >= 2 and len(grid) >= 3:
+        plot_front(grid, judges[0], judges[1], out / "front.png")
+        plots.append(("Two objectives over the GenARM settings", "front.png"))
+    atomic_write_json(out / "summary.json", {"config": asdict(cfg), "rows": rows})
+    lines = [
+        "# edge-genarm eval",
+        "",
+        f"`{command}`",
+        "",
+        f"{rows[0]['n'] if rows else 0} prompts (lines {cfg.skip + 1}-{cfg.skip + cfg.n_prompts} of "
+        f"`{Path(cfg.prompts).name}`), {cfg.max_tokens} tokens at most, the same seed per prompt for every "
+        f"method (base seed {cfg.seed}). Judges: {', '.join(judges)}. Δ: paired difference from "
+        f"`{rows[0]['method'] if rows else '-'}` (mean ± standard error). loops: replies whose distinct-bigram "
+        f"ratio is < {LOOP_RATIO}. NLL: nats/token under the base. fwd/tok: positions evaluated by any "
+        "model per generated token, beyond each model's first read of the prompt.",
+        "",
+        format_table(rows, judges),
+        "",
+    ]
+    for title, f in plots:
+        lines += [f"## {title}", "", f"![{title}]({f})", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def evaluate(engine, cfg: EvalConfig, items, methods: list[Method], out: Path, command: str,
+             rm=None, progress: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
+    """The whole command: check the folder, decode what is missing, summarize, report."""
+    if not items:
+        raise DataError(f"{cfg.prompts}: no prompts to evaluate (lower --skip or check the file)")
+    if not methods:
+        raise ConfigError("no methods to evaluate: give --method or --grid")
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"a method is given twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    judges = {}
+    for j in cfg.judges:
+        judges[j] = make_judge(j, tokenize=lambda s: engine.base.tokenize(s, add_bos=False, special=False))
+    check_folder(out, cfg)
+    try:
+        records = run_eval(engine, items, methods, judges, out, cfg.max_tokens, cfg.seed, rm, progress)
+    except KeyboardInterrupt:
+        raise EdgeGenarmError(f"interrupted: {out / 'records.jsonl'} keeps what was done; run again to resume") from None
+    rows = summarize(records, methods, cfg.judges)
+    return rows, write_report(out, cfg, rows, methods, cfg.judges, command)

@@ -1,0 +1,191 @@
+"""`edge-genarm eval`: method specs, the weight grid, resume, the summary's statistics, plots."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_genarm import evaluate as E
+from edge_genarm.cli import main
+from edge_genarm.errors import ConfigError, EdgeGenarmError
+from edge_genarm.records import DataError
+
+ARMS = ["alpha", "beta"]
+
+
+def test_method_specs():
+    m = E.parse_method("alpha=0.5", ARMS)
+    assert m.kind == "genarm" and m.weights == {"alpha": 0.5, "beta": 0.0} and not m.nudge
+    assert E.parse_method("alpha=1,beta=-0.5+nudge", ARMS).weights == {"alpha": 1.0, "beta": -0.5}
+    assert E.parse_method("alpha=0", ARMS).kind == "unguided"  # every weight 0: the base alone
+    n = E.parse_method("nudge", ARMS, has_nudges=True)
+    assert n.kind == "unguided" and n.nudge
+    b = E.parse_method("bon:4", ARMS)
+    assert (b.kind, b.n, b.scorer) == ("bon", 4, "alpha")
+    a = E.parse_method("args:5:0.5", ARMS, has_rm=True)
+    assert (a.kind, a.n, a.w, a.scorer) == ("args", 5, 0.5, "rm")
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("greedy:3", "unknown method 'greedy:3': use unguided, nudge"),
+        ("gamma=1", "no ARM 'gamma' \\(it has: alpha, beta\\)"),
+        ("alpha=abc", "'abc' is not a number"),
+        ("alpha=nan", "weights must be finite"),
+        ("bon:x", "write bon:N with N an integer"),
+        ("bon:1", "N must be at least 2"),
+        ("bon:4:gamma", "unknown scorer 'gamma'"),
+        ("bon:4:rm", "no reward model: train one with `edge-genarm train-rm`"),
+        ("args:5", "ARGS scores candidates with a reward model and the bundle has none"),
+        ("alpha", "unknown method 'alpha'"),
+    ],
+)
+def test_bad_method_specs_name_the_fix(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        E.parse_method(spec, ARMS)
+
+
+def test_weight_grid_bookkeeping():
+    grid = E.expand_grid(["alpha=0,0.5,1", "beta=0,1"], ARMS)
+    assert [m.label for m in grid] == [
+        "alpha=0,beta=0", "alpha=0,beta=1", "alpha=0.5,beta=0", "alpha=0.5,beta=1", "alpha=1,beta=0", "alpha=1,beta=1",
+    ]  # fmt: skip
+    assert [m.weights for m in grid][3] == {"alpha": 0.5, "beta": 1.0}
+    assert grid[0].kind == "unguided" and all(m.kind == "genarm" for m in grid[1:])
+    assert len({m.label for m in grid}) == 6
+    with pytest.raises(ConfigError, match="no ARM 'gamma'"):
+        E.expand_grid(["gamma=0,1"], ARMS)
+    with pytest.raises(ConfigError, match="given twice"):
+        E.expand_grid(["alpha=0,1", "alpha=1"], ARMS)
+    with pytest.raises(ConfigError, match="write NAME=W1,W2"):
+        E.expand_grid(["alpha"], ARMS)
+
+
+def test_metrics_and_pareto():
+    assert E.distinct_bigram_ratio("a b a b a b") == pytest.approx(2 / 5)
+    assert E.distinct_bigram_ratio("one") == 1.0
+    assert E.pareto([(0, 1), (1, 0), (0.5, 0.5), (0.2, 0.2), (1, 0)]) == [(0, 1), (0.5, 0.5), (1, 0)]
+    assert E.seed_for(0, 3) == E.seed_for(0, 3) != E.seed_for(0, 4)
+
+
+def _cfg(prompts, **kw):
+    base = dict(weights="w", prompts=str(prompts), skip=0, n_prompts=3, methods=[], judges=["length"],
+                max_tokens=6, seed=0)  # fmt: skip
+    return E.EvalConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["Hello", "Tell me a story", "Why?"]))
+    return p
+
+
+def test_run_resumes_and_refuses_other_settings(engine, prompts, tmp_path, monkeypatch):
+    items = [(0, "Hello"), (1, "Tell me a story"), (2, "Why?")]
+    arm = next(iter(engine.arms))
+    methods = [E.parse_method("unguided", list(engine.arms)), E.parse_method(f"{arm}=1", list(engine.arms))]
+    out = tmp_path / "ev"
+    rows, report = E.evaluate(engine, _cfg(prompts), items, methods, out, "cmd", progress=False)
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and {r["seed"] for r in recs} == {E.seed_for(0, i) for i in range(3)}
+    # the same prompt has the same seed under every method: paired
+    assert all(r["seed"] == E.seed_for(0, r["prompt_index"]) for r in recs)
+
+    calls = []
+    real = E.run_method
+    monkeypatch.setattr(E, "run_method", lambda *a, **k: calls.append(a[1].label) or real(*a, **k))
+    E.evaluate(engine, _cfg(prompts), items, methods, out, "cmd", progress=False)
+    assert calls == []  # everything was there: nothing decoded again
+    more = [*methods, E.parse_method(f"{arm}=0.5", list(engine.arms))]
+    rows2, _ = E.evaluate(engine, _cfg(prompts), items, more, out, "cmd", progress=False)
+    assert calls == [f"{arm}=0.5"] * 3 and len(rows2) == 3
+    assert rows2[:2] == rows[:2]  # resumed rows are the same numbers
+    with pytest.raises(ConfigError, match="holds an evaluation made with other settings"):
+        E.evaluate(engine, _cfg(prompts, max_tokens=7), items, methods, out, "cmd", progress=False)
+
+
+def test_torn_last_record_is_redone(engine, prompts, tmp_path):
+    items = [(0, "Hello"), (1, "Why?")]
+    m = [E.parse_method("unguided", list(engine.arms))]
+    out = tmp_path / "ev"
+    E.evaluate(engine, _cfg(prompts), items, m, out, "cmd", progress=False)
+    f = out / "records.jsonl"
+    whole = f.read_bytes()
+    f.write_bytes(whole[: len(whole) - 10])  # killed mid-write
+    E.evaluate(engine, _cfg(prompts), items, m, out, "cmd", progress=False)
+    texts = [json.loads(x)["text"] for x in f.read_text().splitlines()]
+    assert texts == [json.loads(x)["text"] for x in whole.decode().splitlines()]  # redone, same seed: same text
+
+
+def test_summary_statistics_match_numpy():
+    recs = []
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=8), rng.normal(size=8)
+    for i in range(8):
+        for label, s, text in (("unguided", a[i], "x y z w"), ("alpha=1", b[i], "x x x x x x x")):
+            recs.append({"prompt_index": i, "method": label, "scores": {"j": float(s)}, "n_tokens": 4 + i,
+                         "finished": i % 2 == 0, "loops": E.distinct_bigram_ratio(text) < 0.6, "nll": float(i),
+                         "seconds": 0.5, "forwards": 4 + i})  # fmt: skip
+    methods = [E.parse_method("unguided", ARMS), E.parse_method("alpha=1", ARMS)]
+    base, arm = E.summarize(recs, methods, ["j"])
+    d = b - a
+    assert arm["j_diff"][0] == pytest.approx(d.mean())
+    assert arm["j_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
+    assert base["j"][1] == pytest.approx(a.std(ddof=1) / np.sqrt(8))
+    assert arm["loop_rate"] == 1.0 and base["loop_rate"] == 0.0
+    assert base["finish_rate"] == 0.5 and base["tok_per_s"] == pytest.approx(sum(4 + i for i in range(8)) / 4.0)
+    assert "j_diff" not in base
+
+
+def test_plots_and_report_are_written(tmp_path):
+    methods = E.expand_grid(["alpha=0,1", "beta=0,1"], ARMS)
+    recs = []
+    for i in range(4):
+        for k, m in enumerate(methods):
+            recs.append({"prompt_index": i, "method": m.label, "scores": {"a": float(k + i), "b": float(i - k)},
+                         "n_tokens": 5, "finished": True, "loops": False, "nll": 1.0, "seconds": 0.1 * (k + 1),
+                         "forwards": 5 * (k + 1)})  # fmt: skip
+    rows = E.summarize(recs, methods, ["a", "b"])
+    report = E.write_report(tmp_path, _cfg("p.jsonl", judges=["a", "b"]), rows, methods, ["a", "b"], "edge-genarm eval")
+    for png in ("reward_vs_speed.png", "front.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    text = report.read_text()
+    assert "![Judged reward vs speed](reward_vs_speed.png)" in text and "`alpha=1,beta=1`" in text
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"][3]["method"] == "alpha=1,beta=1"
+
+
+def test_eval_command_end_to_end_and_bad_input(tiny_bundle, prompts, tmp_path):
+    run = CliRunner().invoke
+    out = tmp_path / "rep"
+    arms = json.loads((tiny_bundle / "manifest.json").read_text())["arms"]
+    a = next(iter(arms))
+    r = run(main, ["eval", "-m", str(tiny_bundle), "--prompts", str(prompts), "-n", "2", "--max-tokens", "4",
+                   "--method", "unguided", "--grid", f"{a}=0.5,1", "--judge", "length", "--judge", "keyword:the",
+                   "-o", str(out), "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"`{a}=1`" in (out / "report.md").read_text() and (out / "front.png").is_file()
+    assert len((out / "records.jsonl").read_text().splitlines()) == 6
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for args, msg in [
+        (["--prompts", str(empty)], "has no prompts"),
+        (["--prompts", str(prompts), "--method", "nope:1"], "unknown method 'nope:1'"),
+        (["--prompts", str(prompts), "--grid", "zeta=0,1"], "no ARM 'zeta'"),
+        (["--prompts", str(prompts), "--judge", "wisdom"], "unknown judge 'wisdom'"),
+    ]:
+        r = run(main, ["eval", "-m", str(tiny_bundle), "-o", str(tmp_path / "bad"), "--no-progress", *args])
+        assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+def test_empty_items_and_duplicates_are_refused(engine, prompts, tmp_path):
+    m = E.parse_method("unguided", list(engine.arms))
+    with pytest.raises(DataError, match="no prompts to evaluate"):
+        E.evaluate(engine, _cfg(prompts), [], [m], tmp_path, "cmd", progress=False)
+    with pytest.raises(ConfigError, match="given twice"):
+        E.evaluate(engine, _cfg(prompts), [(0, "Hi")], [m, m], tmp_path, "cmd", progress=False)
+    with pytest.raises(EdgeGenarmError, match="unknown judge"):
+        E.evaluate(engine, _cfg(prompts, judges=["wisdom"]), [(0, "Hi")], [m], tmp_path, "cmd", progress=False)
