@@ -1,43 +1,18 @@
 """`edge-genarm compare`: the same prompts and seeds under several guidance settings, judged.
 
 A setting is "unguided", or ARM weights "positive=1,concise=0.5", optionally with
-"+nudge" (entropy-triggered nudging at the default tau). Every setting decodes
-every prompt with the same seed; each reply is scored by every judge; the table
-holds means and standard errors, the nudge trigger rate and tokens/s, then each
-setting's paired difference from the first one (same prompt, same seed: prompt-to-prompt
-variation cancels, so the paired standard error is the one to read).
+"+nudge" (entropy-triggered nudging at the default tau). The replies are batch records
+(batch.py): every setting decodes every prompt with the same seed, each reply is scored by
+every judge. The table holds means and standard errors, the nudge trigger rate and tokens/s,
+then each setting's paired difference from the first one (same prompt, same seed:
+prompt-to-prompt variation cancels, so the paired standard error is the one to read).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from .errors import ConfigError
-from .nudge import NudgeConfig
-
-
-@dataclass
-class Setting:
-    label: str
-    weights: dict[str, float]
-    nudge: bool = False
-
-
-def parse_setting(spec: str, arms: list[str]) -> Setting:
-    from .bundle import parse_arm_spec
-
-    body, plus_nudge = (spec[: -len("+nudge")], True) if spec.endswith("+nudge") else (spec, False)
-    weights = {a: 0.0 for a in arms}
-    if body not in ("unguided", "none", ""):
-        for part in body.split(","):
-            name, w = parse_arm_spec(part)
-            if name not in weights:
-                raise ConfigError(
-                    f"setting {spec!r}: unknown ARM '{name}' (loaded: {', '.join(arms) or 'none'})"
-                )
-            weights[name] = 1.0 if w is None else w
-    return Setting(spec, weights, plus_nudge)
+from .batch import Setting, parse_setting, record_seed, run_record  # noqa: F401 (re-exported)
 
 
 def run_compare(
@@ -49,40 +24,47 @@ def run_compare(
     seed: int = 0,
     progress=None,
 ) -> list[dict]:
-    rows = []
+    """Decode prompts x settings on `engine` (prompt i has seed record_seed(seed, i)) and summarize."""
+    records = []
     for s in settings:
-        scores = {j: [] for j in judges}
-        tokens, seconds, sites, steps = 0, 0.0, 0, 0
         for i, p in enumerate(prompts):
-            c = engine.generate(
-                p,
-                seed=seed + i,
-                max_tokens=max_tokens,
-                weights=s.weights,
-                nudge=NudgeConfig() if s.nudge else None,
+            records.append(
+                run_record(engine, i, p, s, seed=record_seed(seed, i), max_tokens=max_tokens, judges=judges)
             )
-            for name, judge in judges.items():
-                scores[name].append(float(judge(p, c.text)))
-            tokens += len(c.tokens)
-            seconds += c.timings.total_s
-            if c.nudge is not None:
-                sites, steps = sites + len(c.nudge.sites), steps + c.nudge.steps
             if progress:
                 progress(s.label, i + 1, len(prompts))
+    return summarize(records, settings, list(judges))
+
+
+def summarize(records: list[dict], settings: list[Setting], judges: list[str]) -> list[dict]:
+    """One row per setting from batch records: judge means ± s.e., tokens, tok/s, nudge trigger
+    rate; then paired differences from the first setting over the (prompt, sample) keys both hold."""
+    by = {s.label: {} for s in settings}
+    for r in records:
+        if r["setting"] in by:
+            by[r["setting"]][(r["prompt_index"], r.get("sample", 0))] = r
+    rows = []
+    for s in settings:
+        recs = [by[s.label][k] for k in sorted(by[s.label])]
+        tokens = sum(r["n_tokens"] for r in recs)
+        seconds = sum(r["timings"]["total_ms"] for r in recs) / 1e3
         row = {
             "setting": s.label,
             "tok_per_s": tokens / seconds if seconds else 0.0,
-            "mean_tokens": tokens / max(1, len(prompts)),
+            "mean_tokens": tokens / max(1, len(recs)),
         }
-        for name, v in scores.items():
-            row[name] = (_mean(v), _sem(v))
-        row["_scores"] = scores
+        for name in judges:
+            row[name] = (_mean([r["scores"][name] for r in recs]), _sem([r["scores"][name] for r in recs]))
         if s.nudge:
+            sites = sum(r["nudge"]["sites"] for r in recs if r.get("nudge"))
+            steps = sum(r["nudge"]["steps"] for r in recs if r.get("nudge"))
             row["trigger_rate"] = sites / max(1, steps)
         rows.append(row)
-    for row in rows[1:]:
+    first = by[settings[0].label] if settings else {}
+    for s, row in zip(settings[1:], rows[1:]):
+        keys = sorted(set(by[s.label]) & set(first))
         for name in judges:
-            d = [a - b for a, b in zip(row["_scores"][name], rows[0]["_scores"][name])]
+            d = [by[s.label][k]["scores"][name] - first[k]["scores"][name] for k in keys]
             row[f"{name}_diff"] = (_mean(d), _sem(d))
     return rows
 

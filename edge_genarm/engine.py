@@ -450,6 +450,22 @@ class Engine:
             scores[short:] = -np.inf  # ids the ARM does not have: not real shared tokens
         return _Step(scores, rec, base_lp, arm)
 
+    def reset(self) -> None:
+        """Empty every KV cache (base, ARMs, shared trunks): the next request evaluates its whole
+        prompt afresh. A cached prefix is evaluated in other batches than a fresh prefill, which
+        changes the numerics slightly (FACTS.md), so independent prompts that must give the same
+        result however they are grouped (batch, eval, Ray) start from here."""
+        self.base.reset()
+        groups = {}
+        for arm in self.arms.values():
+            group = getattr(arm, "group", None)
+            if group is None:
+                arm.reset()
+            else:
+                groups[id(group)] = group
+        for group in groups.values():
+            group.reset()
+
     def close(self) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=True)

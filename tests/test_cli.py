@@ -152,24 +152,25 @@ def test_compare_runs_every_setting_on_the_same_prompts(tiny_bundle, tmp_path):
 
 
 def test_compare_paired_difference_matches_numpy():
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from edge_genarm.compare import Setting, run_compare
+    from edge_genarm.compare import Setting, summarize
 
-    replies = {0.0: ["a", "a b c", "a b"], 1.0: ["a b", "a", "a b c d"]}  # per weight, per prompt
+    replies = {"off": ["a", "a b c", "a b"], "on": ["a b", "a", "a b c d"]}  # per setting, per prompt
 
-    class Engine:
-        def generate(self, p, seed, max_tokens, weights, nudge):
-            text = replies[weights["x"]][seed]
-            return SimpleNamespace(text=text, tokens=[1], timings=SimpleNamespace(total_s=0.1), nudge=None)
+    def rec(label, i):
+        text = replies[label][i]
+        n = len(text.split())
+        return {"prompt_index": i, "setting": label, "sample": 0, "n_tokens": n, "nudge": None,
+                "timings": {"total_ms": 100.0}, "scores": {"len": n}}  # fmt: skip
 
     settings = [Setting("off", {"x": 0.0}), Setting("on", {"x": 1.0})]
-    rows = run_compare(Engine(), ["p", "q", "r"], settings, {"len": lambda p, t: len(t.split())}, 8)
+    records = [rec(s.label, i) for s in settings for i in (2, 0, 1)]  # order does not matter
+    rows = summarize(records, settings, ["len"])
     d = np.array([2, 1, 4]) - np.array([1, 3, 2])
     assert rows[1]["len_diff"][0] == pytest.approx(d.mean())
     assert rows[1]["len_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert rows[0]["tok_per_s"] == pytest.approx(6 / 0.3)
 
 
 def test_chat_with_a_corrupt_arm_names_it_and_exits(tiny_bundle, tmp_path):

@@ -1,0 +1,141 @@
+"""batch.py: seeds, records, reset, resume, and the `batch` command on the tiny bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_genarm.batch import (
+    BatchWork,
+    Setting,
+    distinct_bigram_ratio,
+    parse_setting,
+    record_key,
+    record_seed,
+    run_batch,
+    run_record,
+)
+from edge_genarm.errors import ConfigError
+
+PROMPTS = ["Hi there", "Rain?", "Tell me a story about a cat", "Why is the sky blue?"]
+
+
+def no_timings(recs):
+    return {record_key(r): {k: v for k, v in r.items() if k != "timings"} for r in recs}
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_record_seed_is_a_stable_hash_of_seed_index_sample():
+    import hashlib
+
+    want = int.from_bytes(hashlib.blake2b(b"7:3:1", digest_size=8).digest(), "little") & (2**63 - 1)
+    assert record_seed(7, 3, 1) == want
+    seeds = {record_seed(s, i, j) for s in range(3) for i in range(50) for j in range(4)}
+    assert len(seeds) == 3 * 50 * 4  # no collisions where a linear formula would have some
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_distinct_bigrams_and_settings():
+    assert distinct_bigram_ratio("a b a b a b") == pytest.approx(2 / 5)
+    assert distinct_bigram_ratio("one") == 1.0
+    s = parse_setting("alpha=0.5+nudge", ["alpha", "beta"])
+    assert s.weights == {"alpha": 0.5, "beta": 0.0} and s.nudge and s.label == "alpha=0.5+nudge"
+    with pytest.raises(ConfigError, match="unknown ARM 'gamma'"):
+        parse_setting("gamma=1", ["alpha"])
+    with pytest.raises(ConfigError, match="-k must be at least 1"):
+        BatchWork(k=0)
+    with pytest.raises(ConfigError, match="unknown judge"):
+        BatchWork(judges=("vibes",))
+
+
+def test_reset_empties_every_cache_and_matches_a_fresh_engine(engine, tiny_bundle):
+    from edge_genarm import load
+
+    w = {"alpha": 1.0, "beta": 0.5}
+    engine.generate("Something else entirely, quite long", max_tokens=6, seed=1, weights=w)
+    assert engine.base.tokens and all(a.tokens for a in engine.arms.values())
+    engine.reset()
+    assert engine.base.tokens == [] and all(a.tokens == [] for a in engine.arms.values())
+    after = engine.generate(PROMPTS[2], max_tokens=12, seed=5, weights=w)
+    fresh = load(str(tiny_bundle), n_ctx=512)
+    try:
+        ref = fresh.generate(PROMPTS[2], max_tokens=12, seed=5, weights=w)
+    finally:
+        fresh.close()
+    assert after.tokens == ref.tokens
+    assert [r.combined_logprob for r in after.records] == [r.combined_logprob for r in ref.records]
+
+
+def test_record_fields_and_nll_against_a_separate_decode(engine):
+    s = Setting("alpha=1", {"alpha": 1.0, "beta": 0.0})
+    rec = run_record(
+        engine, 3, PROMPTS[3], s, seed=11, sample=2, max_tokens=10, judges={"len": lambda p, t: 1.5}
+    )
+    assert (
+        rec["prompt_index"] == 3 and rec["sample"] == 2 and rec["seed"] == 11 and rec["setting"] == "alpha=1"
+    )
+    assert rec["weights"] == {"alpha": 1.0, "beta": 0.0} and rec["scores"] == {"len": 1.5}
+    assert rec["n_tokens"] == len(rec["tokens"]) > 0 and rec["finish_reason"] in ("stop", "length")
+    assert rec["nudge"] is None and rec["loops"] == (rec["distinct_bigrams"] < 0.6)
+    json.dumps(rec)  # JSON-able as is
+    # log p_base of each sampled token, decoding the prompt then the reply one token per call
+    base = engine.base
+    base.reset()
+    ids = engine.tokenize_prompt(engine.format_prompt(PROMPTS[3]))
+    logits = base.prefill(ids)
+    lps = []
+    for t in rec["tokens"]:
+        z = np.asarray(logits, dtype=np.float64)
+        lps.append(z[t] - (z.max() + np.log(np.exp(z - z.max()).sum())))
+        logits = base.step(t)
+    assert rec["nll"] == pytest.approx(-np.mean(lps), rel=1e-5)
+
+
+def test_records_do_not_depend_on_order_or_split_and_resume(engine, tmp_path):
+    items = list(enumerate(PROMPTS))
+    settings = [
+        parse_setting("unguided", ["alpha", "beta"]),
+        parse_setting("alpha=1,beta=0.5+nudge", ["alpha", "beta"]),
+    ]
+    work = BatchWork(seed=3, k=2, max_tokens=8, judges=("length", "tokens"))
+    whole = tmp_path / "whole.jsonl"
+    st = run_batch(engine, items, settings, whole, work=work, progress=False)
+    assert st["records"] == st["tasks"] == 16 and st["already_done"] == 0
+    recs = read(whole)
+    # settings of one prompt share its seed; samples differ
+    by = {record_key(r): r for r in recs}
+    assert (
+        by[(1, "unguided", 0)]["seed"] == by[(1, "alpha=1,beta=0.5+nudge", 0)]["seed"] == record_seed(3, 1, 0)
+    )
+    assert by[(1, "unguided", 1)]["seed"] == record_seed(3, 1, 1)
+    assert by[(1, "alpha=1,beta=0.5+nudge", 0)]["nudge"]["steps"] > 0
+    assert all(r["scores"]["tokens"] == -len(engine.base.tokenize(r["text"], add_bos=False, special=False))
+               for r in recs)  # fmt: skip
+
+    # split in two shards, reversed order, interrupted after 3 records, then resumed
+    split = tmp_path / "split.jsonl"
+    seen = []
+
+    def interrupt(rec):
+        seen.append(rec)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(engine, items[::-1], settings[::-1], split, work=work, progress=False, on_record=interrupt)
+    assert len(read(split)) == 3
+    with open(split, "a") as f:
+        f.write('{"prompt_index": 0, "setti')  # a torn last line, as a kill mid-write leaves
+    st = run_batch(lambda: engine, items[2:], settings, split, work=work, progress=False)
+    st2 = run_batch(engine, items, settings, split, work=work, progress=False)
+    assert (st["already_done"], st["records"]) == (3, 5)  # the 3 made before the interruption are kept
+    assert (st2["already_done"], st2["records"]) == (8, 8) and len(read(split)) == 16
+    assert no_timings(read(split)) == no_timings(recs)
+    # a finished run loads nothing
+    st3 = run_batch(lambda: pytest.fail("loaded an engine for nothing"), items, settings, split, work=work)
+    assert st3["records"] == 0 and st3["already_done"] == 16
