@@ -55,13 +55,15 @@ def load(
     parallel: bool | None = None,
     chat_template: str | None = None,
     verify: bool = True,
+    cores: int | None = None,
 ) -> Engine:
     """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
 
     `arms`: None loads every ARM of the bundle at its default weight; a list of
     "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
     `parallel` overlaps base and ARM forwards in threads, with the cores split;
-    None decides by size (see `overlap_pays`).
+    None decides by size (see `overlap_pays`). `cores`: the cores this engine may use
+    (default: the machine's; a Ray actor passes its num_cpus).
     """
     bundle = Bundle.open(weights, verify=verify)
     specs = _arm_specs(bundle, arms)
@@ -71,7 +73,7 @@ def load(
         paths = [resolve_arm(bundle, n).path for n, _ in specs]
         parallel = overlap_pays(bundle.base_path, paths)
     n_units = len({(e.trunk.key if e.trunk else e.name) for e in (resolve_arm(bundle, n) for n, _ in specs)})
-    auto_base, auto_arm = split_threads(default_threads(), n_units, parallel)
+    auto_base, auto_arm = split_threads(cores or default_threads(), n_units, parallel)
     entries = [(resolve_arm(bundle, name), weight) for name, weight in specs]
     # the ARM sessions are created while llama.cpp loads the base (warm start); tokens checked after
     with ThreadPoolExecutor(max_workers=1) as pool:
