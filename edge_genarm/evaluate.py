@@ -10,6 +10,8 @@ Methods (one `--method` each, or a `--grid`):
                                each scored in one prefill
     args:K[:W]                 ARGS-K: the base's top-K candidates rescored each step by the
                                reward model on the partial reply (weight W, default 1)
+    SPEC@KEY=V[,KEY=V]         any of the above with sampling settings changed, e.g.
+                               `positive=1@dry_multiplier=0` (SamplingParams field names)
 
 Every method decodes every prompt with the same seed (`seed_for`). Each reply gets: every
 judge's score, the distinct-bigram ratio of its words (a reply below 0.6 "loops"), its mean
@@ -33,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, EdgeGenarmError
@@ -54,6 +56,7 @@ class Method:
     n: int = 0  # bon: samples; args: candidates
     scorer: str | None = None  # bon: ARM name or "rm"
     w: float = 1.0  # args: reward weight
+    sampling: dict = field(default_factory=dict)  # SamplingParams fields this method changes
 
 
 # ---------------------------------------------------------------------------
@@ -64,6 +67,10 @@ class Method:
 def parse_method(spec: str, arms: list[str], has_nudges: bool = False, has_rm: bool = False) -> Method:
     """One method from its spec (see the module docstring); errors name the fix."""
     spec = spec.strip()
+    if "@" in spec:
+        body, _, over = spec.partition("@")
+        m = parse_method(body, arms, has_nudges, has_rm)
+        return replace(m, label=spec, sampling=parse_sampling(over, spec))
     zero = {a: 0.0 for a in arms}
     kind, _, rest = spec.partition(":")
     if kind in ("bon", "args"):
@@ -115,6 +122,26 @@ def parse_method(spec: str, arms: list[str], has_nudges: bool = False, has_rm: b
         weights[name] = _number(val, spec)
     kind = "genarm" if any(weights.values()) else "unguided"
     return Method(spec, kind, weights, nudge=nudge)
+
+
+def parse_sampling(text: str, where: str) -> dict:
+    """`KEY=V[,KEY=V]` over SamplingParams fields, checked by SamplingParams itself."""
+    from .guidance import SamplingParams
+
+    names = {f.name: f for f in fields(SamplingParams)}
+    out = {}
+    for part in text.split(","):
+        key, eq, val = part.partition("=")
+        key = key.strip()
+        if not eq or key not in names:
+            raise ConfigError(
+                f"method {where!r}: {part!r} is not a sampling setting: use KEY=V with KEY one of "
+                f"{', '.join(names)}"
+            )
+        num = _number(val, where)
+        out[key] = int(num) if names[key].type in ("int", int) and num == int(num) else num
+    SamplingParams(**out)  # a bad value is refused here, with the setting's own message
+    return out
 
 
 def expand_grid(grid: list[str], arms: list[str], nudge: bool = False) -> list[Method]:
@@ -176,7 +203,7 @@ def run_method(engine, m: Method, prompt: str, seed: int, max_tokens: int, rm=No
     if m.kind in ("unguided", "genarm"):
         c = engine.generate(
             prompt, seed=seed, max_tokens=max_tokens, weights=m.weights, guidance=m.kind == "genarm",
-            nudge=NudgeConfig() if m.nudge else None,
+            nudge=NudgeConfig() if m.nudge else None, **m.sampling,
         )  # fmt: skip
         n_active = sum(1 for w in m.weights.values() if w) if m.kind == "genarm" else 0
         forwards = (1 + n_active) * len(c.tokens)

@@ -25,6 +25,9 @@ def test_method_specs():
     assert (b.kind, b.n, b.scorer) == ("bon", 4, "alpha")
     a = E.parse_method("args:5:0.5", ARMS, has_rm=True)
     assert (a.kind, a.n, a.w, a.scorer) == ("args", 5, 0.5, "rm")
+    o = E.parse_method("alpha=1@dry_multiplier=0,repeat_last_n=32", ARMS)
+    assert o.label == "alpha=1@dry_multiplier=0,repeat_last_n=32" and o.weights["alpha"] == 1.0
+    assert o.sampling == {"dry_multiplier": 0.0, "repeat_last_n": 32} and isinstance(o.sampling["repeat_last_n"], int)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,8 @@ def test_method_specs():
         ("bon:4:rm", "no reward model: train one with `edge-genarm train-rm`"),
         ("args:5", "ARGS scores candidates with a reward model and the bundle has none"),
         ("alpha", "unknown method 'alpha'"),
+        ("alpha=1@warmth=3", "'warmth=3' is not a sampling setting: use KEY=V with KEY one of temperature"),
+        ("alpha=1@top_p=2", "top_p must be in"),
     ],
 )
 def test_bad_method_specs_name_the_fix(spec, match):
@@ -189,3 +194,10 @@ def test_empty_items_and_duplicates_are_refused(engine, prompts, tmp_path):
         E.evaluate(engine, _cfg(prompts), [(0, "Hi")], [m, m], tmp_path, "cmd", progress=False)
     with pytest.raises(EdgeGenarmError, match="unknown judge"):
         E.evaluate(engine, _cfg(prompts, judges=["wisdom"]), [(0, "Hi")], [m], tmp_path, "cmd", progress=False)
+
+
+def test_sampling_overrides_reach_the_sampler(engine):
+    m = E.parse_method("unguided@temperature=0", list(engine.arms))
+    got = E.run_method(engine, m, "Tell me a story", seed=1, max_tokens=6)
+    want = engine.generate("Tell me a story", seed=2, max_tokens=6, guidance=False, temperature=0.0)
+    assert got["tokens"] == want.tokens  # greedy: the seed no longer matters
