@@ -122,11 +122,12 @@ def run_record(
     judges: dict[str, Callable[[str, str], float]] | None = None,
     nudge: NudgeConfig | None = None,
     sampling: SamplingParams | None = None,
-    **sampling_kw,
+    **gen_kw,
 ) -> dict:
     """Decode `prompt` under `setting` from empty KV caches with `seed` (the caller's
     record_seed) and return its record. `nudge` configures nudging when the setting has it
-    (default NudgeConfig()). Judge failures raise DataError naming the judge and the prompt.
+    (default NudgeConfig()); `gen_kw` go to engine.generate (stop, system, sampling fields).
+    Judge failures raise DataError naming the judge and the prompt.
 
     Record: prompt_index, prompt, setting, weights, nudge_on, seed, sample, text, tokens,
     n_tokens, finish_reason, timings (Timings.summary() + total_ms), scores {judge: score},
@@ -136,7 +137,7 @@ def run_record(
     engine.reset()
     c = engine.generate(
         prompt, seed=seed, max_tokens=max_tokens, weights=setting.weights,
-        nudge=(nudge or NudgeConfig()) if setting.nudge else None, sampling=sampling, **sampling_kw,
+        nudge=(nudge or NudgeConfig()) if setting.nudge else None, sampling=sampling, **gen_kw,
     )  # fmt: skip
     ratio = distinct_bigram_ratio(c.text)
     text_prompt = prompt if isinstance(prompt, str) else str(prompt)
@@ -182,6 +183,8 @@ class BatchWork:
     judges: tuple[str, ...] = ()
     sampling: SamplingParams | None = None
     nudge: NudgeConfig | None = None
+    stop: tuple[str, ...] = ()
+    system: str | None = None
     _judges: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +224,7 @@ class BatchWork:
         return run_record(
             engine, i, task["prompt"], setting, seed=record_seed(self.seed, i, j), sample=j,
             max_tokens=self.max_tokens, judges=self._judges, nudge=self.nudge, sampling=self.sampling,
+            stop=list(self.stop), system=self.system,
         )  # fmt: skip
 
 
@@ -297,6 +301,8 @@ def run_batch(
     stats = {"tasks": total, "already_done": total - len(tasks), "records": 0, "seconds": 0.0}
     if not tasks:
         return stats
+    if hasattr(runner, "start"):
+        runner.start()  # connect to a cluster before the progress bar shows
     bar = Progress(len(tasks), "batch", disable=not progress)
     t0 = time.perf_counter()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .distributed import ray_options, runner_from_options, spec_from_options
 from .errors import EdgeGenarmError
 from .guidance import GUIDED_DRY, SamplingParams
 from .judges import make_judge
@@ -613,20 +614,27 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
 )
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "stop"]))
 @click.option("--ctx", default=2048, show_default=True, help="Context length in tokens.")
+@ray_options
 def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, skip, require_finished,
-          on_error, ctx):  # fmt: skip
+          on_error, ctx, **ro):  # fmt: skip
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
     from edge_genarm.export.prefs import make_pairs
 
-    from .loader import load
+    from .distributed import LoadSpec
 
     try:
+        if judge != "tokens":
+            make_judge(judge)  # a bad spec fails before any model loads
+        spec = LoadSpec(str(Path(weights or default_weights()).expanduser().resolve()), arms=(), n_ctx=ctx)
+        runner = runner_from_options(ro, spec)
         items = read_prompts(prompts, on_error)[skip:][:limit]
-        engine = load(weights or default_weights(), arms=[], n_ctx=ctx)
-        fn = make_judge(judge, tokenize=lambda s: engine.base.tokenize(s, add_bos=False, special=False))
+        engine = fn = None
+        if runner is None:
+            engine = spec.load()
+            fn = make_judge(judge, tokenize=lambda s: engine.base.tokenize(s, add_bos=False, special=False))
         stats = make_pairs(
             engine, items, fn, judge, out, k, seed, max_tokens, temperature, on_error,
-            require_finished=require_finished,
+            require_finished=require_finished, runner=runner,
         )  # fmt: skip
     except EdgeGenarmError as e:
         fail(e)
@@ -751,27 +759,32 @@ def doctor(weights, arms):
 )
 @click.option("--max-tokens", default=48, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@ray_options
 def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, **o):
     """Same prompts and seeds, several guidance settings, judged scores (mean ± s.e.)."""
-    from .compare import format_rows, parse_setting, run_compare
+    from .batch import BatchWork, Progress, local_runner, parse_setting
+    from .compare import format_rows, summarize
 
     try:
-        engine = load_engine(o)
-        prompts = [p for _, p in read_prompts(prompts_file)[skip : skip + n_prompts]]
+        spec = spec_from_options(o, o["weights"] or default_weights())
+        runner = runner_from_options(o, spec)
+        items = read_prompts(prompts_file)[skip : skip + n_prompts]
+        prompts = [p for _, p in items]
         if not prompts:
             raise DataError(f"{prompts_file} has no prompts after --skip {skip}: lower --skip")
-        arms = list(engine.arms)
+        arms = list(spec.arm_weights())
         specs = settings or ["unguided", *[f"{a}=1" for a in arms]]
         parsed = [parse_setting(s, arms) for s in specs]
-        judge_fns = {j: make_judge(j) for j in judges}
-
-        def progress(label, i, n):
-            click.echo(f"\r{label}: {i}/{n}", nl=False, err=True)
-
-        rows = run_compare(engine, prompts, parsed, judge_fns, max_tokens, seed, progress)
+        work = BatchWork(seed=seed, max_tokens=max_tokens, judges=tuple(judges))
+        tasks, records = work.tasks(items, parsed, set()), []
+        bar = Progress(len(tasks), "compare")
+        try:
+            (runner or local_runner(spec.load))(work, tasks, lambda r: (records.append(r), bar.update(1)))
+        finally:
+            bar.close()
+        rows = summarize(records, parsed, list(judges))
     except EdgeGenarmError as e:
         fail(e)
-    click.echo("", err=True)
     click.echo(
         f"{len(prompts)} prompts from {prompts_file} (from line {skip + 1}), seeds {seed}..; "
         f"judges: {', '.join(judges)}"
@@ -824,7 +837,7 @@ def pack_rm(name):
 
 
 # Commands that live in their own modules register themselves on `main` (they use the helpers above).
-from . import cli_eval  # noqa: E402, F401
+from . import cli_batch, cli_eval  # noqa: E402, F401
 
 if __name__ == "__main__":
     from edge_genarm.cli import main as _main  # the imported module: every command is registered on it

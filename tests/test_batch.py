@@ -139,3 +139,68 @@ def test_records_do_not_depend_on_order_or_split_and_resume(engine, tmp_path):
     # a finished run loads nothing
     st3 = run_batch(lambda: pytest.fail("loaded an engine for nothing"), items, settings, split, work=work)
     assert st3["records"] == 0 and st3["already_done"] == 16
+
+
+# ---------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------
+
+
+def batch_cli(*args):
+    from click.testing import CliRunner
+
+    from edge_genarm.cli import main
+
+    return CliRunner().invoke(main, ["batch", *[str(a) for a in args]])
+
+
+def test_batch_command_default_setting_and_resume(tiny_bundle, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "out.jsonl"
+    args = ["-m", tiny_bundle, "--ctx", 512, "--prompts", prompts, "-o", out, "-n", 5, "--arm", "alpha=0.5"]
+    r = batch_cli(*args, "--limit", 2, "-k", 2, "--judge", "length", "--no-progress")
+    assert r.exit_code == 0, r.output
+    recs = read(out)
+    assert [(x["prompt_index"], x["sample"]) for x in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {x["setting"] for x in recs} == {"alpha=0.5"} and recs[0]["weights"] == {"alpha": 0.5}
+    assert all(x["n_tokens"] <= 5 and "length" in x["scores"] for x in recs)
+    r = batch_cli(*args, "-k", 2, "--judge", "length", "--no-progress")  # all four prompts now
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["already_done"] == 4 and len(read(out)) == 8
+
+
+def test_batch_command_bad_input(tiny_bundle, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "also fine"}\n{"prompt": oops}\n')
+    out = tmp_path / "o.jsonl"
+    r = batch_cli("-m", tiny_bundle, "--prompts", bad, "-o", out)
+    assert r.exit_code == 1 and "p.jsonl line 3 is not valid JSON" in r.output
+    r = batch_cli("-m", tiny_bundle, "--prompts", bad, "-o", out, "--on-error", "skip", "--setting", "gamma=1")
+    assert r.exit_code == 1 and "unknown ARM 'gamma'" in r.output
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Hi"}\n')
+    # --ray without the extra: the message names the install command
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is absent
+    r = batch_cli("-m", tiny_bundle, "--prompts", good, "-o", out, "--ray", "local")
+    assert r.exit_code == 1 and "pip install 'edge-genarm[ray]'" in r.output, r.output
+    monkeypatch.undo()
+    # an address nobody listens on: refused at once, named
+    r = batch_cli("-m", tiny_bundle, "--prompts", good, "-o", out, "--ray", "127.0.0.1:1")
+    assert r.exit_code == 1 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.output, r.output
+    # an address that accepts connections but never answers: an error within the timeout
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        code = f"from edge_genarm.distributed import connect; connect('127.0.0.1:{silent.getsockname()[1]}', timeout=4)"
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        took = time.perf_counter() - t0
+    assert p.returncode != 0 and "cannot join the Ray cluster at '127.0.0.1:" in p.stderr, p.stderr[-2000:]
+    assert took < 30
+    assert not out.exists()

@@ -16,10 +16,14 @@ class FakeEngine:
     """generate() returns a text chosen by the seed, from a fixed list per prompt."""
 
     def __init__(self, texts: dict[str, list[str]]):
-        self.texts, self.calls = texts, []
+        self.texts, self.calls, self.fresh = texts, [], False
+
+    def reset(self):
+        self.fresh = True
 
     def generate(self, prompt, seed, guidance, max_tokens, temperature):
-        assert guidance is False
+        assert guidance is False and self.fresh  # every sample starts from empty KV caches
+        self.fresh = False
         self.calls.append((prompt, seed))
         options = self.texts[prompt]
         text = options[seed % len(options)]
