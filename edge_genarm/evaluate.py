@@ -13,7 +13,7 @@ Methods (one `--method` each, or a `--grid`):
     SPEC@KEY=V[,KEY=V]         any of the above with sampling settings changed, e.g.
                                `positive=1@dry_multiplier=0` (SamplingParams field names)
 
-Every method decodes every prompt with the same seed (`seed_for`). Each reply gets: every
+Every method decodes every prompt with the same seed (`batch.record_seed`, as `batch` does). Each reply gets: every
 judge's score, the distinct-bigram ratio of its words (a reply below 0.6 "loops"), its mean
 NLL under the base (nats/token, from the base's own log-probs of the sampled tokens), its
 length in tokens and whether it finished, its seconds, and its model forwards: positions any
@@ -33,18 +33,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .batch import LOOP_RATIO, Progress, distinct_bigram_ratio, mean_nll
+from .batch import record_seed as seed_for
 from .errors import ConfigError, EdgeGenarmError
 from .judges import make_judge, run_judge
 from .nudge import NudgeConfig
 from .paths import atomic_write_json, atomic_write_text
 from .records import DataError, append_line, whole_records
-
-LOOP_RATIO = 0.6  # a reply whose distinct-bigram ratio is below this loops
 
 
 @dataclass(frozen=True)
@@ -184,19 +183,6 @@ def _fmt(w: float) -> str:
 # ---------------------------------------------------------------------------
 
 
-def seed_for(seed: int, index: int, sample: int = 0) -> int:
-    """The seed of prompt `index` (sample j of Best-of-N): the same for every method, and
-    independent of which prompts run together or in what order."""
-    return (seed * 1_000_003 + index * 7_919 + sample * 104_729) % (2**31)
-
-
-def distinct_bigram_ratio(text: str) -> float:
-    """Distinct word bigrams / word bigrams (1.0 for a reply of fewer than two words)."""
-    words = text.split()
-    pairs = list(zip(words, words[1:]))
-    return len(set(pairs)) / len(pairs) if pairs else 1.0
-
-
 def run_method(engine, m: Method, prompt: str, seed: int, max_tokens: int, rm=None) -> dict:
     """Decode one prompt with method m: text, tokens, finish, base log-probs, seconds, forwards."""
     t0 = time.perf_counter()
@@ -257,7 +243,7 @@ def make_record(index: int, prompt: str, m: Method, seed: int, out: dict, judges
         "scores": {name: run_judge(fn, name, index, prompt, out["text"]) for name, fn in judges.items()},
         "distinct_bigrams": ratio,
         "loops": ratio < LOOP_RATIO,
-        "nll": -sum(lp) / len(lp) if lp else 0.0,
+        "nll": mean_nll(lp) or 0.0,
         "seconds": out["seconds"],
         "forwards": out["forwards"],
     }
@@ -307,12 +293,14 @@ def run_eval(engine, items, methods, judges: dict, out: Path, max_tokens: int, s
     path = out / "records.jsonl"
     done = {(r.get("prompt_index"), r.get("method")) for r in whole_records(path)}
     todo = [(i, p, m) for m in methods for i, p in items if (i, m.label) not in done]
-    bar = _Progress(len(todo), progress)
+    bar = Progress(len(todo), "eval", disable=not progress)
     for i, p, m in todo:
         s = seed_for(seed, i)
+        if hasattr(engine, "reset"):
+            engine.reset()  # no prefix reuse across prompts: a record does not depend on the order
         rec = make_record(i, p, m, s, run_method(engine, m, p, s, max_tokens, rm), judges)
         append_line(path, rec)
-        bar.step(m.label)
+        bar.update(method=m.label)
     bar.close()
     wanted = {m.label for m in methods}
     prompts = dict(items)
@@ -322,33 +310,6 @@ def run_eval(engine, items, methods, judges: dict, out: Path, max_tokens: int, s
             if name not in r["scores"]:
                 r["scores"][name] = run_judge(fn, name, r["prompt_index"], prompts[r["prompt_index"]], r["text"])
     return out_recs
-
-
-class _Progress:
-    def __init__(self, total: int, on: bool):
-        self.bar = None
-        if on and total:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc="eval", unit="reply", file=sys.stderr)
-            except ImportError:
-                self.bar = False
-        self.total, self.n = total, 0
-
-    def step(self, label: str) -> None:
-        self.n += 1
-        if self.bar:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-        elif self.bar is False:
-            print(f"\reval: {self.n}/{self.total} ({label})", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-        elif self.bar is False:
-            print(file=sys.stderr)
 
 
 def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> list[dict]:

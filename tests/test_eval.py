@@ -72,7 +72,7 @@ def test_metrics_and_pareto():
     assert E.distinct_bigram_ratio("a b a b a b") == pytest.approx(2 / 5)
     assert E.distinct_bigram_ratio("one") == 1.0
     assert E.pareto([(0, 1), (1, 0), (0.5, 0.5), (0.2, 0.2), (1, 0)]) == [(0, 1), (0.5, 0.5), (1, 0)]
-    assert E.seed_for(0, 3) == E.seed_for(0, 3) != E.seed_for(0, 4)
+    assert E.seed_for(0, 3) == E.seed_for(0, 3) != E.seed_for(0, 4)  # batch.record_seed
 
 
 def _cfg(prompts, **kw):
