@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .errors import BundleError, ConfigError, TokenizerMismatchError
 from .gguf import read_gguf, vocab_fingerprint
-from .paths import atomic_write_json, cache_dir
+from .paths import atomic_write_json, cache_dir, update_json
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-genarm-bundle"
@@ -71,11 +71,12 @@ def _verified_hash(path: Path) -> str:
     except (OSError, ValueError):
         memo = {}
     if key not in memo:
-        memo[key] = sha256_file(path)
-        try:
-            atomic_write_json(memo_path, memo)
+        digest = sha256_file(path)  # not under the lock: hashing a large file takes seconds
+        try:  # locked read-modify-write: another process's new entries survive ours
+            update_json(memo_path, lambda m: m.__setitem__(key, digest))
         except OSError:
             pass
+        return digest
     return memo[key]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,3 +42,40 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock (flock) on `path` + ".lock", held for the block; it waits for other
+    processes holding it. Where fcntl is missing (Windows) the block runs unlocked."""
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_json(path: str | Path, update: Callable[[dict], None]) -> dict:
+    """Read the JSON object in `path` (missing or unreadable: {}), let `update` change it, write it
+    back atomically, all under file_lock(path): processes that update it at once (Ray actors on
+    one node sharing the cache) each keep their change, where read-modify-write with only an
+    atomic replace would let the last writer drop the others'. Returns the object written."""
+    path = Path(path)
+    with file_lock(path):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        update(data)
+        atomic_write_json(path, data)
+        return data
