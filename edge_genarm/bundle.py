@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import __version__
 from .errors import BundleError, ConfigError, TokenizerMismatchError
@@ -85,11 +87,170 @@ def file_record(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# the manifest's fields: one validator (types, finite numbers, known keys)
+# ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str):
+    """A JSON file's value; unreadable, not UTF-8 or not JSON is a BundleError naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise BundleError(
+            f"{what} '{path}' is not valid JSON ({why}): restore it or re-export the bundle"
+        ) from None
+
+
+def _show(v) -> str:
+    return (
+        repr(v)
+        if not isinstance(v, (dict, list))
+        else f"a JSON {'object' if isinstance(v, dict) else 'list'}"
+    )
+
+
+def _str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _relpath(v) -> bool:
+    """A path inside the bundle: relative, no '..', not empty."""
+    if not isinstance(v, str) or not v or "\\" in v:
+        return False
+    p = PurePosixPath(v)
+    return not p.is_absolute() and ".." not in p.parts
+
+
+# fmt: off
+_TYPES = {  # type -> (check, what a value must be)
+    "str": (_str, "a string"),
+    "int>=0": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "int>=1": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "int?": (lambda v: v is None or _int(v), "an integer or null"),
+    "str?": (lambda v: v is None or _str(v), "a string or null"),
+    "number": (_number, "a finite number"),
+    "beta_r": (lambda v: v is None or (_number(v) and v > 0), "a finite number > 0, or null"),
+    "path": (_relpath, "a relative path inside the bundle"),
+    "path?": (lambda v: v is None or _relpath(v), "a relative path inside the bundle, or null"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "64 hex digits"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "a JSON object"),
+    "dict?": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+}
+_RECORDS = {  # record -> ({field: type}, required fields, open: other keys allowed)
+    "manifest": (
+        {"format": "str", "format_version": "int>=1", "created_by": "str", "base": "@base", "arms": "{arm}",
+         "trunks": "{trunk}", "files": "{file}", "chat_template": "str", "nudges": "@nudges",
+         "placement": "{placement}", "reward_models": "{rm}"},
+        ("format", "base"), False,
+    ),
+    "base": (
+        {"file": "path", "architecture": "str", "n_vocab": "int>=0", "tokenizer_fingerprint": "sha256",
+         "source": "dict", "parity": "dict"},
+        ("file",), False,
+    ),
+    "arm": (
+        {"file": "path", "tokens": "path?", "beta_r": "beta_r", "default_weight": "number", "trunk": "str",
+         "trunk_layers": "int>=0", "source": "dict?", "parity": "dict?", "gate": "dict?", "training": "dict?",
+         "graph": "str?", "n_layers": "int>=0", "n_params": "int>=0"},
+        ("file",), False,
+    ),
+    "trunk": (
+        {"file": "path", "lm_head": "path", "layers": "int>=0", "n_layers": "int>=0", "graph": "str?",
+         "quantize": "str?", "lm_head_quantize": "str?", "embedding_quantize": "str?", "block_size": "int?",
+         "accuracy_level": "int?"},
+        ("file", "lm_head"), False,
+    ),
+    "file": ({"size": "int>=0", "sha256": "sha256"}, ("size", "sha256"), False),
+    "nudges": ({"file": "path"}, ("file",), True),  # the rest describes how the table was made
+    "placement": ({"parallel": "bool"}, ("parallel",), True),  # and the speeds measured
+    # reward models for Best-of-N / ARGS (export/rm_export.py); the rest records how it was made
+    "rm": ({"kind": "str", "file": "path", "tokens": "path"}, ("file", "tokens"), True),
+}
+# fmt: on
+
+
+def _check_record(kind: str, rec, where: str, mpath: Path) -> None:
+    def bad(field: str, want: str, got):
+        raise BundleError(
+            f"'{mpath}': {field} must be {want}, got {_show(got)}: fix the manifest or re-export the bundle"
+        )
+
+    fields, required, open_ = _RECORDS[kind]
+    if not isinstance(rec, dict):
+        bad(where, "a JSON object", rec)
+    for key in required:
+        if key not in rec:
+            bad(f"{where}.{key}".lstrip("."), "present", "nothing")
+    for key, value in rec.items():
+        field = f"{where}.{key}".lstrip(".")
+        spec = fields.get(key)
+        if spec is None and not open_:
+            raise BundleError(
+                f"'{mpath}': unknown key '{field}' (known here: {', '.join(fields)}): a typo, or a "
+                "bundle written by a newer edge-genarm (upgrade it)"
+            )
+        if spec is None:
+            continue
+        if spec.startswith("@"):
+            _check_record(spec[1:], value, field, mpath)
+        elif spec.startswith("{"):
+            if not isinstance(value, dict):
+                bad(field, "a JSON object", value)
+            for name, item in value.items():
+                if spec == "{file}" and not _relpath(name):
+                    bad(f"{field} key", "a relative path inside the bundle", name)
+                _check_record(spec[1:-1], item, f"{field}.{name}", mpath)
+        elif not _TYPES[spec][0](value):
+            bad(field, _TYPES[spec][1], value)
+
+
+def validate_manifest(manifest, mpath: Path) -> dict:
+    """`manifest` (parsed JSON) checked field by field; the first bad field is a BundleError that
+    names the file, the field, what it must be and what it is."""
+    if not isinstance(manifest, dict):
+        raise BundleError(
+            f"'{mpath}' is not an {FORMAT} manifest (it holds {_show(manifest)}, not a JSON object): "
+            "restore it or re-export the bundle"
+        )
+    if manifest.get("format") != FORMAT:
+        raise BundleError(
+            f"'{mpath}' is not an {FORMAT} manifest (format {_show(manifest.get('format'))}): "
+            "re-export the bundle"
+        )
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if _int(version) and version > FORMAT_VERSION:
+        raise BundleError(
+            f"'{mpath}' is format {version}, newer than this edge-genarm ({FORMAT_VERSION}): upgrade edge-genarm"
+        )
+    _check_record("manifest", manifest, "", mpath)
+    for name, a in manifest.get("arms", {}).items():
+        key = a.get("trunk")
+        if key is not None and key not in manifest.get("trunks", {}):
+            raise BundleError(
+                f"'{mpath}': arms.{name}.trunk names trunk '{key}', which the manifest does not list: "
+                "re-export the ARMs with `edge-genarm export share-trunk`"
+            )
+    return manifest
+
+
+# ---------------------------------------------------------------------------
 # reading a bundle
 # ---------------------------------------------------------------------------
 
 
 class Bundle:
+    """A bundle folder and its manifest (validated by `validate_manifest` before this is built)."""
+
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = root, manifest
         self.base_path = root / manifest["base"]["file"]
@@ -97,22 +258,14 @@ class Bundle:
         trunks = manifest.get("trunks", {})
         for name, a in manifest.get("arms", {}).items():
             tok, key = a.get("tokens"), a.get("trunk")
-            trunk = None
-            if key is not None:
-                t = trunks.get(key)
-                if not isinstance(t, dict) or "file" not in t or "lm_head" not in t:
-                    raise BundleError(
-                        f"ARM '{name}' ('{a['file']}') is a head on trunk '{key}', which the manifest "
-                        f"of '{root}' does not list: re-export it with `edge-genarm export share-trunk`"
-                    )
-                trunk = TrunkEntry(key, root / t["file"], root / t["lm_head"])
+            t = trunks[key] if key is not None else None
             self.arms[name] = ArmEntry(
                 name,
                 root / a["file"],
                 root / tok if tok else None,
                 a.get("beta_r"),
                 float(a.get("default_weight", 1.0)),
-                trunk,
+                TrunkEntry(key, root / t["file"], root / t["lm_head"]) if t else None,
             )
 
     @property
@@ -122,7 +275,13 @@ class Bundle:
     @classmethod
     def open(cls, root: str | Path, verify: bool = True) -> Bundle:
         root = Path(root)
-        if root.is_file() and root.suffix == ".gguf":
+        if root.is_file():
+            with open(root, "rb") as f:
+                if root.suffix != ".gguf" and f.read(4) != b"GGUF":
+                    raise BundleError(
+                        f"'{root}' is a file but not a .gguf model: pass a bundle folder (made by "
+                        "`edge-genarm export`) or a .gguf file"
+                    )
             return cls(root.parent, {"base": {"file": root.name}, "arms": {}})
         mpath = root / MANIFEST
         if not root.is_dir():
@@ -135,21 +294,18 @@ class Bundle:
                 f"'{root}' has no {MANIFEST}: it is not an edge-genarm bundle; "
                 "create one with `edge-genarm export base`, or pass a .gguf file"
             )
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BundleError(
-                f"'{mpath}' is not valid JSON ({e}): restore it or re-export the bundle"
-            ) from None
-        if manifest.get("format") != FORMAT or "base" not in manifest:
-            raise BundleError(f"'{mpath}' is not an {FORMAT} manifest: re-export the bundle")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise BundleError(
-                f"'{mpath}' is format {manifest['format_version']}, newer than this "
-                f"edge-genarm ({FORMAT_VERSION}): upgrade edge-genarm"
-            )
+        manifest = validate_manifest(_read_json(mpath, "manifest"), mpath)
         bundle = cls(root, manifest)
         bundle.check_files(verify)
+        graphs = [("base.file", bundle.base_path)] + [
+            (f"arms.{n}.file", a.path) for n, a in bundle.arms.items()
+        ]
+        for what, p in graphs:
+            if not p.is_file():
+                raise BundleError(
+                    f"bundle '{root}' has no '{p.relative_to(root)}' (its manifest's {what}): copy the whole "
+                    "bundle folder again or re-export it"
+                )
         return bundle
 
     def check_files(self, verify: bool) -> None:
@@ -173,20 +329,49 @@ class Bundle:
                 )
 
 
+MAX_VOCAB = 1 << 24  # token ids past this are a corrupt file, not a vocabulary
+
+
 def load_arm_tokens(path: Path | None, arm: str) -> list[str] | None:
-    """tokens.json (a list) or a Hugging Face tokenizer.json beside the ONNX file."""
+    """tokens.json (a list of token strings) or a Hugging Face tokenizer.json beside the ONNX file;
+    None when there is none. A file that is not one of those is a TokenizerMismatchError naming it."""
     if path is None or not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+
+    def bad(what: str):
+        return TokenizerMismatchError(
+            f"ARM '{arm}': '{path}' {what}: it must be a JSON list of the ARM's token strings "
+            "(or a tokenizer.json); re-export the ARM with `edge-genarm export arm`"
+        )
+
+    try:
+        data = _read_json(path, f"ARM '{arm}': tokens file")
+    except BundleError as e:
+        raise TokenizerMismatchError(str(e).replace("re-export the bundle", "re-export the ARM")) from None
     if isinstance(data, list):
+        if not data:
+            raise bad("lists no tokens")
+        if not all(isinstance(t, str) for t in data):
+            i = next(i for i, t in enumerate(data) if not isinstance(t, str))
+            raise bad(f"has {_show(data[i])} at index {i}, not a token string")
         return data
-    vocab = dict(data.get("model", {}).get("vocab", {}))
-    for added in data.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    if not vocab:
-        raise BundleError(f"ARM '{arm}': cannot read a vocabulary from '{path}'")
-    out = [""] * (max(vocab.values()) + 1)
-    for tok, i in vocab.items():
+    if not isinstance(data, dict):
+        raise bad(f"holds {_show(data)}")
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = data.get("added_tokens", [])
+    if not isinstance(vocab, dict) or not isinstance(added, list):
+        raise bad("has no model.vocab object")
+    pairs = list(vocab.items()) + [
+        (a.get("content"), a.get("id")) if isinstance(a, dict) else (None, None) for a in added
+    ]
+    for tok, i in pairs:
+        if not isinstance(tok, str) or not _int(i) or not 0 <= i < MAX_VOCAB:
+            raise bad(f"maps {tok!r} to id {i!r} (ids are integers from 0 to {MAX_VOCAB - 1})")
+    if not pairs:
+        raise bad("lists no tokens")
+    out = [""] * (max(i for _, i in pairs) + 1)
+    for tok, i in pairs:
         out[i] = tok
     return out
 
@@ -198,12 +383,39 @@ def find_arm_tokens(onnx_path: Path) -> Path | None:
     return None
 
 
-def check_arm_tokens(arm: str, arm_tokens: list[str] | None, base_tokens: list[str], base_name: str) -> None:
-    """Refuse an ARM whose token ids differ from the base's on the shared id range."""
+def check_arm_tokens(
+    arm: str,
+    arm_tokens: list[str] | None,
+    base_tokens: list[str],
+    base_name: str,
+    arm_vocab: int | None = None,
+    tokens_path: Path | None = None,
+) -> None:
+    """Refuse an ARM whose token ids differ from the base's on the shared id range.
+
+    The shared range is every id both models score: min(ARM vocab, base vocab), with the ARM's
+    vocab read from its graph (`arm_vocab`). Its token list must cover that range, else ids
+    would be used without being checked (a graph of unknown vocab must list every base id),
+    and must not list more tokens than the graph scores (then they do not belong together).
+    """
     if arm_tokens is None:
         raise TokenizerMismatchError(
             f"ARM '{arm}' has no tokens.json or tokenizer.json beside it, so its token ids cannot "
             "be checked against the base: export it with `edge-genarm export arm`"
+        )
+    where = f"'{tokens_path}'" if tokens_path else "its tokens file"
+    if arm_vocab and len(arm_tokens) > arm_vocab:
+        raise TokenizerMismatchError(
+            f"ARM '{arm}' lists {len(arm_tokens)} tokens in {where} but its graph scores only "
+            f"{arm_vocab} ids: the graph and its tokens do not belong together; re-export the ARM with "
+            "`edge-genarm export arm`"
+        )
+    shared = min(arm_vocab or len(base_tokens), len(base_tokens))
+    if len(arm_tokens) < shared:
+        raise TokenizerMismatchError(
+            f"ARM '{arm}' lists {len(arm_tokens)} tokens in {where} but scores {shared} ids shared "
+            f"with base '{base_name}': ids {len(arm_tokens)} to {shared - 1} cannot be checked; "
+            "re-export the ARM with `edge-genarm export arm`"
         )
     n = min(len(arm_tokens), len(base_tokens))
     if vocab_fingerprint(arm_tokens, n) == vocab_fingerprint(base_tokens, n):
@@ -214,6 +426,18 @@ def check_arm_tokens(arm: str, arm_tokens: list[str] | None, base_tokens: list[s
         f"{arm_tokens[i]!r} in the ARM but {base_tokens[i]!r} in the base. An ARM must share the "
         "base's token ids: train or export it from a model with the base's tokenizer"
     )
+
+
+def check_base_tokens(bundle: Bundle, base_tokens: list[str]) -> None:
+    """The base GGUF's vocabulary is the one the manifest recorded (every ARM was checked against
+    that one when it was exported)."""
+    want = bundle.manifest["base"].get("tokenizer_fingerprint")
+    if want is not None and vocab_fingerprint(base_tokens) != want:
+        raise TokenizerMismatchError(
+            f"base '{bundle.base_path}' has a different vocabulary ({len(base_tokens)} tokens) from the "
+            f"one its manifest recorded (tokenizer_fingerprint {want[:12]}): the file was replaced; "
+            "restore it or re-export the bundle"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +469,10 @@ def resolve_arm(bundle: Bundle, name: str) -> ArmEntry:
     p = Path(name)
     if p.suffix == ".onnx":
         if not p.is_file():
-            raise ConfigError(f"ARM file '{p}' does not exist")
+            have = ", ".join(bundle.arms) or "none"
+            raise ConfigError(
+                f"ARM file '{p}' does not exist: check the path, or name one of this bundle's ARMs ({have})"
+            )
         return ArmEntry(p.stem if p.stem != "model" else p.parent.name, p, find_arm_tokens(p))
     have = ", ".join(bundle.arms) or "none"
     raise ConfigError(f"unknown ARM '{name}': this bundle has {have}; or give a path to an .onnx file")

@@ -52,6 +52,30 @@ def default_weights() -> str:
         fail(e)
 
 
+def weights_or_default(weights: str | None) -> str:
+    """--weights as given, or the default pack when it is left out; an empty value is an error."""
+    if weights is None:
+        return default_weights()
+    if not weights.strip():
+        raise EdgeGenarmError(
+            "--weights is empty: give a bundle folder or a .gguf file, or leave it out for the default pack"
+        )
+    return weights
+
+
+def prompt_text(prompt: str | None) -> str:
+    """PROMPT, or standard input when it is absent or '-' (UTF-8); an empty prompt is an error."""
+    if prompt in (None, "-"):
+        try:
+            stdin = getattr(sys.stdin, "buffer", None)
+            prompt = stdin.read().decode("utf-8") if stdin is not None else sys.stdin.read()
+        except UnicodeDecodeError as e:
+            fail(EdgeGenarmError(f"standard input is not UTF-8 text ({e}): send the prompt as UTF-8"))
+    if not prompt.strip():
+        fail(EdgeGenarmError("the prompt is empty: give PROMPT, or pipe the text on standard input"))
+    return prompt
+
+
 def model_options(f):
     opts = [
         click.option("--weights", "-m", help="Bundle folder or .gguf file (default: SmolLM2-135M-Instruct)."),
@@ -128,9 +152,9 @@ def sampling_options(f):
 def load_engine(o: dict):
     from .loader import load
 
-    template = Path(o["chat_template"]).read_text() if o.get("chat_template") else None
+    template = Path(o["chat_template"]) if o.get("chat_template") else None  # read (and checked) by load
     return load(
-        o["weights"] or default_weights(),
+        weights_or_default(o["weights"]),
         list(o["arms"]) or None,
         n_ctx=o["ctx"],
         threads=o["threads"],
@@ -256,8 +280,7 @@ def config_show():
 @click.option("--explain", is_flag=True, help="Mark nudged tokens «new|was» and list what nudging did.")
 def generate(prompt, raw, as_json, no_stream, explain, **o):
     """Generate a reply to PROMPT (or to standard input when PROMPT is absent or '-')."""
-    if prompt in (None, "-"):
-        prompt = sys.stdin.read()
+    prompt = prompt_text(prompt)
     try:
         engine = load_engine(o)
         kw = gen_kwargs(o)
@@ -337,7 +360,7 @@ def chat(**o):
     from .repl import run_repl
 
     try:
-        o = {**o, "weights": o["weights"] or default_weights()}  # a first-run pack build: in the foreground
+        o = {**o, "weights": weights_or_default(o["weights"])}  # a first-run pack build: in the foreground
     except EdgeGenarmError as e:
         fail(e)
     # The models load while the prompt is already up: typing the first message overlaps

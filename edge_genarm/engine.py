@@ -101,7 +101,7 @@ class Generation:
                  stop, on_step, eos, nudge):  # fmt: skip
         self.engine, self.ids, self.budget = engine, list(ids), budget
         self.params: G.SamplingParams = params
-        self.rng = np.random.default_rng(seed)
+        self.rng = _rng(seed)
         self.weights: dict[str, float] = weights  # every loaded ARM's weight for this request
         self.active: dict[str, float] = active  # the ARMs that run (weight != 0, guidance on)
         self.text = TextStream(stop)
@@ -492,6 +492,13 @@ def _pad(lp: np.ndarray, v: int) -> np.ndarray:
     out = np.zeros(v, dtype=np.float32)
     out[: lp.size] = lp
     return out
+
+
+def _rng(seed) -> np.random.Generator:
+    """A seeded RNG; a seed that is not an integer >= 0 is a ConfigError, not NumPy's traceback."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    return np.random.default_rng(seed)
 
 
 def _is_token_list(x) -> bool:

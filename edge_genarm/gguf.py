@@ -93,6 +93,11 @@ class _Reader:
     def __init__(self, data: bytes, path: Path):
         self.data, self.pos, self.path = data, 0, path
 
+    def corrupt(self, what: str) -> ModelFileError:
+        return ModelFileError(
+            f"GGUF file '{self.path}' {what}: the file is corrupt; re-download or re-export it"
+        )
+
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data) or self.pos > len(self.data):
             raise ModelFileError(
@@ -110,7 +115,7 @@ class _Reader:
     def string(self) -> str:
         n = self.scalar("Q")
         if n > 1 << 24:
-            raise ModelFileError(f"GGUF file '{self.path}' has a {n}-byte string: the file is corrupt")
+            raise self.corrupt(f"has a {n}-byte string at offset {self.pos - 8}")
         return self.take(n).decode("utf-8", errors="replace")
 
     def strings(self, n: int) -> list[str]:
@@ -125,8 +130,7 @@ class _Reader:
             out.append(data[pos : pos + length].decode("utf-8", errors="replace"))
             pos += length
         if pos > end or len(out) < n:
-            self.pos = end + 1
-            self.take(0)  # raises the truncated-file error
+            raise self.corrupt(f"has a list of {n} strings that runs past the end of the file ({end} bytes)")
         self.pos = pos
         return out
 
@@ -138,7 +142,7 @@ class _Reader:
         if vtype == _ARRAY:
             itype, n = self.scalar("I"), self.scalar("Q")
             if n > 1 << 26:
-                raise ModelFileError(f"GGUF file '{self.path}' has an array of {n} items: corrupt")
+                raise self.corrupt(f"has an array of {n} items at offset {self.pos - 8}")
             if itype in _SCALARS:
                 fmt = _SCALARS[itype]
                 raw = self.take(struct.calcsize("<" + fmt) * n)
@@ -146,7 +150,10 @@ class _Reader:
             if itype == _STRING:
                 return self.strings(n)
             return [self.value(itype) for _ in range(n)]
-        raise ModelFileError(f"GGUF file '{self.path}' has unknown value type {vtype}: corrupt or too new")
+        raise ModelFileError(
+            f"GGUF file '{self.path}' has unknown value type {vtype} at offset {self.pos - 4}: the file is "
+            "corrupt or newer than this edge-genarm; re-download it or upgrade"
+        )
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
@@ -168,7 +175,10 @@ def _parse(head, path: Path, size: int) -> GGUFInfo:
     r.pos = 4
     version = r.scalar("I")
     if version not in (2, 3):
-        raise ModelFileError(f"GGUF file '{path}' has version {version}; supported: 2, 3")
+        raise ModelFileError(
+            f"GGUF file '{path}' has version {version}; supported: 2, 3: re-download it, or convert it "
+            "with a current llama.cpp"
+        )
     n_tensors, n_kv = r.scalar("Q"), r.scalar("Q")
     meta = {}
     for _ in range(n_kv):
@@ -178,6 +188,8 @@ def _parse(head, path: Path, size: int) -> GGUFInfo:
     for _ in range(n_tensors):
         name = r.string()
         n_dims = r.scalar("I")
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise r.corrupt(f"has tensor '{name}' with {n_dims} dimensions (at most 4)")
         dims = [r.scalar("Q") for _ in range(n_dims)]
         ttype, offset = r.scalar("I"), r.scalar("Q")
         block, nbytes = _GGML_SIZES.get(ttype, (1, 0))
@@ -186,8 +198,10 @@ def _parse(head, path: Path, size: int) -> GGUFInfo:
             n *= d
         end = max(end, offset + (n // block) * nbytes)
         if ttype not in _GGML_SIZES:
-            raise ModelFileError(f"GGUF file '{path}': tensor '{name}' has unknown type {ttype}")
-    align = int(meta.get("general.alignment", 32))
+            raise r.corrupt(f"has tensor '{name}' of unknown type {ttype}")
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 8 or align % 8:
+        raise r.corrupt(f"has general.alignment {align!r} (must be a multiple of 8)")
     data_start = (r.pos + align - 1) // align * align
     if data_start + end > size:
         raise ModelFileError(

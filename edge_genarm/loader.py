@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
 from .backends.trunk import HeadARM, TrunkGroup
-from .bundle import Bundle, check_arm_tokens, load_arm_tokens, parse_arm_spec, resolve_arm
+from .bundle import (
+    Bundle,
+    check_arm_tokens,
+    check_base_tokens,
+    load_arm_tokens,
+    parse_arm_spec,
+    resolve_arm,
+)
+from .chat import check_template, read_template
 from .engine import Engine
+from .errors import ConfigError
 from .nudge import NudgeTable
 
 
@@ -53,7 +63,7 @@ def load(
     arm_device: str = "cpu",
     arm_threads: int | None = None,
     parallel: bool | None = None,
-    chat_template: str | None = None,
+    chat_template: str | Path | None = None,
     verify: bool = True,
     cores: int | None = None,
 ) -> Engine:
@@ -65,6 +75,7 @@ def load(
     None decides by size (see `overlap_pays`). `cores`: the cores this engine may use
     (default: the machine's; a Ray actor passes its num_cpus).
     """
+    check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
     bundle = Bundle.open(weights, verify=verify)
     specs = _arm_specs(bundle, arms)
     if parallel is None:
@@ -86,16 +97,54 @@ def load(
             wait([arms_future])  # the base's error is the one to report
             raise
         loaded = arms_future.result()
+    check_base_tokens(bundle, base.info.tokens)
     for entry, _ in entries:
         check_arm_tokens(
-            entry.name, load_arm_tokens(entry.tokens_path, entry.name), base.info.tokens, base.path.name
+            entry.name,
+            load_arm_tokens(entry.tokens_path, entry.name),
+            base.info.tokens,
+            base.path.name,
+            getattr(loaded[entry.name], "vocab_size", None),
+            entry.tokens_path,
         )
     w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
-    engine = Engine(base, loaded, w, chat_template=chat_template or bundle.chat_template, parallel=parallel)
+    template, origin = _template(chat_template, bundle, base)
+    check_template(template, origin)
+    engine = Engine(base, loaded, w, chat_template=template, parallel=parallel)
     nudges = bundle.manifest.get("nudges")
     if nudges:
         engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
     return engine
+
+
+_OPTIONS = {  # option -> (command-line flag, smallest value, None allowed, what it means)
+    "n_ctx": ("--ctx", 1, False, "tokens of context"),
+    "threads": ("--threads", 1, True, "llama.cpp threads; leave it out for the cores"),
+    "arm_threads": ("--arm-threads", 1, True, "onnxruntime threads per ARM; leave it out for automatic"),
+    "gpu_layers": ("--gpu-layers", -1, False, "base layers on the GPU; -1 for all, 0 for none"),
+    "cores": ("cores", 1, True, "cores this engine may use"),
+}
+
+
+def check_options(**values) -> None:
+    """Load options in range, else a ConfigError naming the option (and its flag) and the fix."""
+    for name, v in values.items():
+        flag, lo, optional, meaning = _OPTIONS[name]
+        if v is None and optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"{name} ({flag}) must be an integer >= {lo} ({meaning}), got {v!r}")
+
+
+def _template(given: str | None, bundle: Bundle, base: LlamaBase) -> tuple[str | None, str]:
+    """The chat template that will be used, and where it came from (for error messages)."""
+    if isinstance(given, Path):
+        return read_template(given), f"file '{given}'"
+    if given is not None:
+        return given, "the chat_template given"
+    if bundle.chat_template:
+        return bundle.chat_template, f"'{bundle.root / 'manifest.json'}' (chat_template)"
+    return base.info.get("tokenizer.chat_template"), f"GGUF file '{base.path}' (tokenizer.chat_template)"
 
 
 def _load_arms(entries, device: str, threads: int) -> dict:

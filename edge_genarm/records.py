@@ -50,8 +50,9 @@ def read_prompts(
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            report_bad_line(f"{path} line {i + 1} is not valid JSON ({e})", on_error, stats)
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            report_bad_line(f"{path} line {i + 1} is not valid JSON ({why})", on_error, stats)
             continue
         p = rec.get("prompt") if isinstance(rec, dict) else None
         if not isinstance(p, str) or not p.strip():

@@ -40,25 +40,50 @@ def _read(prompt: str) -> str | None:
     return "\n".join(lines)
 
 
+# /set NAME VALUE: where the setting lives, its type, an example value
+_SETTINGS = {
+    "temperature": ("sampling", float, "0.7"),
+    "top_p": ("sampling", float, "0.9"),
+    "min_p": ("sampling", float, "0.05"),
+    "repeat_penalty": ("sampling", float, "1.1"),
+    "top_k": ("sampling", int, "40"),
+    "repeat_last_n": ("sampling", int, "64"),
+    "max_tokens": ("request", int, "256"),
+    "seed": ("request", int, "42"),
+}
+
+
+def _number(value: str, typ: type, why: str):
+    """`value` as a finite `typ`, else a ValueError saying `why` (what to type instead)."""
+    try:
+        v = typ(value)
+    except ValueError:
+        raise ValueError(why) from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(why)
+    return v
+
+
 def _set_option(kw: dict, name: str, value: str) -> str:
-    """Change one generation setting in `kw`; raises ValueError with the reason."""
+    """Change one generation setting in `kw`; raises ValueError (or ConfigError) with the reason in words."""
     name = name.replace("-", "_")
-    if name in ("temperature", "top_p", "min_p", "repeat_penalty"):
-        kw["sampling"] = replace(kw["sampling"], **{name: float(value)})
-    elif name in ("top_k", "repeat_last_n"):
-        kw["sampling"] = replace(kw["sampling"], **{name: int(value)})
-    elif name in ("max_tokens", "seed"):
-        kw[name] = int(value)
-    elif name == "nudge":
+    if name == "nudge":
         if value not in ("on", "off"):
-            raise ValueError("use /set nudge on or /set nudge off")
+            raise ValueError("nudge is on or off, e.g. /set nudge on")
         kw["nudge"] = (kw.get("nudge") or NudgeConfig()) if value == "on" else None
+        return f"nudge = {value}"
+    if name not in _SETTINGS:
+        raise ValueError(f"unknown setting '{name}': {', '.join(_SETTINGS)}, nudge (or /set arm NAME WEIGHT)")
+    where, typ, example = _SETTINGS[name]
+    kind = "a whole number" if typ is int else "a number"
+    v = _number(value, typ, f"{name} must be {kind}, e.g. /set {name} {example}")
+    if where == "sampling":
+        kw["sampling"] = replace(kw["sampling"], **{name: v})  # SamplingParams checks the range
+    elif v < 0:
+        raise ValueError(f"{name} must be 0 or more, e.g. /set {name} {example}")
     else:
-        raise ValueError(
-            f"unknown setting '{name}': temperature, top_k, top_p, min_p, repeat_penalty, "
-            "repeat_last_n, max_tokens, seed, nudge"
-        )
-    return f"{name} = {value}"
+        kw[name] = v
+    return f"{name} = {v:g}"
 
 
 def _command(line: str, engine, state: dict, out) -> bool:
@@ -91,8 +116,9 @@ def _command(line: str, engine, state: dict, out) -> bool:
         )
     elif cmd == "/set" and len(parts) == 4 and parts[1] == "arm":
         try:
-            engine.set_weights({parts[2]: float(parts[3])})
-            out(f"  {parts[2]} = {float(parts[3]):g}")
+            w = _number(parts[3], float, f"an ARM weight must be a number, e.g. /set arm {parts[2]} 0.5")
+            engine.set_weights({parts[2]: w})
+            out(f"  {parts[2]} = {w:g}")
         except (ValueError, EdgeGenarmError) as e:
             out(f"  error: {e}")
     elif cmd == "/set" and len(parts) == 3:
@@ -100,6 +126,8 @@ def _command(line: str, engine, state: dict, out) -> bool:
             out("  " + _set_option(state["kw"], parts[1], parts[2]))
         except (ValueError, EdgeGenarmError) as e:
             out(f"  error: {e}")
+    elif cmd == "/set":
+        out("  error: use /set NAME VALUE (e.g. /set temperature 0.7) or /set arm NAME WEIGHT")
     else:
         out(f"unknown command {line!r}: /help lists the commands")
     return True

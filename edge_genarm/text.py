@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import codecs
 
+from .errors import ConfigError
+
 
 class TextStream:
     def __init__(self, stops: list[str] | tuple[str, ...] = ()):
-        self.stops = [s for s in stops if s]
+        if isinstance(stops, str) or any(not isinstance(s, str) or not s for s in stops):
+            raise ConfigError(
+                f"stop must be a list of non-empty strings, got {stops!r}: e.g. --stop '\\n\\n'"
+            )
+        self.stops = list(stops)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False

@@ -104,7 +104,7 @@ def _retokenize(bundle, name, mutate):
     toks = mutate(toks)
     p.write_text(json.dumps(toks))
     m = json.loads((bundle / "manifest.json").read_text())
-    del m["files"][f"arms/{name}/tokens.json"]
+    m["files"].pop(f"arms/{name}/tokens.json", None)
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
@@ -118,10 +118,41 @@ def test_tokenizer_mismatch_is_refused_with_the_differing_id(bundle_copy):
         load(str(bundle_copy), ["beta=1"])
 
 
+def _pad_graph_vocab(bundle, name, extra):
+    """The ARM's LM head scores `extra` more ids than the base has (as 32001 vs 32000 in real models)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    p = bundle / "arms" / name / "model.onnx"
+    model = onnx.load(str(p))
+    for init in model.graph.initializer:  # the LM head: [hidden, vocab]
+        if len(init.dims) == 2 and init.dims[1] == 49152 and init.dims[0] != 49152:
+            w = numpy_helper.to_array(init)
+            w = np.concatenate([w, np.zeros((w.shape[0], extra), w.dtype)], axis=1)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    for o in model.graph.output:
+        if o.name == "logits":
+            o.type.tensor_type.shape.dim[2].dim_value = 49152 + extra
+    onnx.save(model, str(p))
+    m = json.loads((bundle / "manifest.json").read_text())
+    del m["files"][f"arms/{name}/model.onnx"]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
 def test_padded_arm_vocab_is_accepted_on_the_shared_range(bundle_copy):
+    _pad_graph_vocab(bundle_copy, "beta", 1)
     _retokenize(bundle_copy, "beta", lambda t: t + ["<pad>"])
     e = load(str(bundle_copy), ["beta=1"])
-    assert e.generate("Hi", max_tokens=3, seed=0).tokens
+    assert e.arms["beta"].vocab_size == 49153 and e.generate("Hi", max_tokens=3, seed=0).tokens
+
+
+def test_tokens_that_do_not_match_the_graph_are_refused(bundle_copy):
+    _retokenize(bundle_copy, "beta", lambda t: t + ["<pad>"])  # 49153 tokens, the graph scores 49152
+    with pytest.raises(TokenizerMismatchError, match="lists 49153 tokens.*scores only 49152"):
+        load(str(bundle_copy), ["beta=1"])
+    _retokenize(bundle_copy, "beta", lambda t: t[:-2])  # ids 49151, 49152 of the shared range unchecked
+    with pytest.raises(TokenizerMismatchError, match="lists 49151 tokens.*ids 49151 to 49151"):
+        load(str(bundle_copy), ["beta=1"])
 
 
 def test_exporting_a_mismatched_arm_into_a_bundle_is_refused(tiny_root, tmp_path):

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -102,7 +103,15 @@ def test_chat_repl_in_a_real_terminal(tiny_bundle):
         child.sendline("/set arm alpha 0.25")
         child.expect("alpha = 0.25")
         child.sendline("/set arm alpha lots")
-        child.expect("error")
+        child.expect(r"error: an ARM weight must be a number, e.g. /set arm alpha 0.5")
+        child.sendline("/set temperature abc")  # bad values are answered in words
+        child.expect(r"error: temperature must be a number, e.g. /set temperature 0.7")
+        child.sendline("/set top_k 2.5")
+        child.expect(r"error: top_k must be a whole number, e.g. /set top_k 40")
+        child.sendline("/set seed -3")
+        child.expect(r"error: seed must be 0 or more")
+        child.sendline("/set temperature")
+        child.expect(r"error: use /set NAME VALUE")
         child.sendline("/set temperature 0.5")
         child.expect("temperature = 0.5")
         child.sendline("/set top_p 7")
@@ -111,6 +120,9 @@ def test_chat_repl_in_a_real_terminal(tiny_bundle):
         child.expect("unknown command")
         child.sendline("Hello there")
         child.expect(r"\[\d+ tokens, [\d.]+ tok/s\]")
+        child.sendline("/stats")  # rounded, as in the reply footer
+        child.expect(r"  (\d+ tokens, [^\r\n]* per token)")
+        assert not re.search(r"\d\.\d{4,}", child.match.group(1)), child.match.group(1)
         child.sendline("/bye")
         child.expect(pexpect.EOF)
     finally:

@@ -25,6 +25,20 @@ def default_threads() -> int:
     return max(1, n // 2) if n > 4 else n
 
 
+def _check_template_compiles(path: Path, template) -> None:
+    """llama-cpp-python compiles the GGUF's chat template when it loads the model, and a template
+    that does not compile stops the load with a jinja2 error: name the file and the key instead."""
+    from ..chat import compile_error
+
+    why = compile_error(template) if isinstance(template, str) and template else None
+    if why:
+        raise ModelFileError(
+            f"the chat template in GGUF file '{path}' (tokenizer.chat_template) does not compile "
+            f"({why}); llama-cpp-python compiles it when loading, so the file cannot be used as is: "
+            "re-export it with a working template"
+        )
+
+
 class LlamaBase:
     """The base model: `prefill(tokens)` and `step(token)` return last-position logits."""
 
@@ -40,6 +54,7 @@ class LlamaBase:
 
         self.path = Path(path)
         self.info = read_gguf(self.path)  # raises a clear error before llama.cpp can abort
+        _check_template_compiles(self.path, self.info.get("tokenizer.chat_template"))
         if not validated:
             from .probe import probe_gguf
 
@@ -59,9 +74,13 @@ class LlamaBase:
                 logits_all=False,
                 verbose=False,
             )
-        except (ValueError, RuntimeError) as e:
-            raise ModelFileError(f"llama.cpp could not load '{self.path}': {e}") from None
-        self.n_ctx = self.llm.n_ctx()
+        except Exception as e:  # llama-cpp-python raises ValueError, RuntimeError, jinja2 errors...
+            raise ModelFileError(
+                f"llama.cpp could not load '{self.path}' ({type(e).__name__}: {str(e)[:200]}): "
+                "re-download or re-export it"
+            ) from None
+        # llama.cpp pads a small context up (to 256): keep the one asked for, so `--ctx 8` means 8
+        self.n_ctx = min(self.llm.n_ctx(), n_ctx)
         self.n_vocab = self.llm.n_vocab()
         self.threads, self.gpu_layers = threads, gpu_layers
         self._ctx, self._batch = self.llm._ctx, self.llm._batch

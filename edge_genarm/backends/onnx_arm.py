@@ -142,6 +142,13 @@ class OnnxGraph:
         self._ort = ort
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
+    def run_error(self, e: Exception) -> ModelFileError:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return ModelFileError(
+            f"ARM '{self.name}': ONNX file '{self.path}' loads but fails when run ({type(e).__name__}: "
+            f"{first}): the graph is corrupt or not an edge-genarm ARM; re-export it with `edge-genarm export arm`"
+        )
+
     def _session(self, opts, providers):
         """The session; on CPU through the optimized-graph cache (see optimized_cache_path)."""
         import onnxruntime as ort
@@ -270,7 +277,10 @@ class KVGraph(OnnxGraph):
             io.bind_ortvalue_input(name, past)
         for name in self._out_names:
             io.bind_output(name, self._device)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime's own error types: a graph that loads but cannot run
+            raise self.run_error(e) from None
         outs = io.get_outputs()
         self._past = dict(zip(self._past_names, outs[1:]))
         self.tokens.extend(new)

@@ -112,7 +112,10 @@ class TrunkGroup:
             keep = min(_common_prefix(head.tokens, tokens), len(tokens) - 1)
             head.truncate(keep)
             normed.append(head.feed(tokens[keep:], self.hidden[None, keep : len(tokens)])[-1])
-        logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
+        try:
+            logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
+        except Exception as e:  # onnxruntime's own error types
+            raise self.lm.run_error(e) from None
         return {n: logits[i, -1] for i, n in enumerate(names)}
 
     def sequence_logits(self, name: str, tokens: list[int]) -> np.ndarray:
