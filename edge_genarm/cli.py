@@ -861,6 +861,9 @@ def pack_rm(name):
 
 # Commands that live in their own modules register themselves on `main` (they use the helpers above).
 from . import cli_batch, cli_eval  # noqa: E402, F401
+from .server.command import serve_command  # noqa: E402  (edge_genarm/server/)
+
+main.add_command(serve_command(model_options, load_engine))
 
 if __name__ == "__main__":
     from edge_genarm.cli import main as _main  # the imported module: every command is registered on it

@@ -42,6 +42,7 @@ class StepRecord:
     fallback: list[str] = field(default_factory=list)  # ARMs skipped this step (NaN/inf logits)
     site: bool = False  # a nudge site (entropy trigger fired)
     nudged_from: int | None = None  # the token sampling chose before the nudge changed it
+    base_pick: int | None = None  # explain only: the base's own scores, same sampler and uniform, chose this
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Generation:
     (`finish_reason`, `timings`, `nudge`, `weights`). Nothing of it is stored on the engine."""
 
     def __init__(self, engine: Engine, ids: list[int], budget: int, *, params, seed, weights, active,
-                 stop, on_step, eos, nudge):  # fmt: skip
+                 stop, on_step, eos, nudge, explain=False):  # fmt: skip
         self.engine, self.ids, self.budget = engine, list(ids), budget
         self.params: G.SamplingParams = params
         self.rng = _rng(seed)
@@ -110,6 +111,7 @@ class Generation:
         self.nudge_cfg: NudgeConfig | None = nudge
         self.nudge: NudgeReport | None = NudgeReport() if nudge is not None else None
         self.last_site: int | None = None
+        self.explain = explain  # fill StepRecord.base_pick
         self.timings = Timings(prompt_tokens=len(ids))
         self.finish_reason: str | None = None
         self._it: Iterator[StepRecord] | None = None
@@ -228,6 +230,7 @@ class Engine:
         on_step=None,
         ignore_eos: bool = False,
         nudge: NudgeConfig | None = None,
+        explain: bool = False,
         **sampling_kw,
     ) -> Generation:
         """A Generation: iterate it for one StepRecord per generated token.
@@ -235,7 +238,9 @@ class Engine:
         `weights` apply to this request only, over the engine's defaults (`set_weights`);
         `guidance=False` runs the base alone. `nudge` turns on entropy-triggered nudging
         (nudge.py) with the bundle's nudge table when it has one. `on_step(i, scores, params)`
-        sees each step's scores. Bad arguments raise here, before any model runs.
+        sees each step's scores (what the sampler draws from). `explain` records in each
+        StepRecord the token the base alone would have drawn (`base_pick`). Bad arguments
+        raise here, before any model runs.
         """
         params = sampling or G.SamplingParams(**sampling_kw)
         w = self.check_weights(weights or {})
@@ -260,7 +265,7 @@ class Engine:
         return Generation(
             self, ids, self._budget(len(ids), max_tokens), params=params, seed=seed, weights=w,
             active=active, stop=stop, on_step=on_step, eos=set() if ignore_eos else self.base.eos_ids,
-            nudge=nudge,
+            nudge=nudge, explain=explain,
         )  # fmt: skip
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
@@ -281,18 +286,14 @@ class Engine:
         g.finish_reason = "length"
         t.arm_s = {label: 0.0 for label, names in self._units.items() if any(n in active for n in names)}
         t0 = time.perf_counter()
+        self._trim_for(seq, active)
         logits = self._forward("prefill", seq, active, t, count=False)
         t.prompt_s = time.perf_counter() - t0
         for i in range(g.budget):
             t1 = time.perf_counter()
             st = self._combine(logits, active)
             p = g.params
-            if (p.repeat_penalty != 1.0 and p.repeat_last_n) or p.dry_multiplier:
-                if st.scores is st.base_lp:  # no ARM ran: keep the base log-probs unpenalised
-                    st.scores = st.base_lp.copy()
-                if p.repeat_last_n:
-                    G.repeat_penalty(st.scores, seq[-p.repeat_last_n :], p.repeat_penalty)
-                G.dry_penalty(st.scores, seq, p, self.dry_breakers)
+            st.scores = self._penalize(st.scores, st.base_lp, seq, p)
             if g.on_step is not None:
                 g.on_step(i, st.scores, p)
             tok = self._choose(i, st, g, seq)
@@ -325,10 +326,30 @@ class Engine:
         if tail:
             yield StepRecord(-1, tail, 0.0, 0.0, 0.0)
 
+    def _penalize(self, scores: np.ndarray, base_lp: np.ndarray, seq: list[int], p) -> np.ndarray:
+        """Repeat penalty and DRY on `scores` (copied first when they are the base's log-probs)."""
+        if (p.repeat_penalty != 1.0 and p.repeat_last_n) or p.dry_multiplier:
+            if scores is base_lp:  # no ARM ran: keep the base log-probs unpenalised
+                scores = base_lp.copy()
+            if p.repeat_last_n:
+                G.repeat_penalty(scores, seq[-p.repeat_last_n :], p.repeat_penalty)
+            G.dry_penalty(scores, seq, p, self.dry_breakers)
+        return scores
+
+    def _trim_for(self, seq: list[int], active) -> None:
+        """Start a request from cache entries that a cold prefill would compute bit for bit
+        (LlamaBase.trim_for): the same request and seed then give the same text whatever ran
+        before it, and a chat's earlier turns are still reused."""
+        self.base.trim_for(seq)
+        for n in active:
+            self.arms[n].trim_for(seq)
+
     def _choose(self, i: int, st: _Step, g: Generation, seq: list[int]) -> int:
         """Sample; at a nudge site, let the nudge change the pick (same uniform draw)."""
         u = g.rng.random()
         tok = G.sample_u(st.scores, g.params, u)
+        if g.explain:
+            st.rec.base_pick = G.sample_u(self._penalize(st.base_lp, st.base_lp, seq, g.params), g.params, u)
         cfg, report = g.nudge_cfg, g.nudge
         if cfg is None:
             return tok

@@ -88,6 +88,7 @@ class LlamaBase:
         self._get_logits = llama_cpp.llama_get_logits_ith
         self._ctx_ptr = self._ctx.ctx
         self.tokens: list[int] = []
+        self.n_exact = 0  # leading cached positions computed in batches of >= 2 tokens (see trim_for)
         self.last_prefill_evaluated = 0  # tokens the last prefill actually ran (the rest came from cache)
 
     # -- tokenizer (the GGUF's own vocabulary) ------------------------------
@@ -121,6 +122,7 @@ class LlamaBase:
     def reset(self) -> None:
         self._ctx.kv_cache_clear()
         self.tokens = []
+        self.n_exact = 0
 
     def _decode(self, new: list[int]) -> np.ndarray:
         n_past = len(self.tokens)
@@ -130,10 +132,11 @@ class LlamaBase:
                 f"'{self.path.name}': shorten the prompt, lower max tokens, or raise --ctx "
                 f"(trained length {self.n_ctx_train})"
             )
-        for i in range(0, len(new), self._n_batch):
-            chunk = new[i : i + self._n_batch]
-            self._batch.set_batch(batch=chunk, n_past=n_past + i, logits_all=False)
+        for i, j in _chunks(len(new), self._n_batch):
+            self._batch.set_batch(batch=new[i:j], n_past=n_past + i, logits_all=False)
             self._ctx.decode(self._batch)
+        if len(new) >= 2 and n_past == self.n_exact:
+            self.n_exact = n_past + len(new)
         self.tokens.extend(new)
         ptr = self._get_logits(self._ctx_ptr, -1)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
@@ -141,11 +144,32 @@ class LlamaBase:
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Evaluate `tokens`, reusing the KV cache for the prefix shared with the last call."""
         keep = min(_common_prefix(self.tokens, tokens), len(tokens) - 1)
-        if keep < len(self.tokens):
-            self._ctx.kv_cache_seq_rm(-1, keep, -1)
-            self.tokens = self.tokens[:keep]
+        self._truncate(keep)
         self.last_prefill_evaluated = len(tokens) - keep
         return self._decode(list(tokens[keep:]))
 
+    def trim_for(self, tokens: list[int]) -> None:
+        """Drop the cached positions that a cold prefill of `tokens` would compute differently, so
+        that the next `prefill(tokens)` gives its logits bit for bit: positions not shared with
+        `tokens`, positions decoded one token at a time (llama.cpp's one-token path rounds
+        differently from its batched one, up to ~1 nat on a Q4 model; batches of any size >= 2
+        agree exactly), and enough that at least two tokens are evaluated."""
+        self._truncate(min(_common_prefix(self.tokens, tokens), self.n_exact, max(0, len(tokens) - 2)))
+
+    def _truncate(self, keep: int) -> None:
+        if keep < len(self.tokens):
+            self._ctx.kv_cache_seq_rm(-1, keep, -1)
+            self.tokens = self.tokens[:keep]
+            self.n_exact = min(self.n_exact, keep)
+
     def step(self, token: int) -> np.ndarray:
         return self._decode([token])
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """[i, j) slices of at most `size` covering n positions, none of one position when n > 1
+    (a one-token decode rounds differently: see LlamaBase.trim_for)."""
+    bounds = list(range(0, n, size)) + [n]
+    if n > 1 and size > 2 and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return list(zip(bounds[:-1], bounds[1:]))

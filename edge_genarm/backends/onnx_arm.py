@@ -249,6 +249,7 @@ class KVGraph(OnnxGraph):
 
     def reset(self) -> None:
         self.tokens: list[int] = []
+        self.n_exact = 0  # leading cached positions computed in batches of >= 2 (LlamaBase.trim_for)
         self._past = {n: self._ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._empty.items()}
 
     def truncate(self, keep: int) -> None:
@@ -259,6 +260,12 @@ class KVGraph(OnnxGraph):
                 for n, v in self._past.items()
             }
             self.tokens = self.tokens[:keep]
+            self.n_exact = min(self.n_exact, keep)
+
+    def exact_keep(self, tokens: list[int]) -> int:
+        """The cached positions a cold prefill of `tokens` would compute bit for bit: shared, fed
+        in batches (onnxruntime's one-position kernels round differently), >= 2 left to feed."""
+        return min(_common_prefix(self.tokens, tokens), self.n_exact, max(0, len(tokens) - 2))
 
     def feed(self, new: list[int], value: np.ndarray | None = None) -> np.ndarray:
         """One forward with IOBinding over the positions of token ids `new` (fed as `value`
@@ -283,6 +290,8 @@ class KVGraph(OnnxGraph):
             raise self.run_error(e) from None
         outs = io.get_outputs()
         self._past = dict(zip(self._past_names, outs[1:]))
+        if n_new >= 2 and n_past == self.n_exact:
+            self.n_exact = n_past + n_new
         self.tokens.extend(new)
         return outs[0].numpy()[0]
 
@@ -294,6 +303,10 @@ class OnnxARM(KVGraph):
         """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
         self.truncate(min(_common_prefix(self.tokens, tokens), len(tokens) - 1))  # evaluate >= 1 token
         return self.feed(list(tokens[len(self.tokens) :]))[-1]
+
+    def trim_for(self, tokens: list[int]) -> None:
+        """As LlamaBase.trim_for: the next prefill(tokens) equals a cold one bit for bit."""
+        self.truncate(self.exact_keep(tokens))
 
     def step(self, token: int) -> np.ndarray:
         return self.feed([token])[-1]

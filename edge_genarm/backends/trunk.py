@@ -112,11 +112,21 @@ class TrunkGroup:
             keep = min(_common_prefix(head.tokens, tokens), len(tokens) - 1)
             head.truncate(keep)
             normed.append(head.feed(tokens[keep:], self.hidden[None, keep : len(tokens)])[-1])
+            head.n_exact = min(head.n_exact, self.trunk.n_exact)  # exact only on exact hidden states
         try:
             logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
         except Exception as e:  # onnxruntime's own error types
             raise self.lm.run_error(e) from None
         return {n: logits[i, -1] for i, n in enumerate(names)}
+
+    def trim_for(self, tokens: list[int], names: list[str]) -> None:
+        """As LlamaBase.trim_for, for the trunk and the named heads."""
+        keep = self.trunk.exact_keep(tokens)
+        self.trunk.truncate(keep)
+        self._n = min(self._n, keep)
+        for n in names:
+            head = self.heads[n]
+            head.truncate(min(keep, head.exact_keep(tokens)))
 
     def sequence_logits(self, name: str, tokens: list[int]) -> np.ndarray:
         """Logits at every position of `tokens` from empty caches (export checks)."""
@@ -144,3 +154,6 @@ class HeadARM:
 
     def step(self, token: int) -> np.ndarray:
         return self.group.run("step", token, [self.name])[self.name]
+
+    def trim_for(self, tokens: list[int]) -> None:
+        self.group.trim_for(tokens, [self.name])

@@ -1,0 +1,31 @@
+"""`edge-genarm serve`: an OpenAI- and Ollama-compatible local server with per-request
+objective weights, and a chat page at `/`.
+
+Choices, written down:
+- One engine, one generation at a time, in one worker thread (worker.py): the engine and its
+  KV caches are not thread-safe. Requests wait in a FIFO bounded by `--max-queue`; past it
+  the answer is 503 with Retry-After (an estimate from recent job times). A client that
+  disconnects stops its generation within one token (a flag checked between tokens); a
+  request cancelled while waiting leaves the line and never runs.
+- Per-request state lives in the engine's `Generation` (weights, RNG, timings): a request's
+  weights never reach the next request or the server's defaults.
+- Reproducible seeds: a request starts from KV-cache entries that a cold prefill would compute
+  bit for bit (Engine._trim_for): llama.cpp's and onnxruntime's one-token kernels round
+  differently from their batched ones (~0.5 nat on the Q4/int8 models), so positions decoded one
+  at a time are re-evaluated in a batch. The same request and seed give the same text alone or
+  among other requests, and a chat still reuses every earlier turn (the last reply is
+  re-evaluated, in one batch).
+- `logprobs`/`top_logprobs` are those of the distribution the sampler drew from: combined
+  scores, penalties, temperature, then top-k/top-p/min-p (exactly `guidance.candidates`); a
+  token outside it (greedy: everything but the argmax) would be -inf, sent as -9999 as OpenAI does.
+- Guidance per request: the `genarm` object (`extra_body` in the openai client) with weights,
+  guidance, nudge and explain; and presets as model ids (`<model>`, `<model>+<arm>`,
+  `<model>+base`) for front-ends that can only choose a model. Every response echoes the
+  weights it used (`genarm.weights`).
+- Errors: every bad request is a 4xx with the OpenAI error object naming the field and the fix
+  (Ollama's `{"error": "..."}` on /api/, which its clients read); unsupported OpenAI fields
+  (n > 1, tools, logit_bias, ...) are refused, never silently ignored. A failing generation is
+  a 500 (or an error event mid-stream) and the server goes on.
+- Only loopback by default; `--api-key` requires a bearer key on /v1 and /api (the page at `/`
+  asks for it). No CDN: the page is plain HTML/JS/CSS shipped in the package.
+"""

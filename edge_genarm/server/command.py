@@ -1,0 +1,72 @@
+"""`edge-genarm serve`: the click command (FastAPI and uvicorn are imported only when it runs)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import click
+
+from ..errors import EdgeGenarmError
+
+
+def serve_command(model_options, load_engine) -> click.Command:
+    """The command, built from the CLI's model options and loader (no import cycle with cli.py)."""
+
+    @click.command("serve")
+    @model_options
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback).")
+    @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+    @click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 and /api.")
+    @click.option(
+        "--max-queue",
+        default=16,
+        show_default=True,
+        type=click.IntRange(0),
+        help="Requests that may wait while one generates; past it: 503 with Retry-After.",
+    )
+    @click.option("--model-name", help="The model id clients see (default: from the GGUF, e.g. smollm2).")
+    def serve(host, port, api_key, max_queue, model_name, **o):
+        """OpenAI- and Ollama-compatible server with per-request ARM weights, and a chat page at /."""
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            raise click.ClickException(
+                f"the server needs '{e.name}': pip install 'edge-genarm[serve]'"
+            ) from None
+        from .app import create_app
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("edge_genarm.server").setLevel(logging.INFO)
+        if not _loopback(host) and not api_key:
+            click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
+                       err=True)  # fmt: skip
+        try:
+            engine = load_engine(o)
+            # warm-up: the first request should not pay for onnxruntime's first runs and lazy tables
+            engine.generate("Hello", max_tokens=2, seed=0)
+        except EdgeGenarmError as e:
+            raise click.ClickException(str(e)) from None
+        app = create_app(engine, name=model_name, api_key=api_key, max_queue=max_queue,
+                         guidance=not o["no_guidance"])  # fmt: skip
+        ids = ", ".join(p.id for p in app.state.models.presets)
+        click.echo(
+            f"serving {ids} on http://{host}:{port}/  (OpenAI: /v1, Ollama: /api, chat page: /)", err=True
+        )
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                        timeout_graceful_shutdown=5)  # fmt: skip
+        finally:
+            engine.close()
+
+    return serve
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
