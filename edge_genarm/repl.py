@@ -10,7 +10,8 @@ from .nudge import NudgeConfig
 
 HELP = """commands:
   /set arm NAME WEIGHT   change an ARM's weight (0 turns it off)
-  /set temperature X     also top_k, top_p, min_p, repeat_penalty, repeat_last_n, max_tokens, seed
+  /set temperature X     also top_k, top_p, min_p, repeat_penalty, repeat_last_n, dry_multiplier,
+                         max_tokens, seed
   /set nudge on|off      entropy-triggered nudging
   /arms                  loaded ARMs and their weights
   /system TEXT           set the system prompt (starts a new conversation)
@@ -46,6 +47,7 @@ _SETTINGS = {
     "top_p": ("sampling", float, "0.9"),
     "min_p": ("sampling", float, "0.05"),
     "repeat_penalty": ("sampling", float, "1.1"),
+    "dry_multiplier": ("sampling", float, "0.8"),
     "top_k": ("sampling", int, "40"),
     "repeat_last_n": ("sampling", int, "64"),
     "max_tokens": ("request", int, "256"),
