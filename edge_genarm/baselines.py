@@ -79,20 +79,23 @@ class RewardModel:
             )
         self.forwards = 0
         self.tokens_evaluated = 0
+        self.prompt_evaluated = 0  # of those, positions inside the prompt (see `score`)
 
     def _feed(self, new: list[int]) -> np.ndarray:
         self.forwards += 1
         self.tokens_evaluated += len(new)
         return self.graph.feed(new)[:, 0]
 
-    def score(self, tokens: list[int]) -> float:
-        """r(tokens): the output at the last position, evaluating only what the cache lacks."""
+    def score(self, tokens: list[int], n_prompt: int = 0) -> float:
+        """r(tokens): the output at the last position, evaluating only what the cache lacks
+        (the first `n_prompt` tokens are the prompt, for the bookkeeping)."""
         tokens = list(tokens)
         self.graph.truncate(min(_common_prefix(self.graph.tokens, tokens), len(tokens) - 1))
+        self.prompt_evaluated += max(0, n_prompt - len(self.graph.tokens))
         return float(self._feed(tokens[len(self.graph.tokens) :])[-1])
 
     def score_reply(self, prompt_ids: list[int], reply_ids: list[int]) -> float:
-        return self.score(list(prompt_ids) + list(reply_ids))
+        return self.score(list(prompt_ids) + list(reply_ids), len(prompt_ids))
 
     def branch(self, candidates) -> tuple[np.ndarray, list]:
         """(r(cached + [c]) for each c, the cache state after each); the cache is left as it was.
@@ -147,6 +150,7 @@ class ArmScorer:
         self.name, self.arm = name, engine.arms[name]
         self.forwards = 0
         self.tokens_evaluated = 0
+        self.prompt_evaluated = 0
 
     def score_reply(self, prompt_ids: list[int], reply_ids: list[int]) -> float:
         seq, n_p = list(prompt_ids) + list(reply_ids), len(prompt_ids)
@@ -161,6 +165,7 @@ class ArmScorer:
             rows = self.arm.feed(seq[first:])
         self.forwards += 1
         self.tokens_evaluated += len(seq) - first
+        self.prompt_evaluated += max(0, n_p - first)
         rows = rows[n_p - 1 - first : len(seq) - 1 - first].astype(np.float64)
         lse = np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1)) + rows.max(-1)
         return float(
@@ -178,9 +183,11 @@ class Compute:
     """What a call spent. Forwards are model calls (a prefill of many positions is one call)."""
 
     base_forwards: int = 0  # llama.cpp decode calls: prefills and single steps
-    base_tokens: int = 0  # positions the base evaluated (uncached prompt + steps)
+    base_tokens: int = 0  # positions the base evaluated (the prompt where not cached, + steps)
+    base_prompt_tokens: int = 0  # of base_tokens, those inside the prompt (a cached prompt: 1 or 0)
     scorer_forwards: int = 0  # ONNX calls of the reward model / scoring ARM
     scorer_tokens: int = 0  # positions the scorer evaluated
+    scorer_prompt_tokens: int = 0  # of scorer_tokens, those inside the prompt
     sampled: int = 0  # tokens sampled, EOS included (every sample, for Best-of-N)
     seconds: float = 0.0
 
@@ -239,7 +246,7 @@ def best_of_n(engine, prompt, n: int, seed: int | None, scorer, **gen) -> BestOf
         raise ConfigError(f"scorer must be an ARM name, an ArmScorer or a RewardModel, got {scorer!r}")
     eos = engine.base.info.get("tokenizer.ggml.eos_token_id")
     c, t0 = Compute(), time.perf_counter()
-    f0, k0 = scorer.forwards, scorer.tokens_evaluated
+    f0, k0, p0 = scorer.forwards, scorer.tokens_evaluated, scorer.prompt_evaluated
     samples, scores, seeds = [], [], [sample_seed(seed, i) for i in range(n)]
     for s in seeds:
         g = engine.stream(prompt, seed=s, guidance=False, **gen)
@@ -251,9 +258,11 @@ def best_of_n(engine, prompt, n: int, seed: int | None, scorer, **gen) -> BestOf
         steps = max(0, g.timings.steps - (0 if by_eos else 1))  # the last token is fed only before EOS
         c.base_forwards += 1 + steps
         c.base_tokens += engine.base.last_prefill_evaluated + steps
+        c.base_prompt_tokens += engine.base.last_prefill_evaluated
         c.sampled += len(toks) + int(by_eos)
         scores.append(scorer.score_reply(g.ids, toks + ([int(eos)] if by_eos and eos is not None else [])))
     c.scorer_forwards, c.scorer_tokens = scorer.forwards - f0, scorer.tokens_evaluated - k0
+    c.scorer_prompt_tokens = scorer.prompt_evaluated - p0
     c.seconds = time.perf_counter() - t0
     best = int(np.argmax(scores))
     w = samples[best]
@@ -315,10 +324,11 @@ def args_decode(engine, prompt, rm: RewardModel, k: int = 5, w: float = 1.0, see
     )
     budget = engine._budget(len(ids), max_tokens)
     rng, text, c, t0 = np.random.default_rng(seed), TextStream(stop), Compute(), time.perf_counter()
-    f0, k0 = rm.forwards, rm.tokens_evaluated
+    f0, k0, p0 = rm.forwards, rm.tokens_evaluated, rm.prompt_evaluated
     logits = base.prefill(ids)
-    c.base_forwards, c.base_tokens = 1, base.last_prefill_evaluated
-    rm.score(ids)
+    c.base_forwards = 1
+    c.base_tokens = c.base_prompt_tokens = base.last_prefill_evaluated
+    rm.score(ids, len(ids))
     steps, reply, out, finish = [], [], [], "length"
     for i in range(budget):
         lp = G.log_softmax(logits)
@@ -343,6 +353,7 @@ def args_decode(engine, prompt, rm: RewardModel, k: int = 5, w: float = 1.0, see
             c.base_forwards, c.base_tokens = c.base_forwards + 1, c.base_tokens + 1
     out.append(text.flush())
     c.scorer_forwards, c.scorer_tokens = rm.forwards - f0, rm.tokens_evaluated - k0
+    c.scorer_prompt_tokens = rm.prompt_evaluated - p0
     c.seconds = time.perf_counter() - t0
     return ArgsResult("".join(out), reply, finish, steps, len(ids), c)
 

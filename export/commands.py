@@ -270,6 +270,12 @@ def inspect_bundle(path: str | Path) -> str:
                 f"       gate ({g.get('type')}): {acc}KL {g['mean_kl']:.2e}, top-1 {g['top1_agreement']:.3f}: "
                 f"{'passed' if g['passed'] else 'REFUSED'}"
             )
+    for name, r in m.get("reward_models", {}).items():
+        acc = (r.get("training") or {}).get("heldout_accuracy")
+        lines.append(
+            f"rm     {name}: {r['file']} {_size(b.root / r['file'])}, {r.get('quantize') or 'fp32'}, layers "
+            f"{r.get('n_layers', '?')}, held-out accuracy {'n/a' if acc is None else f'{acc:.3f}'} (reward model)"
+        )
     lines.append("files")
     for rel, rec in m.get("files", {}).items():
         lines.append(f"       {rel}  {rec['size']:,} bytes  sha256 {rec['sha256'][:16]}")

@@ -113,6 +113,9 @@ def test_rm_export_is_recorded_and_matches_pytorch_at_every_position(rm_bundle, 
     want = [reward(ids[: t + 1]) for t in range(len(ids))]
     np.testing.assert_allclose(onnx_all, want, atol=1e-4)
     assert np.std(want) > 0.05  # a real signal, not a constant
+    from edge_genarm.export.commands import inspect_bundle
+
+    assert "rm     tiny: reward_models/tiny/model.onnx" in inspect_bundle(rm_bundle)
     rm.graph.reset()
     assert rm.score(ids) == pytest.approx(want[-1], abs=1e-4)
     assert rm.score(ids[:-2]) == pytest.approx(want[-3], abs=1e-4)  # shorter: the cache is cut back
@@ -155,6 +158,7 @@ def test_args_greedy_picks_the_argmax_of_recomputed_scores(rm_engine, rm, ref):
     c = res.compute  # 1 prefill + k single steps per token; the base: 1 prefill + 7 steps
     assert (c.scorer_forwards, c.base_forwards, c.sampled) == (1 + k * 8, 8, 8)
     assert c.scorer_tokens == len(pids) + k * 8 and c.per_token(8)["scorer_forwards"] == (1 + k * 8) / 8
+    assert c.scorer_prompt_tokens == len(pids) and c.base_tokens - c.base_prompt_tokens == 7
 
 
 def test_args_sampling_draws_with_the_engine_sampler_conventions(rm_engine, rm, ref):
@@ -209,7 +213,8 @@ def test_best_of_n_with_the_reward_model(rm_engine, rm, ref, monkeypatch):
     assert res.seeds[0] == 7
     c = res.compute
     assert c.base_forwards == n_base_calls == 3 * 6 and c.scorer_forwards == 3
-    assert c.sampled == 18 and c.scorer_tokens >= 3 * 6
+    assert c.sampled == 18 and c.base_tokens - c.base_prompt_tokens == 3 * 5
+    assert c.scorer_prompt_tokens == len(pids) and c.scorer_tokens - c.scorer_prompt_tokens == 3 * 6
 
 
 def test_best_of_n_with_an_arm_scores_the_summed_log_prob(rm_engine, ref):
