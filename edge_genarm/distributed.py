@@ -244,7 +244,7 @@ class EngineActor:
             if hasattr(work, "setup"):
                 work.setup(self.engine)
         except EdgeGenarmError as e:
-            self.error = e if "on node" in str(e) else type(e)(f"on node {node_name()}: {e}")
+            self.error = e if "on node" in str(e) else _renamed(e, f"on node {node_name()}: {e}")
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -257,8 +257,16 @@ class EngineActor:
             try:
                 out.append(json.dumps(self.work(self.engine, json.loads(task)), ensure_ascii=False))
             except EdgeGenarmError as e:
-                out.append(pickle.dumps(type(e)(f"{e} (on node {node_name()})")))
+                out.append(pickle.dumps(_renamed(e, f"{e} (on node {node_name()})")))
         return {"result": np.array(out, dtype=object)}
+
+
+def _renamed(e: EdgeGenarmError, message: str) -> EdgeGenarmError:
+    """`e`'s class with another message (EdgeGenarmError when that class wants other arguments)."""
+    try:
+        return type(e)(message)
+    except Exception:
+        return EdgeGenarmError(message)
 
 
 # ---------------------------------------------------------------------------
