@@ -179,6 +179,15 @@ _RECORDS = {  # record -> ({field: type}, required fields, open: other keys allo
 # fmt: on
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _join(where: str, key: str) -> str:
+    """A field's path for messages: a.b.c, with odd keys quoted (a message stays one line)."""
+    key = key if re.fullmatch(r"[\w./-]+", key) else json.dumps(key)
+    return f"{where}.{key}" if where else key
+
+
 def _check_record(kind: str, rec, where: str, mpath: Path) -> None:
     def bad(field: str, want: str, got):
         raise BundleError(
@@ -190,9 +199,9 @@ def _check_record(kind: str, rec, where: str, mpath: Path) -> None:
         bad(where, "a JSON object", rec)
     for key in required:
         if key not in rec:
-            bad(f"{where}.{key}".lstrip("."), "present", "nothing")
+            bad(_join(where, key), "present", "nothing")
     for key, value in rec.items():
-        field = f"{where}.{key}".lstrip(".")
+        field = _join(where, key)
         spec = fields.get(key)
         if spec is None and not open_:
             raise BundleError(
@@ -207,9 +216,11 @@ def _check_record(kind: str, rec, where: str, mpath: Path) -> None:
             if not isinstance(value, dict):
                 bad(field, "a JSON object", value)
             for name, item in value.items():
+                if spec in ("{arm}", "{trunk}", "{rm}") and not _NAME.fullmatch(name):
+                    bad(f"{field} key", "a name of letters, digits, '_', '-' and '.' (at most 64)", name)
                 if spec == "{file}" and not _relpath(name):
                     bad(f"{field} key", "a relative path inside the bundle", name)
-                _check_record(spec[1:-1], item, f"{field}.{name}", mpath)
+                _check_record(spec[1:-1], item, _join(field, name), mpath)
         elif not _TYPES[spec][0](value):
             bad(field, _TYPES[spec][1], value)
 
