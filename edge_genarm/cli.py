@@ -809,8 +809,8 @@ def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, *
     except EdgeGenarmError as e:
         fail(e)
     click.echo(
-        f"{len(prompts)} prompts from {prompts_file} (from line {skip + 1}), seeds {seed}..; "
-        f"judges: {', '.join(judges)}"
+        f"{len(prompts)} prompts from {prompts_file} (from line {skip + 1}), --seed {seed} (one seed "
+        f"per prompt, shared by the settings); judges: {', '.join(judges)}"
     )
     click.echo(format_rows(rows, list(judges)))
 

@@ -284,3 +284,31 @@ def test_optimized_arm_cache_made_once_under_concurrent_loads(tiny_bundle, tmp_p
     assert len(files) == 2 and files[0].endswith(".onnx") and files[1] == files[0] + ".data", files
     again = _run_together(code, 1, env)  # a later load reads the saved copy
     assert float(again[0]) == pytest.approx(want, rel=1e-5)
+
+
+def test_a_local_batch_imports_no_ray_and_no_torch(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    args = [
+        "batch",
+        "-m",
+        str(tiny_bundle),
+        "--prompts",
+        str(prompts),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        "-n",
+        "2",
+    ]
+    code = (
+        "import sys, json\nfrom edge_genarm.cli import main\n"
+        f"main({args!r}, standalone_mode=False)\n"
+        "print(json.dumps([m for m in ('ray', 'torch', 'transformers', 'optimum') if m in sys.modules]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []
+    assert len(read(tmp_path / "o.jsonl")) == 1
