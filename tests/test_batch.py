@@ -181,6 +181,8 @@ def test_batch_command_bad_input(tiny_bundle, tmp_path, monkeypatch):
     out = tmp_path / "o.jsonl"
     r = batch_cli("-m", tiny_bundle, "--prompts", bad, "-o", out)
     assert r.exit_code == 1 and "p.jsonl line 3 is not valid JSON" in r.output
+    r = batch_cli("-m", tiny_bundle, "--prompts", bad, "-o", out, "--ray", "local")  # read before Ray starts
+    assert r.exit_code == 1 and "p.jsonl line 3 is not valid JSON" in r.output
     r = batch_cli(
         "-m", tiny_bundle, "--prompts", bad, "-o", out, "--on-error", "skip", "--setting", "gamma=1"
     )
