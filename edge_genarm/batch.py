@@ -185,20 +185,21 @@ class BatchWork:
     nudge: NudgeConfig | None = None
     stop: tuple[str, ...] = ()
     system: str | None = None
-    _judges: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _judges: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"-k must be at least 1 (samples per prompt and setting), got {self.k}")
         if self.max_tokens < 0:
             raise ConfigError(f"--max-tokens must be >= 0, got {self.max_tokens}")
+        self.judges = tuple(dict.fromkeys(self.judges))  # each judge once, in order
         for spec in self.judges:  # a bad spec fails here, before any model loads
             if spec != "tokens":
                 make_judge(spec)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_judges"] = {}  # built again on the worker, with its engine's tokenizer
+        state["_judges"] = None  # built again on the worker, with its engine's tokenizer
         return state
 
     def tasks(self, items: Iterable[tuple[int, object]], settings: list[Setting], done: set) -> list[dict]:
@@ -216,7 +217,7 @@ class BatchWork:
         self._judges = {spec: make_judge(spec, tokenize=tokenize) for spec in self.judges}
 
     def __call__(self, engine, task: dict) -> dict:
-        if len(self._judges) != len(self.judges):
+        if self._judges is None:
             self.setup(engine)
         s = task["setting"]
         setting = Setting(s["label"], s["weights"], s["nudge"])

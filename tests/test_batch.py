@@ -314,3 +314,17 @@ def test_a_local_batch_imports_no_ray_and_no_torch(tiny_bundle, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []
     assert len(read(tmp_path / "o.jsonl")) == 1
+
+
+def test_progress_without_tqdm_counts_on_stderr(monkeypatch, capsys):
+    import sys
+
+    from edge_genarm.batch import Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as when tqdm is not installed
+    bar = Progress(2, "batch")
+    bar.update(1)
+    bar.update(1, pairs=1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "batch: 1/2" in err and err.rstrip().endswith("batch: 2/2 pairs=1")
