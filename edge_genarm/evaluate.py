@@ -157,6 +157,8 @@ def expand_grid(grid: list[str], arms: list[str], nudge: bool = False) -> list[M
             raise ConfigError(f"grid {g!r}: ARM '{name}' is given twice: one --grid per ARM")
         axes.append((name, [_number(v, g) for v in vals.split(",")]))
     out = []
+    if not axes:
+        return out
     for combo in itertools.product(*[vals for _, vals in axes]):
         body = ",".join(f"{a}={_fmt(w)}" for (a, _), w in zip(axes, combo))
         m = parse_method(body + ("+nudge" if nudge else ""), arms, True)

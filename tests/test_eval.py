@@ -60,6 +60,7 @@ def test_weight_grid_bookkeeping():
     assert [m.weights for m in grid][3] == {"alpha": 0.5, "beta": 1.0}
     assert grid[0].kind == "unguided" and all(m.kind == "genarm" for m in grid[1:])
     assert len({m.label for m in grid}) == 6
+    assert E.expand_grid([], ARMS) == []  # no axes: no methods (not one empty combination)
     with pytest.raises(ConfigError, match="no ARM 'gamma'"):
         E.expand_grid(["gamma=0,1"], ARMS)
     with pytest.raises(ConfigError, match="given twice"):
