@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import socket
 import threading
@@ -233,6 +234,20 @@ def test_chat_turns_reuse_the_kv_cache(server):
     # turn are evaluated in one batch (see Engine._trim_for)
     assert t["prompt_evaluated"] <= t["prompt_tokens"] - first["usage"]["prompt_tokens"] + 2
     assert t["prompt_evaluated"] >= t["prompt_tokens"] - first["usage"]["prompt_tokens"] - 2
+
+
+def test_one_log_line_per_request(server, caplog):
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "edge_genarm.server"]
+
+    with caplog.at_level(logging.INFO, logger="edge_genarm.server"):
+        chat(server, seed=1, max_tokens=3, genarm={"weights": {"alpha": 0.5}})
+        chat(server, max_tokens=-3)
+        wait_for(lambda: len(lines()) == 2, what="two log lines")
+    ok, bad = lines()
+    assert ok.startswith("POST /v1/chat/completions 200 ") and "tokens=3 tok/s=" in ok
+    assert "weights={'alpha': 0.5, 'beta': 1.0}" in ok and "queue_wait=" in ok
+    assert bad.startswith("POST /v1/chat/completions 400 ") and "'max_tokens' must be an integer >= 0" in bad
 
 
 # ---------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class Gate:
         path, t0, status = scope["path"], time.perf_counter(), [0]
         scope.setdefault("state", {})
         err = self._check(scope, path)
+        if err is not None:
+            scope["state"]["error"] = err.message
 
         async def send_logged(msg):
             if msg["type"] == "http.response.start":
@@ -162,6 +164,8 @@ def too_large(limit: int) -> ApiError:
 
 def _log_line(scope, path: str, status: int, seconds: float) -> str:
     line = f"{scope['method']} {path} {status} {1e3 * seconds:.0f}ms"
+    if scope["state"].get("error"):
+        line += f" error: {scope['state']['error']}"
     job: Job | None = scope["state"].get("job")
     if job is not None and job.gen is not None:
         t = job.gen.timings
@@ -207,7 +211,7 @@ class JobResponse(Response):
         except QueueFull as e:
             err = ApiError(503, f"{e}; retry after {e.retry_after} s (--max-queue {self.scheduler.max_queue})",
                            None, "queue_full", {"Retry-After": str(e.retry_after)})  # fmt: skip
-            return await error_response(err, self.path)(scope, receive, send)
+            return await self._fail(err, scope, receive, send)
         async with anyio.create_task_group() as tg:
 
             async def watch():
@@ -218,6 +222,10 @@ class JobResponse(Response):
             tg.start_soon(watch)
             await self._stream(scope, receive, send)
             tg.cancel_scope.cancel()
+
+    async def _fail(self, err: ApiError, scope, receive, send):
+        scope["state"]["error"] = err.message
+        await error_response(err, self.path)(scope, receive, send)
 
     async def _stream(self, scope, receive, send):
         started = False
@@ -232,17 +240,17 @@ class JobResponse(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except QueueFull as e:  # admitted above, but another request took the last place meanwhile
             err = ApiError(503, str(e), None, "queue_full", {"Retry-After": str(e.retry_after)})
-            return await error_response(err, self.path)(scope, receive, send)
+            return await self._fail(err, scope, receive, send)
         except ApiError as e:
             if started:
                 raise
-            return await error_response(e, self.path)(scope, receive, send)
+            return await self._fail(e, scope, receive, send)
         except Exception as e:  # the engine failed: report it, keep serving
             log.exception("generation failed")
             if started:
                 return
             err = ApiError(500, f"generation failed: {e}", None, "generation_failed")
-            return await error_response(err, self.path)(scope, receive, send)
+            return await self._fail(err, scope, receive, send)
         finally:
             await body.aclose()
         if not started:
@@ -292,6 +300,7 @@ def create_app(engine, *, name: str | None = None, api_key: str | None = None, m
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
+        request.state.error = e.message
         return error_response(e, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
@@ -301,13 +310,11 @@ def create_app(engine, *, name: str | None = None, api_key: str | None = None, m
             if e.status_code in (404, 405)
             else str(e.detail)
         )
-        return error_response(
-            ApiError(e.status_code, msg, None, None, dict(e.headers or {})), request.url.path
-        )
+        return await api_error(request, ApiError(e.status_code, msg, None, None, dict(e.headers or {})))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):
-        return error_response(ApiError(500, f"internal error: {e}"), request.url.path)
+        return await api_error(request, ApiError(500, f"internal error: {e}"))
 
     static = resources.files("edge_genarm.server") / "static"
 
