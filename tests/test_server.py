@@ -122,6 +122,8 @@ def test_chat_and_stream_give_the_engine_text(oai, ref):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.tokens)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == want.finish_reason
+    empty = list(oai.chat.completions.create(**{**kw, "max_tokens": 0}, stream=True))
+    assert empty[0].choices[0].delta.role == "assistant" and empty[-1].choices[0].finish_reason == "length"
 
 
 def test_extra_body_weights_change_the_output_and_are_echoed(oai, ref, server):

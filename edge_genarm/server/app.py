@@ -333,7 +333,7 @@ def create_app(engine, *, name: str | None = None, api_key: str | None = None, m
     async def health():
         s = state.scheduler
         return {"status": "ok", "model": state.models.name, "running": s.running is not None,
-                "waiting": s.waiting, "max_queue": s.max_queue, "served": len(s.history),
+                "waiting": s.waiting, "max_queue": s.max_queue, "served": s.served,
                 "dropped": s.dropped, "rss_mb": rss_mb()}  # fmt: skip
 
     openai_api.register(app, state)

@@ -223,6 +223,10 @@ def stream_chunks(state: State, spec: P.Spec, kind: str):
                 ex = {"explain": [explain_item(engine, piece)]} if spec.explain and r.token >= 0 else None
                 if r.text or lps or ex:
                     yield chunk({"content": r.text}, lps=lps, genarm=ex)
+            if first:  # nothing generated (max_tokens 0, or an end token first): still say who answers
+                yield chunk(
+                    {"role": "assistant", "content": ""}, genarm=genarm_summary(job, spec, spec.model, False)
+                )
             yield chunk(
                 finish=job.gen.finish_reason or "stop", genarm=genarm_summary(job, spec, spec.model, True)
             )

@@ -94,6 +94,7 @@ class Scheduler:
         self.running: Job | None = None
         self.history: deque[Job] = deque(maxlen=256)  # finished jobs, newest last
         self.dropped = 0  # requests cancelled while waiting
+        self.served = 0  # jobs that ran (done, cancelled or failed)
         self._lock = asyncio.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._job_s = 2.0  # running mean of a job's seconds, for Retry-After
@@ -140,7 +141,7 @@ class Scheduler:
                 with anyio.CancelScope(shield=True):  # the engine is free only once the worker stops
                     await fut
         finally:
-            self.running = None
+            self.running, self.served = None, self.served + 1
             self._job_s = 0.8 * self._job_s + 0.2 * max(0.05, time.perf_counter() - t0 - job.queue_s)
             self.history.append(job)
             self._lock.release()
@@ -165,6 +166,9 @@ class Scheduler:
             job.status = "error"
             emit(("error", e))
         finally:
+            if hasattr(it, "close"):
+                it.close()  # a stopped generation lets go of its arrays now, not when the job is forgotten
+            job._dist = None
             emit(("end", None))
 
     def close(self) -> None:
