@@ -5,7 +5,7 @@ some malformed files: a vocabulary it cannot parse, hyperparameters that disagre
 tensors (`llama.block_count` = 1000), shapes it cannot compute with. A child process loads
 the whole model as ours will, tokenizes a test string and evaluates a few tokens; if that
 dies, the blow lands there and we report llama.cpp's own last words. The result is
-remembered per file version (path, size, mtime), so each file is probed once.
+remembered per file version (inode, size, mtime), so each file is probed once.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ _CLUES = ("GGML_ASSERT", "what():", "error loading model", "llama_model_load:", 
 
 
 def _key(path: Path) -> str:
+    """One file version: the file itself (device and inode, which hard links and renames keep)
+    then its size and mtime (which a rewrite changes)."""
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def _last_words(stderr: str) -> str:
@@ -95,7 +97,7 @@ def probe_gguf(path: str | Path, timeout: float = 120.0) -> None:
         )
 
     def record(seen: dict) -> None:  # under update_json's lock: other processes' entries survive
-        for k in [k for k in seen if k.startswith(f"{path.resolve()}|")]:
+        for k in [k for k in seen if k.startswith(key.split("|")[0] + "|")]:
             del seen[k]  # older versions of this file
         seen[key] = "ok-model"
 
