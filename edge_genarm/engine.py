@@ -103,6 +103,7 @@ class Generation:
         self.engine, self.ids, self.budget = engine, list(ids), budget
         self.params: G.SamplingParams = params
         self.rng = _rng(seed)
+        self.seeded = seed is not None  # reproducible: start from exact cache entries (Engine._trim_for)
         self.weights: dict[str, float] = weights  # every loaded ARM's weight for this request
         self.active: dict[str, float] = active  # the ARMs that run (weight != 0, guidance on)
         self.text = TextStream(stop)
@@ -286,7 +287,8 @@ class Engine:
         g.finish_reason = "length"
         t.arm_s = {label: 0.0 for label, names in self._units.items() if any(n in active for n in names)}
         t0 = time.perf_counter()
-        self._trim_for(seq, active)
+        if g.seeded:
+            self._trim_for(seq, active)
         logits = self._forward("prefill", seq, active, t, count=False)
         t.prompt_s = time.perf_counter() - t0
         for i in range(g.budget):
@@ -337,9 +339,10 @@ class Engine:
         return scores
 
     def _trim_for(self, seq: list[int], active) -> None:
-        """Start a request from cache entries that a cold prefill would compute bit for bit
+        """Start a seeded request from cache entries that a cold prefill would compute bit for bit
         (LlamaBase.trim_for): the same request and seed then give the same text whatever ran
-        before it, and a chat's earlier turns are still reused."""
+        before it. A chat's earlier turns are still reused, but its last reply (decoded one token
+        at a time) is evaluated again, in one batch; requests without a seed reuse everything."""
         self.base.trim_for(seq)
         for n in active:
             self.arms[n].trim_for(seq)

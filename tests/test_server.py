@@ -236,6 +236,14 @@ def test_chat_turns_reuse_the_kv_cache(server):
     # turn are evaluated in one batch (see Engine._trim_for)
     assert t["prompt_evaluated"] <= t["prompt_tokens"] - first["usage"]["prompt_tokens"] + 2
     assert t["prompt_evaluated"] >= t["prompt_tokens"] - first["usage"]["prompt_tokens"] - 2
+    # the same request again: with a seed, two tokens are evaluated again (a one-token evaluation
+    # rounds differently); without one, everything cached is reused and one token is evaluated
+    again = [
+        chat(server, messages=turn2, seed=9).json()["genarm"]["timings"]["prompt_evaluated"] for _ in "ab"
+    ]
+    assert again == [2, 2]
+    again = [chat(server, messages=turn2).json()["genarm"]["timings"]["prompt_evaluated"] for _ in "ab"]
+    assert again[1] == 1
 
 
 def test_one_log_line_per_request(server, caplog):
