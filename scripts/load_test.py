@@ -238,6 +238,46 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def ab_test(weights: str, n: int, max_tokens: int, ctx: int) -> None:
+    """Paired runs in one process, alternating: Engine.generate called directly, then the same
+    request streamed through the server (uvicorn in a thread, same engine). Pairing cancels the
+    drift of a shared machine's load; the ratio is the server's own cost per token."""
+    import threading
+
+    import uvicorn
+
+    import edge_genarm
+    from edge_genarm.server.app import create_app
+
+    engine = edge_genarm.load(weights, n_ctx=ctx)
+    app = create_app(engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    msgs = [{"role": "user", "content": SPEED_PROMPT}]
+    body = {"messages": msgs, "max_tokens": max_tokens, "seed": SPEED_SEED, "stream": True}
+    engine.generate(msgs, max_tokens=4, seed=0)
+    direct, served, client = [], [], []
+    for _ in range(n):
+        direct.append(
+            engine.generate(msgs, max_tokens=max_tokens, seed=SPEED_SEED).timings.summary()["tok_per_s"]
+        )
+        req = {"kind": "stream", "path": "/v1/chat/completions", "json": body}
+        r = asyncio.run(run(url, [req], 1))[0]
+        served.append(r["server_tps"])
+        client.append(r["client_tps"])
+    server.should_exit = True
+    time.sleep(1)
+    engine.close()
+    ratio = [s / d for s, d in zip(served, direct)]
+    cratio = [c / d for c, d in zip(client, direct)]
+    print(f"paired A/B, {n} pairs, one client: direct Engine.generate median {statistics.median(direct):.1f} tok/s, "
+          f"through the server {statistics.median(served):.1f} (engine) / {statistics.median(client):.1f} (client); "
+          f"median paired ratio {statistics.median(ratio):.3f} (engine) / {statistics.median(cratio):.3f} (client)")  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", "-m", required=True, help="Bundle to serve (and to run `generate` on).")
@@ -247,8 +287,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--generate-runs", type=int, default=3)
+    ap.add_argument("--ab", type=int, default=0, help="Also N paired direct/served runs in one process.")
     a = ap.parse_args()
 
+    if a.ab:
+        ab_test(a.weights, a.ab, a.max_tokens, a.ctx)
     cli = generate_speed(a.weights, a.max_tokens, a.generate_runs)
     print(f"edge-genarm generate, same prompt and seed, alone: {', '.join(f'{x:.1f}' for x in cli)} tok/s")
     gen = warm_speed(a.weights, a.max_tokens, a.generate_runs, a.ctx)
@@ -291,11 +334,17 @@ def main() -> int:
         res = asyncio.run(run(url, reqs, a.clients))
         wall = time.perf_counter() - t0
         health = httpx.get(url + "/health").json()
-        report(res, gen, rss_warm, health, wall, a)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+    after = warm_speed(
+        a.weights, a.max_tokens, a.generate_runs, a.ctx
+    )  # the machine may have changed meanwhile
+    print(
+        f"the same Engine.generate, warmed up, alone, after the run: {', '.join(f'{x:.1f}' for x in after)} tok/s"
+    )
+    report(res, gen + after, rss_warm, health, wall, a)
     return 0
 
 
@@ -325,7 +374,7 @@ def report(res, gen, rss_warm, health, wall, a) -> None:
         s_srv = statistics.median(r["server_tps"] for r in speed)
         s_cli = statistics.median(r["client_tps"] for r in speed if "client_tps" in r)
         print(f"speed prompt ({len(speed)} streamed requests, default weights): engine {s_srv:.1f} tok/s, "
-              f"as the client saw it {s_cli:.1f} tok/s; warm generate alone {g:.1f} tok/s (median) -> "
+              f"as the client saw it {s_cli:.1f} tok/s; warm generate alone {g:.1f} tok/s (median, before+after) -> "
               f"{100 * (s_srv / g - 1):+.1f}% / {100 * (s_cli / g - 1):+.1f}%")  # fmt: skip
     for name, key in (("time to first token (incl. queue wait)", "ttft"), ("  of which after the queue", "ttft_engine"),
                       ("queue wait", "queue_s")):  # fmt: skip
