@@ -135,7 +135,7 @@ class Scheduler:
                         raise item
                     yield item
             finally:
-                if not fut.done():  # the client left (or the consumer failed): stop between tokens
+                if job.status == "running":  # the client left (or the consumer failed): stop between tokens
                     job.steps_at_cancel = job.steps
                     job.cancel.set()
                 with anyio.CancelScope(shield=True):  # the engine is free only once the worker stops
