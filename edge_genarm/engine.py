@@ -246,8 +246,9 @@ class Engine:
         params = sampling or G.SamplingParams(**sampling_kw)
         w = self.check_weights(weights or {})
         active = {n: v for n, v in w.items() if v != 0.0} if guidance else {}
-        if params.dry_multiplier is None:  # "auto": DRY on for guided requests only
-            params = replace(params, dry_multiplier=G.GUIDED_DRY if active else 0.0)
+        if params.dry_multiplier is None:  # "auto": DRY on for guided or nudged requests only
+            steered = bool(active) or nudge is not None
+            params = replace(params, dry_multiplier=G.GUIDED_DRY if steered else 0.0)
         if nudge is not None and self.nudge_table is None and not self.arms:
             raise ConfigError(
                 "nudging needs a nudge table (`edge-genarm export nudges`) or ARMs to score "

@@ -102,7 +102,7 @@ class SamplingParams:
     # sequence already seen in the last `dry_last_n` tokens, by a match of length L >=
     # `dry_allowed_length`, loses dry_multiplier * dry_base ** (L - dry_allowed_length) from
     # its score. 0 is off (llama.cpp's default). None (the default) is "auto": the engine uses
-    # GUIDED_DRY when an ARM is active and 0 otherwise (guided replies loop; README "Loops").
+    # GUIDED_DRY when an ARM is active or nudging is on, and 0 otherwise (steered replies loop).
     dry_multiplier: float | None = None
     dry_base: float = 1.75
     dry_allowed_length: int = 2
@@ -143,7 +143,7 @@ def repeat_penalty(scores: np.ndarray, recent, penalty: float) -> np.ndarray:
     return scores
 
 
-GUIDED_DRY = 0.8  # dry_multiplier "auto" when an ARM is active (llama.cpp's suggested value)
+GUIDED_DRY = 0.8  # dry_multiplier "auto" when an ARM is active or nudging (llama.cpp's suggested value)
 DRY_MAX_MATCH = 64  # longer matches get the same (already huge) penalty; bounds the work in a loop
 
 

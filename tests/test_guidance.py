@@ -7,6 +7,7 @@ import pytest
 
 from edge_genarm import guidance as G
 from edge_genarm.errors import ConfigError
+from edge_genarm.nudge import NudgeConfig
 
 from .reference import ref_distribution, ref_log_softmax
 
@@ -220,3 +221,7 @@ def test_dry_in_the_loop_is_auto_on_for_guided_requests(engine):
     assert mult == 4.0 and not np.array_equal(want, plain)  # the history repeats: something is penalised
     np.testing.assert_allclose(penalised, want, rtol=1e-6, atol=1e-6)
     assert run(None, 1.0)[1] == G.GUIDED_DRY and run(None, 0.0)[1] == 0.0
+    nudged = []
+    engine.generate(prompt, max_tokens=1, seed=3, weights={a: 0.0 for a in engine.arms}, raw=True,
+                    nudge=NudgeConfig(), on_step=lambda i, s, p: nudged.append(p.dry_multiplier))  # fmt: skip
+    assert nudged == [G.GUIDED_DRY]  # nudging steers too: DRY is on
