@@ -5,8 +5,11 @@
 Runs the same batch (same seeds) locally (one engine on every core), then on a local Ray
 cluster with as many CPUs, as 1 actor x all cores and as one actor per core. Prints, per
 run: wall time, cluster start (ray.init), time to the first record (actor start-up + engine
-load + one reply), the per-reply cost inside the engine (records' timings), and whether the
-records equal the local ones (timings aside). The figures feed the README's projection.
+load + one reply), the per-reply cost inside the engine (records' timings), the CPU seconds
+that this process and every process it started (Ray's daemons and workers) spent from the
+start to the last record, and whether the records equal the local ones (timings aside). On a
+machine shared with other jobs the wall times move with their load; the CPU seconds much less.
+The figures feed the README's projection.
 """
 
 from __future__ import annotations
@@ -25,13 +28,40 @@ sys.path.insert(0, str(ROOT))
 
 def strip(path: Path) -> dict:
     recs = [json.loads(line) for line in path.read_text().splitlines()]
-    return {(r["prompt_index"], r["setting"], r["sample"]): {k: v for k, v in r.items() if k != "timings"} for r in recs}
+    return {
+        (r["prompt_index"], r["setting"], r["sample"]): {k: v for k, v in r.items() if k != "timings"}
+        for r in recs
+    }
+
+
+def cpu_seconds() -> float:
+    """user + system CPU seconds of this process and of every live process below it."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
 
 
 def one_run(name, spec, items, settings, work, out, runner=None) -> dict:
     from edge_genarm.batch import run_batch
 
     firsts: list[float] = []
+    cpu: list[float] = []
+    n_tasks = len(items) * len(settings) * work.k
+
+    def on_record(rec) -> None:
+        firsts.append(time.perf_counter())
+        if len(firsts) == n_tasks:  # before a cluster started here is shut down
+            cpu.append(cpu_seconds())
+
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     init_s = load_s = 0.0
     engine = None
@@ -42,8 +72,9 @@ def one_run(name, spec, items, settings, work, out, runner=None) -> dict:
         runner.start()
         init_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    st = run_batch(engine, items, settings, out, work=work, runner=runner, progress=False,
-                   on_record=lambda r: firsts.append(time.perf_counter()) if not firsts else None)  # fmt: skip
+    st = run_batch(
+        engine, items, settings, out, work=work, runner=runner, progress=False, on_record=on_record
+    )
     end = time.perf_counter()
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     engine_s = sum(r["timings"]["total_ms"] + r["timings"]["prompt_ms"] for r in recs) / 1e3
@@ -58,6 +89,7 @@ def one_run(name, spec, items, settings, work, out, runner=None) -> dict:
         "replies": st["records"],
         "engine_s_per_reply": round(engine_s / max(1, len(recs)), 3),
         "tokens_per_reply": round(sum(r["n_tokens"] for r in recs) / max(1, len(recs)), 1),
+        "cpu_s": round(cpu[0] - cpu0, 1) if cpu else None,
     }
 
 
