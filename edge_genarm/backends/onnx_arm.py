@@ -175,11 +175,12 @@ class OnnxGraph:
         fast = cached.with_name(cached.name + ".fast") if cached is not None else None
         if cached is None or fast.is_file():
             return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        from ..paths import file_lock
+        from ..paths import cache_dir, file_lock
 
         # One process optimizes and saves; the others (Ray actors on one node) wait, then read its
         # copy: two writing the same .data file at once, or one deleting the other's .tmp, would tear it.
-        with file_lock(cached):
+        # (The lock lives outside the graph folder, one per ARM path.)
+        with file_lock(cache_dir() / "locks" / f"ort-{cached.name.split('-')[0]}"):
             if not cached.is_file() and not fast.is_file():
                 return self._optimize_into(cached, fast, opts, providers)
         return self._session(opts, providers)
@@ -210,8 +211,6 @@ class OnnxGraph:
         except OSError:
             pass
         for old in cached.parent.glob(cached.name.split("-")[0] + "-*.onnx*"):
-            if old.suffix == ".lock":
-                continue  # held by whoever optimizes that version
             if old.name not in (cached.name, cached.name + ".data", fast.name) or not keep and old != fast:
                 old.unlink(missing_ok=True)  # the ARM file before it changed, or this one's unneeded copy
         return session
