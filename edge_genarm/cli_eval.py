@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli import fail, load_engine, main, model_options
+from .cli import default_weights, fail, load_engine, main, model_options
 from .errors import EdgeGenarmError
 
 
@@ -39,7 +39,11 @@ def eval_cmd(prompts_file, skip, n_prompts, methods, grid, judges, max_tokens, s
         items = read_prompts(prompts_file)[skip : skip + n_prompts]
         engine = load_engine(o)
         arms = list(engine.arms)
-        rm = getattr(engine, "reward_model", None)
+        rm = None
+        if any(m.split("@")[0].startswith("args:") or m.split("@")[0].endswith(":rm") for m in methods):
+            from .baselines import load_reward_model
+
+            rm = load_reward_model(o["weights"] or default_weights(), threads=o["threads"])
         has_nudges = engine.nudge_table is not None
         specs = list(methods) or default_methods(engine, has_nudges)
         parsed = [parse_method(s, arms, has_nudges, rm is not None) for s in specs]

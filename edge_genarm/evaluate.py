@@ -17,8 +17,8 @@ Every method decodes every prompt with the same seed (`batch.record_seed`, as `b
 judge's score, the distinct-bigram ratio of its words (a reply below 0.6 "loops"), its mean
 NLL under the base (nats/token, from the base's own log-probs of the sampled tokens), its
 length in tokens and whether it finished, its seconds, and its model forwards: positions any
-model evaluated beyond each model's first read of the prompt (GenARM: 1 + active ARMs per
-token; Best-of-N: every sample and every scoring prefill). The report holds per method the mean and standard error of each judge and
+model evaluated beyond the prompt (GenARM: 1 + active ARMs per token; Best-of-N: every
+sample's tokens and their scoring; ARGS-k: 1 + k reward-model steps per token). The report holds per method the mean and standard error of each judge and
 the paired difference from the first method with its standard error (same prompt, same seed:
 prompt-to-prompt variation cancels), the loop rate, NLL, tokens, finish rate, tok/s and
 forwards per generated token; two plots (judged gain vs tok/s, and the two-objective front of
@@ -216,18 +216,16 @@ def run_method(engine, m: Method, prompt: str, seed: int, max_tokens: int, rm=No
 def _from_baseline(r) -> dict:
     """A BestOfN / ArgsResult (baselines.py) as run_method's dict: base log-probs of the reply's
     tokens (the winning sample's records; ARGS: each pick's log p_base), forwards = positions
-    the base and the scorer evaluated."""
+    the base and the scorer evaluated beyond the prompt."""
     if hasattr(r, "samples"):  # Best-of-N
         lp = [x.base_logprob for x in r.samples[r.index].records]
-        prompt = r.samples[0].timings.prompt_tokens
     else:  # ARGS
         lp = [float(st.base_logprobs[list(st.candidates).index(st.token)]) for st in r.steps]
         lp = lp[: len(r.tokens)]
-        prompt = r.prompt_tokens
     c = r.compute
     return dict(
         text=r.text, tokens=list(r.tokens), finish=r.finish_reason, base_logprobs=lp,
-        forwards=int(c.base_tokens + c.scorer_tokens - 2 * prompt),  # the first read of the prompt is free
+        forwards=int(c.base_tokens - c.base_prompt_tokens + c.scorer_tokens - c.scorer_prompt_tokens),
     )  # fmt: skip
 
 
@@ -467,7 +465,7 @@ def write_report(out: Path, cfg: EvalConfig, rows: list[dict], methods: list[Met
         f"method (base seed {cfg.seed}). Judges: {', '.join(judges)}. Δ: paired difference from "
         f"`{rows[0]['method'] if rows else '-'}` (mean ± standard error). loops: replies whose distinct-bigram "
         f"ratio is < {LOOP_RATIO}. NLL: nats/token under the base. fwd/tok: positions evaluated by any "
-        "model per generated token, beyond each model's first read of the prompt.",
+        "model beyond the prompt, per generated token.",
         "",
         format_table(rows, judges),
         "",

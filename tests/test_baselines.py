@@ -418,3 +418,32 @@ print(json.dumps([m for m in ("torch", "transformers", "optimum", "onnx") if m i
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_eval_runs_args_and_best_of_n_from_the_bundle(rm_bundle, tmp_path):
+    """`edge-genarm eval` loads the bundle's reward model for args:K and bon:N:rm; the records'
+    replies equal a direct call with the same seed."""
+    from click.testing import CliRunner
+
+    from edge_genarm import evaluate as E
+    from edge_genarm import load
+    from edge_genarm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n{"prompt": "Tell me a story"}\n')
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(main, ["eval", "-m", str(rm_bundle), "--prompts", str(prompts), "--max-tokens", "5",
+                                  "--method", "unguided", "--method", "args:3:0.5", "--method", "bon:2:rm",
+                                  "--judge", "length", "-o", str(out), "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = (out / "records.jsonl").read_text().splitlines()
+    recs = {(x["prompt_index"], x["method"]): x for x in map(json.loads, lines)}
+    assert len(recs) == 6
+    e = load(str(rm_bundle))
+    rm_model = load_reward_model(str(rm_bundle))
+    seed = E.seed_for(0, 1)
+    e.reset()
+    direct = args_decode(e, "Tell me a story", rm_model, k=3, w=0.5, seed=seed, max_tokens=5)
+    assert recs[(1, "args:3:0.5")]["text"] == direct.text
+    assert recs[(1, "args:3:0.5")]["forwards"] > recs[(1, "unguided")]["forwards"]  # k RM steps a token
+    e.close()
