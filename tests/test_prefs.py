@@ -136,3 +136,18 @@ def test_cli_prefs_on_tiny_bundle(tiny_bundle, tmp_path):
         assert rec["scores"]["chosen"] > rec["scores"]["rejected"]
     r = CliRunner().invoke(main, args + ["-o", str(out), "-n", "12", "--judge", "vibes"])
     assert r.exit_code == 1 and "unknown judge 'vibes'" in r.output
+
+
+def test_tokens_judge_and_require_finished(tmp_path):
+    judge = make_judge("tokens", tokenize=lambda s: s.split("-"))
+    assert judge("p", "a-b-c") == -3.0  # counted in the tokenizer's pieces, not in words
+    with pytest.raises(ConfigError, match="needs the base model's tokenizer"):
+        make_judge("tokens")
+    # p0's shortest reply was cut at max_tokens ("...": finish "length"): it teaches no stop
+    eng = FakeEngine({"p0": ["x...", "a much longer answer"], "p1": ["fine", "a longer answer here"]})
+    out = tmp_path / "pairs.jsonl"
+    stats = make_pairs(eng, [(0, "p0"), (1, "p1")], make_judge("length"), "length", out, k=2,
+                       progress=False, require_finished=True)  # fmt: skip
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert stats["unfinished"] == 1 and [x["prompt"] for x in lines] == ["p1"]
+    assert lines[0]["finish"]["chosen"] == "stop"
