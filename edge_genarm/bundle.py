@@ -17,8 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -511,8 +515,61 @@ def add_file(root: Path, manifest: dict, rel: str) -> None:
     manifest.setdefault("files", {})[rel] = file_record(Path(root) / rel)
 
 
-def add_base(root: str | Path, gguf_path: str | Path, name: str = "base.gguf") -> dict:
-    """Copy (atomically) a GGUF into the bundle and record it in the manifest."""
+@contextmanager
+def scratch_dir(root: Path, kind: str) -> Iterator[Path]:
+    """A temporary folder in `root` (same filesystem, so its files rename into place), named
+    .KIND-scratch-PID-*; ones left by killed runs (their process is gone) are deleted first."""
+    root.mkdir(parents=True, exist_ok=True)
+    clean_scratch(root)
+    path = Path(tempfile.mkdtemp(dir=root, prefix=f".{kind}-scratch-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tidy_bundle(root: Path) -> list[Path]:
+    """Delete what a killed export or share-trunk left in bundle `root`: stale scratch folders, and
+    files under arms/ and trunks/ that its manifest does not record (e.g. full ARM graphs a
+    finished share-trunk had yet to delete). Returns what was deleted."""
+    m = read_manifest(root)
+    kept = {root / rel for rel in m.get("files", {})}
+    gone = []
+    for sub in ("arms", "trunks"):
+        for p in sorted((root / sub).rglob("*"), reverse=True) if (root / sub).is_dir() else []:
+            if p.is_file() and p not in kept:
+                p.unlink()
+                gone.append(p)
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return gone + clean_scratch(root)
+
+
+def clean_scratch(root: Path) -> list[Path]:
+    """Delete the scratch folders in `root` whose process is gone (a killed export's)."""
+    gone = []
+    for old in root.glob(".*-scratch-*") if root.is_dir() else []:
+        pid = old.name.split("-scratch-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def add_base(
+    root: str | Path, gguf_path: str | Path, name: str = "base.gguf", extra: dict | None = None
+) -> dict:
+    """Copy (atomically) a GGUF into the bundle and record it (with `extra`) in one manifest write."""
     root, src = Path(root), Path(gguf_path)
     info = read_gguf(src)
     root.mkdir(parents=True, exist_ok=True)
@@ -527,6 +584,7 @@ def add_base(root: str | Path, gguf_path: str | Path, name: str = "base.gguf") -
         "architecture": info.architecture,
         "n_vocab": len(info.tokens),
         "tokenizer_fingerprint": vocab_fingerprint(info.tokens),
+        **(extra or {}),
     }
     m.setdefault("files", {})[name] = file_record(dst)
     write_manifest(root, m)

@@ -22,7 +22,7 @@ _N = NudgeConfig()
 
 def default_weights() -> str:
     """No --weights: the default pack (built on first use), else the bare SmolLM2 GGUF."""
-    from .pack import build_pack, built_bundle
+    from .pack import build_pack_quietly, built_bundle
 
     bundle = built_bundle("default")
     if bundle is not None:
@@ -43,11 +43,12 @@ def default_weights() -> str:
         except EdgeGenarmError as e:
             fail(e)
     click.echo(
-        "first run: building the default pack (SmolLM2-135M + ARMs) into the cache; later runs start at once",
+        "first run: building the default pack (SmolLM2-135M + ARMs) into the cache; later runs start at once "
+        "(`edge-genarm pack build -v` shows every detail)",
         err=True,
     )
     try:
-        return str(build_pack("default", log=lambda m: click.echo(m, err=True)))
+        return str(build_pack_quietly("default"))
     except EdgeGenarmError as e:
         fail(e)
 
@@ -828,15 +829,16 @@ def pack_group():
     is_flag=True,
     help="Train the ARMs from the recipe's pairs instead of its committed adapters.",
 )
-def pack_build(name, force, retrain):
+@click.option("-v", "--verbose", is_flag=True, help="Show every tool's output, not one line per stage.")
+def pack_build(name, force, retrain, verbose):
     """Build pack NAME from its recipe under models/ (resumes an interrupted build)."""
     import time
 
-    from .pack import build_pack
+    from .pack import build_pack_quietly
 
     t0 = time.time()
     try:
-        bundle = build_pack(name, force, log=lambda m: click.echo(m, err=True), retrain=retrain)
+        bundle = build_pack_quietly(name, force, retrain, verbose)
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"pack '{name}' ready at {bundle} ({time.time() - t0:.0f} s)")

@@ -14,10 +14,12 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from .bundle import sha256_file
+from .bundle import sha256_file, tidy_bundle
 from .errors import EdgeGenarmError
 from .paths import atomic_write_json, cache_dir
 
@@ -112,14 +114,33 @@ def fetch_base(spec: dict, log=print) -> Path:
     return dst
 
 
-def build_pack(name: str = "default", force: bool = False, log=print, retrain: bool = False) -> Path:
+def stage_names(recipe: dict) -> list[str]:
+    """The stages of a pack build, in order (one progress line each)."""
+    names = ["base model", *(f"ARM '{a}'" for a in recipe["arms"])]
+    if recipe.get("nudges"):
+        names.append("nudge table")
+    if recipe.get("share") and len(recipe["arms"]) > 1:
+        names.append("shared trunk")
+    if recipe["arms"]:
+        names.append("placement")
+    return names
+
+
+@contextmanager
+def _no_stage(name: str):
+    yield
+
+
+def build_pack(
+    name: str = "default", force: bool = False, log=print, retrain: bool = False, stage=_no_stage
+) -> Path:
     """Build (or finish building) pack `name`; returns its bundle folder.
 
     An ARM whose recipe names a committed `adapter` is the base plus that adapter (seconds);
-    `retrain` (or no adapter) trains it from the recipe's pairs instead (minutes).
+    `retrain` (or no adapter) trains it from the recipe's pairs instead (minutes). `stage(name)`
+    is a context manager around each of `stage_names(recipe)` (progress lines).
     """
-    from edge_genarm.export.commands import export_arm, export_base
-    from edge_genarm.export.train_loop import ARM_INFO, apply_adapter, train_arm
+    from edge_genarm.export.commands import export_base
 
     recipe = load_recipe(name)
     root = packs_root() / name
@@ -128,67 +149,111 @@ def build_pack(name: str = "default", force: bool = False, log=print, retrain: b
     if (root / MARKER).is_file():
         return root / "bundle"
     bundle = root / "bundle"
-    gguf = fetch_base(recipe["base"], log)
-    export_base(gguf, bundle)
+    with stage("base model"):
+        gguf = fetch_base(recipe["base"], log)
+        export_base(gguf, bundle)
     for arm, spec in recipe["arms"].items():
-        work = root / "train" / arm
-        if not (work / ARM_INFO).is_file():
-            if spec.get("adapter") and not retrain:
-                adapter = recipe["_dir"] / spec["adapter"]
-                log(f"ARM '{arm}': the base + the committed adapter {spec['adapter']}")
-                apply_adapter(gguf, adapter, work, spec.get("layers"))
-                info = (
-                    json.loads((adapter / "training.json").read_text())
-                    if (adapter / "training.json").is_file()
-                    else {}
-                )
-                atomic_write_json(work / ARM_INFO, {**info, "from_adapter": str(adapter)})
-            else:
-                log(f"training ARM '{arm}' ({spec.get('layers', 'all')} layers, {spec['data']})")
-                train_arm(
-                    data=recipe["_dir"] / spec["data"],
-                    init=gguf,
-                    out=work,
-                    beta_r=spec["beta_r"],
-                    lora_r=spec.get("lora"),
-                    layers=spec.get("layers"),
-                    lr=spec.get("lr"),
-                    epochs=spec.get("epochs", 1),
-                    batch_size=spec.get("batch_size", 16),
-                    micro_batch=spec.get("micro_batch", 4),
-                    max_len=spec.get("max_len", 256),
-                    eval_frac=spec.get("eval_frac", 0.1),
-                    seed=spec.get("seed", 0),
-                    weights=str(gguf),
-                    save_every=spec.get("save_every", 5),
-                    lora_targets=spec.get("lora_targets", "attn"),
-                    lora_layers=spec.get("lora_layers"),
-                )
-        m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
-        if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder
-            from edge_genarm.bundle import write_manifest
-
-            m["arms"][arm]["training"] = json.loads((work / ARM_INFO).read_text())
-            write_manifest(bundle, m)
+        with stage(f"ARM '{arm}'"):
+            _build_arm(root, bundle, gguf, recipe, arm, spec, log, retrain)
     nudges = recipe.get("nudges")
-    if nudges and "nudges" not in json.loads((bundle / "manifest.json").read_text()):
-        make_nudges(bundle, root / "train" / nudges["source"], recipe, log)
+    if nudges:
+        with stage("nudge table"):
+            if "nudges" not in json.loads((bundle / "manifest.json").read_text()):
+                make_nudges(bundle, root / "train" / nudges["source"], recipe, log)
     info = json.loads((bundle / "manifest.json").read_text())
-    if recipe.get("share") and any("trunk" not in a for a in info.get("arms", {}).values()):
-        info = share_fastest(bundle, recipe, log)
-    if info.get("arms") and "placement" not in info:
-        from .bench import measure_placement
+    if recipe.get("share") and len(recipe["arms"]) > 1:
+        with stage("shared trunk"):
+            if any("trunk" not in a for a in info.get("arms", {}).values()):
+                info = share_fastest(bundle, recipe, log)
+    if recipe["arms"]:
+        with stage("placement"):
+            if "placement" not in info:
+                from .bench import measure_placement
 
-        rec = measure_placement(bundle)
-        log(
-            f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
-        )
-        info = json.loads((bundle / "manifest.json").read_text())
+                rec = measure_placement(bundle)
+                log(
+                    f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
+                )
+                info = json.loads((bundle / "manifest.json").read_text())
+    for p in tidy_bundle(bundle):
+        log(f"removed '{p}', left by an interrupted build")
     atomic_write_json(
         root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
     )
     shutil.rmtree(root / "train", ignore_errors=True)  # checkpoints: the pack keeps only what it runs
     return bundle
+
+
+def build_pack_quietly(
+    name: str = "default", force: bool = False, retrain: bool = False, verbose: bool = False
+) -> Path:
+    """`build_pack` as a user sees it: one line per stage on the terminal; the rest (third-party
+    warnings, progress bars, C++ output) in packs/NAME-build.log, which an error names.
+    `verbose` shows everything instead."""
+    from .progress import Stages, quiet_output
+
+    recipe = load_recipe(name)  # a bad name fails here, on the terminal
+    log_path = packs_root() / f"{name}-build.log"
+    if not verbose:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"edge-genarm pack build {name}: {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    with quiet_output(log_path, verbose) as terminal:
+        stages = Stages(stage_names(recipe), terminal, prefix=f"pack '{name}' ")
+        try:
+            return build_pack(
+                name, force, log=lambda m: print(m, file=sys.stderr, flush=True), retrain=retrain,
+                stage=stages.stage,
+            )  # fmt: skip
+        except EdgeGenarmError as e:
+            if verbose:
+                raise
+            raise type(e)(f"{e} (the build's log: {log_path})") from None
+
+
+def _build_arm(root: Path, bundle: Path, gguf: Path, recipe: dict, arm: str, spec: dict, log, retrain: bool):
+    """One ARM of the recipe: the base + its committed adapter (or trained), exported into the bundle."""
+    from edge_genarm.export.commands import export_arm
+    from edge_genarm.export.train_loop import ARM_INFO, apply_adapter, train_arm
+
+    work = root / "train" / arm
+    if not (work / ARM_INFO).is_file():
+        if spec.get("adapter") and not retrain:
+            adapter = recipe["_dir"] / spec["adapter"]
+            log(f"ARM '{arm}': the base + the committed adapter {spec['adapter']}")
+            apply_adapter(gguf, adapter, work, spec.get("layers"))
+            info = (
+                json.loads((adapter / "training.json").read_text())
+                if (adapter / "training.json").is_file()
+                else {}
+            )
+            atomic_write_json(work / ARM_INFO, {**info, "from_adapter": str(adapter)})
+        else:
+            log(f"training ARM '{arm}' ({spec.get('layers', 'all')} layers, {spec['data']})")
+            train_arm(
+                data=recipe["_dir"] / spec["data"],
+                init=gguf,
+                out=work,
+                beta_r=spec["beta_r"],
+                lora_r=spec.get("lora"),
+                layers=spec.get("layers"),
+                lr=spec.get("lr"),
+                epochs=spec.get("epochs", 1),
+                batch_size=spec.get("batch_size", 16),
+                micro_batch=spec.get("micro_batch", 4),
+                max_len=spec.get("max_len", 256),
+                eval_frac=spec.get("eval_frac", 0.1),
+                seed=spec.get("seed", 0),
+                weights=str(gguf),
+                save_every=spec.get("save_every", 5),
+                lora_targets=spec.get("lora_targets", "attn"),
+                lora_layers=spec.get("lora_layers"),
+            )
+    m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
+    if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder
+        from edge_genarm.bundle import write_manifest
+
+        m["arms"][arm]["training"] = json.loads((work / ARM_INFO).read_text())
+        write_manifest(bundle, m)
 
 
 def make_nudges(bundle: Path, source: Path, recipe: dict, log=print) -> dict:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tempfile
 from pathlib import Path
 
 from edge_genarm.export.parity import format_parity, run_parity
 from edge_genarm.export.sources import load_source, save_hf
 
-from edge_genarm.bundle import MANIFEST, add_arm, add_base, read_manifest, write_manifest
+from edge_genarm.bundle import MANIFEST, add_arm, add_base, clean_scratch, read_manifest, scratch_dir
 from edge_genarm.errors import BundleError
 
 
@@ -46,7 +45,12 @@ def source_fingerprint(source: Path, layers: int | None = None) -> str:
 def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
     """True when `out` already holds this exact export (skip); refuse a different one."""
     if not (out / MANIFEST).is_file():
-        if out.exists() and any(out.iterdir()) and key == "base":
+        ours = {"base.gguf", "base.gguf.partial"}  # what a killed `export base` leaves before its manifest
+        if (
+            out.exists()
+            and any(p.name not in ours and "-scratch-" not in p.name for p in out.iterdir())
+            and key == "base"
+        ):
             raise BundleError(
                 f"'{out}' exists and is not an edge-genarm bundle: choose an empty or new folder for -o"
             )
@@ -73,18 +77,16 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
 
     source, out = Path(source), Path(out)
     fp = source_fingerprint(source)
+    clean_scratch(out.parent)  # what a killed run left
     if _check_output(out, "base", fp, force, "base"):
         return read_manifest(out)
     if source.suffix == ".gguf":  # adopt as is: no source to compare against
-        m = add_base(out, source)
-        m["base"]["source"] = {"path": str(source.resolve()), "fingerprint": fp, "kind": "gguf"}
-        m["base"]["parity"] = {"type": "adopted", "passed": True}
-        write_manifest(out, m)
-        return m
+        src = {"path": str(source.resolve()), "fingerprint": fp, "kind": "gguf"}
+        return add_base(out, source, extra={"source": src, "parity": {"type": "adopted", "passed": True}})
     stages = _stages(["load", "convert", "parity", "write"], "export base")
     model, tok = load_source(source)
     stages.update()
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    with scratch_dir(out.parent, "export") as tmp:
         gguf = convert_hf_to_gguf(source, Path(tmp) / "base.gguf", quant)
         stages.update()
         from edge_genarm.backends.llama_base import LlamaBase
@@ -98,10 +100,8 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
                 f"the GGUF of '{source}' failed parity ({format_parity('base', parity)}): "
                 "not written; try --quant f32 or report the model"
             )
-        m = add_base(out, gguf)
-    m["base"]["source"] = {"path": str(source.resolve()), "fingerprint": fp, "kind": "hf", "type": quant}
-    m["base"]["parity"] = parity
-    write_manifest(out, m)
+        src = {"path": str(source.resolve()), "fingerprint": fp, "kind": "hf", "type": quant}
+        m = add_base(out, gguf, extra={"source": src, "parity": parity})  # one manifest write
     stages.update()
     stages.close()
     return m
@@ -136,13 +136,14 @@ def export_arm(
     if not (out / MANIFEST).is_file():
         raise BundleError(f"'{out}' has no bundle yet: run `edge-genarm export base SOURCE -o {out}` first")
     fp = source_fingerprint(source, layers)
+    clean_scratch(out)  # what a killed run left
     if _check_output(out, name, fp, force, f"ARM '{name}'"):
         return read_manifest(out)
     stages = _stages(["load", "onnx", "parity", "write"], f"export arm {name}")
     model, tok = load_source(source, layers)
     _check_tokenizer(out, name, tok)  # before the slow part
     stages.update()
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with scratch_dir(out, "export") as tmp:
         hf = save_hf(model, tok, Path(tmp) / "hf")
         onnx_dir = Path(tmp) / "onnx"
         export_arm_onnx(hf, onnx_dir)

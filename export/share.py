@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_genarm.bundle import file_record, read_manifest, write_manifest
+from edge_genarm.bundle import file_record, read_manifest, scratch_dir, tidy_bundle, write_manifest
 from edge_genarm.errors import BundleError
 
 
@@ -83,6 +82,7 @@ def share_trunk(
     from edge_genarm.backends.trunk import TrunkGroup
 
     bundle = Path(bundle)
+    tidy_bundle(bundle)  # what a killed run left
     m = read_manifest(bundle)
     arms = m.get("arms", {})
     names = names or [n for n, a in arms.items() if "trunk" not in a]
@@ -93,7 +93,7 @@ def share_trunk(
             f"no full-graph ARM named {missing or names} in '{bundle}' (full-graph ARMs: {have})"
         )
     full = {n: bundle / arms[n]["file"] for n in names}
-    with tempfile.TemporaryDirectory(dir=bundle, prefix=".share-") as tmp:
+    with scratch_dir(bundle, "share") as tmp:
         work = Path(tmp)
         plan, heads, form = split_siblings(full, work, compact)
         log(
