@@ -151,17 +151,7 @@ class Engine:
         # interrupted (Ctrl+C) while its step was still running.
         self._pools = {label: ThreadPoolExecutor(max_workers=1) for label in self._units} if parallel else {}
         self.nudge_table: NudgeTable | None = None
-        self._breakers: frozenset[int] | None = None
-
-    @property
-    def dry_breakers(self) -> frozenset[int]:
-        """Token ids DRY never matches across: their text holds a newline, ':', '"' or '*'."""
-        if self._breakers is None:
-            marks = (b"\n", b":", b'"', b"*")
-            self._breakers = frozenset(
-                t for t in range(self.base.n_vocab) if any(m in self.base.token_bytes(t) for m in marks)
-            )
-        return self._breakers
+        self.dry_breakers = _Breakers(lambda t: self.base.token_bytes(t))
 
     # -- configuration ------------------------------------------------------
     def check_weights(self, weights: dict[str, float]) -> dict[str, float]:
@@ -494,6 +484,23 @@ class Engine:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=True)
+
+
+class _Breakers:
+    """Token ids DRY never matches across (their text holds a newline, ':', '"' or '*'), looked
+    up as the history needs them: DRY reads only the newest tokens, so no vocabulary scan."""
+
+    MARKS = (b"\n", b":", b'"', b"*")
+
+    def __init__(self, token_bytes):
+        self._bytes, self._seen = token_bytes, {}
+
+    def __contains__(self, tok) -> bool:
+        hit = self._seen.get(tok)
+        if hit is None:
+            b = self._bytes(int(tok))
+            hit = self._seen[tok] = any(m in b for m in self.MARKS)
+        return hit
 
 
 def _forward_units(arms: dict) -> dict[str, list[str]]:
