@@ -252,7 +252,8 @@ def validate_manifest(manifest, mpath: Path) -> dict:
         key = a.get("trunk")
         if key is not None and key not in manifest.get("trunks", {}):
             raise BundleError(
-                f"'{mpath}': arms.{name}.trunk names trunk '{key}', which the manifest does not list: "
+                f"'{mpath}': ARM '{name}' ('{a.get('file')}') is a head on trunk '{key}', which the manifest "
+                "does not list: "
                 "re-export the ARMs with `edge-genarm export share-trunk`"
             )
     return manifest
