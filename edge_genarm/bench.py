@@ -100,7 +100,7 @@ def measure_placement(bundle, prompt: str = "Write a short story about a lightho
 
 def record_placement(bundle, report: dict) -> dict | None:
     """Write the faster of sequential and overlapped (for this set of ARMs) into the bundle's
-    manifest: the loader uses it instead of its size rule (loader.measured_placement)."""
+    manifest: the loader uses it instead of its size rule (plan.LoadPlan.measured_parallel)."""
     import json
     import time
     from pathlib import Path

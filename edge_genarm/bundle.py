@@ -407,31 +407,18 @@ def check_arm_tokens(
     arm_vocab: int | None = None,
     tokens_path: Path | None = None,
 ) -> None:
-    """Refuse an ARM whose token ids differ from the base's on the shared id range.
+    """Refuse an ARM whose token ids differ from the base's on the shared id range: both checks,
+    `check_token_ids` (the files) and `check_arm_vocab` (the files against the graph)."""
+    check_token_ids(arm, arm_tokens, base_tokens, base_name)
+    check_arm_vocab(arm, len(arm_tokens), arm_vocab, len(base_tokens), base_name, tokens_path)
 
-    The shared range is every id both models score: min(ARM vocab, base vocab), with the ARM's
-    vocab read from its graph (`arm_vocab`). Its token list must cover that range, else ids
-    would be used without being checked (a graph of unknown vocab must list every base id),
-    and must not list more tokens than the graph scores (then they do not belong together).
-    """
+
+def check_token_ids(arm: str, arm_tokens: list[str] | None, base_tokens: list[str], base_name: str) -> None:
+    """The ARM's token strings equal the base's on the ids both list."""
     if arm_tokens is None:
         raise TokenizerMismatchError(
             f"ARM '{arm}' has no tokens.json or tokenizer.json beside it, so its token ids cannot "
             "be checked against the base: export it with `edge-genarm export arm`"
-        )
-    where = f"'{tokens_path}'" if tokens_path else "its tokens file"
-    if arm_vocab and len(arm_tokens) > arm_vocab:
-        raise TokenizerMismatchError(
-            f"ARM '{arm}' lists {len(arm_tokens)} tokens in {where} but its graph scores only "
-            f"{arm_vocab} ids: the graph and its tokens do not belong together; re-export the ARM with "
-            "`edge-genarm export arm`"
-        )
-    shared = min(arm_vocab or len(base_tokens), len(base_tokens))
-    if len(arm_tokens) < shared:
-        raise TokenizerMismatchError(
-            f"ARM '{arm}' lists {len(arm_tokens)} tokens in {where} but scores {shared} ids shared "
-            f"with base '{base_name}': ids {len(arm_tokens)} to {shared - 1} cannot be checked; "
-            "re-export the ARM with `edge-genarm export arm`"
         )
     n = min(len(arm_tokens), len(base_tokens))
     if vocab_fingerprint(arm_tokens, n) == vocab_fingerprint(base_tokens, n):
@@ -442,6 +429,35 @@ def check_arm_tokens(
         f"{arm_tokens[i]!r} in the ARM but {base_tokens[i]!r} in the base. An ARM must share the "
         "base's token ids: train or export it from a model with the base's tokenizer"
     )
+
+
+def check_arm_vocab(
+    arm: str,
+    n_tokens: int,
+    arm_vocab: int | None,
+    n_base: int,
+    base_name: str,
+    tokens_path: Path | None = None,
+) -> None:
+    """The ARM's token list fits the ids its graph scores (`arm_vocab`, None when the graph does
+    not say). The shared range is every id both models score, min(ARM vocab, base vocab): the
+    list must cover it, else ids would be used unchecked (a graph of unknown vocab must list
+    every base id), and must not be longer than the graph's vocab (then they do not belong
+    together)."""
+    where = f"'{tokens_path}'" if tokens_path else "its tokens file"
+    if arm_vocab and n_tokens > arm_vocab:
+        raise TokenizerMismatchError(
+            f"ARM '{arm}' lists {n_tokens} tokens in {where} but its graph scores only "
+            f"{arm_vocab} ids: the graph and its tokens do not belong together; re-export the ARM with "
+            "`edge-genarm export arm`"
+        )
+    shared = min(arm_vocab or n_base, n_base)
+    if n_tokens < shared:
+        raise TokenizerMismatchError(
+            f"ARM '{arm}' lists {n_tokens} tokens in {where} but scores {shared} ids shared "
+            f"with base '{base_name}': ids {n_tokens} to {shared - 1} cannot be checked; "
+            "re-export the ARM with `edge-genarm export arm`"
+        )
 
 
 def check_base_tokens(bundle: Bundle, base_tokens: list[str]) -> None:

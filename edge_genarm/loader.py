@@ -8,18 +8,12 @@ from pathlib import Path
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
 from .backends.trunk import HeadARM, TrunkGroup
-from .bundle import (
-    Bundle,
-    check_arm_tokens,
-    check_base_tokens,
-    load_arm_tokens,
-    parse_arm_spec,
-    resolve_arm,
-)
-from .chat import check_template, read_template
+from .bundle import Bundle, check_arm_vocab
 from .engine import Engine
 from .errors import ConfigError
+from .gguf import GGUFInfo, read_gguf
 from .nudge import NudgeTable
+from .plan import LoadPlan, arm_specs, make_plan
 
 
 def overlap_pays(base_path, arm_paths) -> bool:
@@ -34,13 +28,6 @@ def overlap_pays(base_path, arm_paths) -> bool:
         return False
     arm_bytes = sum(p.stat().st_size for ap in arm_paths for p in ap.parent.glob(ap.name + "*"))
     return arm_bytes >= 0.5 * base_path.stat().st_size
-
-
-def measured_placement(bundle: Bundle, names: list[str]) -> bool | None:
-    """The placement `edge-genarm bench --record` (or the pack build) measured fastest for these
-    ARMs on this bundle: True overlapped, False sequential, None when never measured."""
-    rec = bundle.manifest.get("placement", {}).get(",".join(sorted(names)))
-    return None if not isinstance(rec, dict) else bool(rec.get("parallel"))
 
 
 def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
@@ -67,53 +54,64 @@ def load(
     verify: bool = True,
     cores: int | None = None,
 ) -> Engine:
-    """Load a bundle folder (or a bare .gguf) and the chosen ARMs.
+    """Load a bundle folder (or a bare .gguf) and the chosen ARMs: plan, then build.
 
     `arms`: None loads every ARM of the bundle at its default weight; a list of
     "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
-    `parallel` overlaps base and ARM forwards in threads, with the cores split;
-    None decides by size (see `overlap_pays`). `cores`: the cores this engine may use
-    (default: the machine's; a Ray actor passes its num_cpus).
+    `chat_template`: its text, or a Path to a file. `parallel` overlaps base and ARM
+    forwards in threads, with the cores split; None decides by the bundle's measurement,
+    else by size (see `overlap_pays`). `cores`: the cores this engine may use (default:
+    the machine's; a Ray actor passes its num_cpus).
     """
     check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
     bundle = Bundle.open(weights, verify=verify)
-    specs = _arm_specs(bundle, arms)
+    info = read_gguf(bundle.base_path)  # read once: for the plan's checks and for the base
+    plan = make_plan(bundle, arms, chat_template, base_info=info)
+    return build_engine(
+        plan, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, arm_device=arm_device,
+        arm_threads=arm_threads, parallel=parallel, cores=cores, base_info=info,
+    )  # fmt: skip
+
+
+def build_engine(
+    plan: LoadPlan,
+    *,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    arm_device: str = "cpu",
+    arm_threads: int | None = None,
+    parallel: bool | None = None,
+    cores: int | None = None,
+    base_info: GGUFInfo | None = None,
+) -> Engine:
+    """The engine a plan describes: placement and threads for this machine, then the backends
+    (ARM sessions are created while llama.cpp loads the base: warm start), then the one check
+    that needs them (each ARM's token list against the ids its graph scores)."""
+    check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
     if parallel is None:
-        parallel = measured_placement(bundle, [n for n, _ in specs])
+        parallel = plan.measured_parallel
     if parallel is None:
-        paths = [resolve_arm(bundle, n).path for n, _ in specs]
-        parallel = overlap_pays(bundle.base_path, paths)
-    n_units = len({(e.trunk.key if e.trunk else e.name) for e in (resolve_arm(bundle, n) for n, _ in specs)})
-    auto_base, auto_arm = split_threads(cores or default_threads(), n_units, parallel)
-    entries = [(resolve_arm(bundle, name), weight) for name, weight in specs]
-    # the ARM sessions are created while llama.cpp loads the base (warm start); tokens checked after
+        parallel = overlap_pays(plan.base, [a.path for a in plan.arms])
+    auto_base, auto_arm = split_threads(cores or default_threads(), plan.n_units, parallel)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        arms_future = pool.submit(_load_arms, [e for e, _ in entries], arm_device, arm_threads or auto_arm)
+        arms_future = pool.submit(_load_arms, list(plan.arms), arm_device, arm_threads or auto_arm)
         try:
             base = LlamaBase(
-                bundle.base_path, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers
+                plan.base, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers, info=base_info
             )
         except BaseException:
             wait([arms_future])  # the base's error is the one to report
             raise
         loaded = arms_future.result()
-    check_base_tokens(bundle, base.info.tokens)
-    for entry, _ in entries:
-        check_arm_tokens(
-            entry.name,
-            load_arm_tokens(entry.tokens_path, entry.name),
-            base.info.tokens,
-            base.path.name,
-            getattr(loaded[entry.name], "vocab_size", None),
-            entry.tokens_path,
+    for a in plan.arms:
+        vocab = getattr(loaded[a.name], "vocab_size", None)
+        check_arm_vocab(
+            a.name, plan.n_tokens[a.name], vocab, plan.n_base_tokens, plan.base.name, a.tokens_path
         )
-    w = {e.name: e.default_weight if weight is None else weight for e, weight in entries}
-    template, origin = _template(chat_template, bundle, base)
-    check_template(template, origin)
-    engine = Engine(base, loaded, w, chat_template=template, parallel=parallel)
-    nudges = bundle.manifest.get("nudges")
-    if nudges:
-        engine.nudge_table = NudgeTable.load(bundle.root / nudges["file"], base.info.tokens)
+    engine = Engine(base, loaded, plan.weights, chat_template=plan.chat_template, parallel=parallel)
+    if plan.nudges is not None:
+        engine.nudge_table = NudgeTable.load(plan.nudges, base.info.tokens)
     return engine
 
 
@@ -134,17 +132,6 @@ def check_options(**values) -> None:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name} ({flag}) must be an integer >= {lo} ({meaning}), got {v!r}")
-
-
-def _template(given: str | None, bundle: Bundle, base: LlamaBase) -> tuple[str | None, str]:
-    """The chat template that will be used, and where it came from (for error messages)."""
-    if isinstance(given, Path):
-        return read_template(given), f"file '{given}'"
-    if given is not None:
-        return given, "the chat_template given"
-    if bundle.chat_template:
-        return bundle.chat_template, f"'{bundle.root / 'manifest.json'}' (chat_template)"
-    return base.info.get("tokenizer.chat_template"), f"GGUF file '{base.path}' (tokenizer.chat_template)"
 
 
 def _load_arms(entries, device: str, threads: int) -> dict:
@@ -172,9 +159,4 @@ def _load_arms(entries, device: str, threads: int) -> dict:
     return {e.name: loaded[e.name] for e in entries}
 
 
-def _arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
-    if arms is None:
-        return [(n, None) for n in bundle.arms]
-    if isinstance(arms, dict):
-        return [(n, float(w) if w is not None else None) for n, w in arms.items()]
-    return [parse_arm_spec(s) for s in arms]
+_arm_specs = arm_specs  # the name distributed.py imports

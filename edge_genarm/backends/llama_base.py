@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ContextOverflowError, ModelFileError
-from ..gguf import read_gguf
+from ..gguf import GGUFInfo, read_gguf
 from .onnx_arm import _common_prefix
 
 
@@ -49,11 +49,13 @@ class LlamaBase:
         threads: int | None = None,
         gpu_layers: int = 0,
         validated: bool = False,
+        info: GGUFInfo | None = None,
     ):
         import llama_cpp
 
         self.path = Path(path)
-        self.info = read_gguf(self.path)  # raises a clear error before llama.cpp can abort
+        # the header read (and checked) in Python before llama.cpp can abort; `info`: already read
+        self.info = info if info is not None else read_gguf(self.path)
         _check_template_compiles(self.path, self.info.get("tokenizer.chat_template"))
         if not validated:
             from .probe import probe_gguf

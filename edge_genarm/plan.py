@@ -1,0 +1,104 @@
+"""What a load will build, resolved and checked from a bundle before any model runs.
+
+Loading reads forward: the bundle (files, manifest) -> a `LoadPlan` (which ARM files, their
+weights, token lists checked against the base's vocabulary, the chat template, the nudge
+table) -> the loader builds the backends from the plan (loader.build_engine). The plan holds
+plain paths and values, so it pickles: a Ray actor builds its engine from one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import (
+    ArmEntry,
+    Bundle,
+    check_base_tokens,
+    check_token_ids,
+    load_arm_tokens,
+    parse_arm_spec,
+    resolve_arm,
+)
+from .chat import check_template, read_template
+from .errors import ConfigError
+from .gguf import GGUFInfo, read_gguf
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    root: Path
+    base: Path
+    arms: tuple[ArmEntry, ...]  # in load order
+    weights: dict[str, float]  # each ARM's starting weight: the one asked for, else its default
+    n_tokens: dict[str, int]  # each ARM's token-list length (its ids checked equal to the base's)
+    n_base_tokens: int
+    chat_template: str | None
+    nudges: Path | None  # the nudge table file
+    measured_parallel: bool | None  # the placement the manifest records for these ARMs, if any
+
+    @property
+    def n_units(self) -> int:
+        """Forward units: each trunk (its heads run as one) and each ARM of its own."""
+        return len({a.trunk.key if a.trunk else a.name for a in self.arms})
+
+
+def arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
+    """[(name or .onnx path, weight or None for the default)] from None (every ARM of the bundle),
+    a {name: weight} dict or "NAME=W" strings."""
+    if arms is None:
+        return [(n, None) for n in bundle.arms]
+    if isinstance(arms, dict):
+        out = []
+        for n, w in arms.items():
+            ok = w is None or (isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w))
+            if not ok:
+                raise ConfigError(f"ARM weight for '{n}' must be a finite number, got {w!r}")
+            out.append((n, None if w is None else float(w)))
+        return out
+    return [parse_arm_spec(s) for s in arms]
+
+
+def make_plan(
+    bundle: Bundle, arms=None, chat_template: str | Path | None = None, base_info: GGUFInfo | None = None
+) -> LoadPlan:
+    """The plan for loading `arms` (see arm_specs) of `bundle`. Every check that needs no model
+    running is done here: the base's vocabulary against the manifest, each ARM's token ids
+    against the base's, the chat template (it must render a message). `base_info`: the base's
+    GGUF header when the caller has read it already."""
+    entries = [(resolve_arm(bundle, name), w) for name, w in arm_specs(bundle, arms)]
+    info = base_info or read_gguf(bundle.base_path)
+    check_base_tokens(bundle, info.tokens)
+    n_tokens = {}
+    for e, _ in entries:
+        toks = load_arm_tokens(e.tokens_path, e.name)
+        check_token_ids(e.name, toks, info.tokens, bundle.base_path.name)
+        n_tokens[e.name] = len(toks)
+    template, origin = _template(chat_template, bundle, info)
+    check_template(template, origin)
+    nudges = bundle.manifest.get("nudges")
+    placement = bundle.manifest.get("placement", {}).get(",".join(sorted(e.name for e, _ in entries)))
+    return LoadPlan(
+        root=bundle.root,
+        base=bundle.base_path,
+        arms=tuple(e for e, _ in entries),
+        weights={e.name: e.default_weight if w is None else w for e, w in entries},
+        n_tokens=n_tokens,
+        n_base_tokens=len(info.tokens),
+        chat_template=template,
+        nudges=bundle.root / nudges["file"] if nudges else None,
+        measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) else None,
+    )
+
+
+def _template(given: str | Path | None, bundle: Bundle, info: GGUFInfo) -> tuple[str | None, str]:
+    """The chat template that will be used, and where it came from (for error messages)."""
+    if isinstance(given, Path):
+        return read_template(given), f"file '{given}'"
+    if given is not None:
+        return given, "the chat_template given"
+    if bundle.chat_template:
+        return bundle.chat_template, f"'{bundle.root / 'manifest.json'}' (chat_template)"
+    return info.get("tokenizer.chat_template"), f"GGUF file '{bundle.base_path}' (tokenizer.chat_template)"
