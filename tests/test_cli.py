@@ -18,6 +18,28 @@ def run(args, input=None):
     return r
 
 
+COMMANDS = ["batch", "bench", "bundle", "calibrate-tau", "chat", "compare", "config", "doctor", "eval", "export",
+            "generate", "pack", "prefs", "serve", "train-arm", "train-rm"]  # fmt: skip
+
+
+def test_python_m_lists_every_command_and_imports_nothing_heavy():
+    """The commands live in cli_*.py modules that cli.py registers at its end: `python -m
+    edge_genarm.cli --help` must list them all, and loading them must not load the training stack."""
+    import subprocess
+
+    heavy = ("torch", "transformers", "optimum", "onnx", "fastapi", "ray")
+    code = (
+        "import sys, json\nfrom edge_genarm.cli import main\n"
+        f"print(json.dumps([sorted(main.commands), [m for m in {heavy!r} if m in sys.modules]]))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    names, loaded = json.loads(p.stdout.strip().splitlines()[-1])
+    assert names == COMMANDS and loaded == []
+    out = subprocess.run([sys.executable, "-m", "edge_genarm.cli", "--help"], capture_output=True, text=True,
+                         timeout=60).stdout  # fmt: skip
+    assert re.findall(r"^  (\S+) ", out.split("Commands:")[1], re.M) == COMMANDS
+
+
 def test_generate_json_is_reproducible(tiny_bundle):
     args = [
         "generate",

@@ -1,0 +1,148 @@
+"""`edge-genarm generate | chat | bench`: one reply, the chat REPL (repl.py), speed (bench.py)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli import (
+    default_weights,
+    fail,
+    gen_kwargs,
+    load_engine,
+    main,
+    model_options,
+    nudge_options,
+    prompt_text,
+    sampling_options,
+    weights_or_default,
+)
+from .errors import EdgeGenarmError
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@model_options
+@sampling_options
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, records and timings.")
+@click.option("--no-stream", is_flag=True, help="Print the text when done.")
+@nudge_options
+@click.option("--explain", is_flag=True, help="Mark nudged tokens «new|was» and list what nudging did.")
+def generate(prompt, raw, as_json, no_stream, explain, **o):
+    """Generate a reply to PROMPT (or to standard input when PROMPT is absent or '-')."""
+    prompt = prompt_text(prompt)
+    try:
+        engine = load_engine(o)
+        kw = gen_kwargs(o)
+        if explain or as_json or no_stream:
+            c = engine.generate(prompt, raw=raw, **kw)
+            if explain:
+                click.echo(explain_text(engine, c))
+            elif as_json:
+                click.echo(json.dumps(completion_json(c)))
+            else:
+                click.echo(c.text)
+            return
+        gen = engine.stream(prompt, raw=raw, **kw)
+        for rec in gen:
+            click.echo(rec.text, nl=False)
+        click.echo()
+        s = gen.timings.summary()
+        click.echo(f"[{s['tokens']} tokens, {s['tok_per_s']:.1f} tok/s]", err=True)
+    except EdgeGenarmError as e:
+        fail(e)
+
+
+def explain_text(engine, c) -> str:
+    """The reply with nudged tokens marked «new|was», then the nudge summary."""
+    piece = engine.base.token_bytes
+    parts = []
+    for r in c.records:
+        if r.nudged_from is not None:
+            was = piece(r.nudged_from).decode("utf-8", "replace")
+            parts.append(f"«{r.text}|{was}»")
+        else:
+            parts.append(r.text)
+    out = "".join(parts)
+    if c.nudge is not None:
+        s = c.nudge.summary()
+        out += (
+            f"\n[nudge: {s['sites']} sites in {s['steps']} steps ({s['trigger_rate']:.0%}), "
+            f"{s['changed']} changed the token]"
+        )
+    return out
+
+
+RECORD_FIELDS = (
+    "token", "text", "base_logprob", "combined_logprob", "entropy", "arm_contrib", "fallback", "site",
+    "nudged_from",
+)  # fmt: skip
+
+
+def completion_json(c) -> dict:
+    """`generate --json`: the completion with one object per token record."""
+    return {
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "tokens": c.tokens,
+        "weights": c.weights,
+        "timings": c.timings.summary(),
+        "nudge": None if c.nudge is None else {**c.nudge.summary(), "changes": c.nudge.changes},
+        "records": [{k: getattr(r, k) for k in RECORD_FIELDS} for r in c.records],
+    }
+
+
+@main.command()
+@model_options
+@sampling_options
+@nudge_options
+def chat(**o):
+    """A streaming chat REPL. /help lists the commands."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .repl import run_repl
+
+    try:
+        o = {**o, "weights": weights_or_default(o["weights"])}  # a first-run pack build: in the foreground
+    except EdgeGenarmError as e:
+        fail(e)
+    # The models load while the prompt is already up: typing the first message overlaps
+    # the seconds ORT spends creating ARM sessions. The first reply waits for them.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+    pending = pool.submit(load_engine, o)
+    pool.shutdown(wait=False)
+    try:
+        run_repl(pending, gen_kwargs(o))
+    except EdgeGenarmError as e:
+        fail(e)
+
+
+@main.command()
+@model_options
+@click.option("--prompt", default="Write a short story about a lighthouse keeper.", show_default=True)
+@click.option("--max-tokens", "-n", default=128, show_default=True)
+@click.option("--repeats", default=2, show_default=True, help="Runs per mode; the best is reported.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--record", is_flag=True, help="Save the faster placement (sequential/overlapped) in the bundle."
+)
+def bench(prompt, max_tokens, repeats, as_json, record, **o):
+    """Tokens/s unguided vs guided, ms per step for each part, peak RSS, disk."""
+    from .bench import format_report, record_placement, run_bench
+
+    try:
+        report = run_bench(
+            lambda parallel: load_engine({**o, "parallel": parallel}), prompt, max_tokens, repeats
+        )
+        if record:
+            rec = record_placement(o.get("weights") or default_weights(), report)
+            report["recorded"] = rec
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if record and report.get("recorded"):
+        click.echo(
+            f"recorded: {'overlapped' if report['recorded']['parallel'] else 'sequential'} for these ARMs"
+        )
