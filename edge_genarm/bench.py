@@ -36,10 +36,13 @@ def _best(engine, prompt, n, repeats, guidance, nudge=None):
     return max(runs, key=lambda s: s["tok_per_s"])
 
 
-def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
-    """`load_engine(parallel)` -> Engine. Sequential mode gives each forward all the
-    cores; parallel mode splits them and overlaps the forwards (engine.split_threads)."""
-    engine = load_engine(False)
+def run_bench(load_engine, prompt: str, n: int, repeats: int = 2, trunk: str = "auto") -> dict:
+    """`load_engine(parallel, trunk)` -> Engine. Sequential mode gives each forward all the
+    cores; parallel mode splits them and overlaps the forwards (engine.split_threads). Both run
+    shared trunks as graphs; where the bundle lets heads run on the base's own layer
+    (loader.choose_tap), a third engine measures that: `guided_base_tap`, and `unguided_tap`
+    (the base with the eval callback installed, no ARM: what the tap costs the base)."""
+    engine = load_engine(False, "graph")
     unguided = _best(engine, prompt, n, repeats, guidance=False)
     report = {
         "base": engine.base.path.name,
@@ -62,16 +65,23 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
         report["guided_nudge_rollouts"] = rolled
         report["rollout_overhead"] = seq["tok_per_s"] / rolled["tok_per_s"] - 1
         engine.close()
-        engine = load_engine(True)
+        engine = load_engine(True, "graph")
         report["parallel_threads"] = {
             "base": engine.base.threads,
             "arm": next(iter(engine.arms.values())).threads,
         }
         report["guided_parallel"] = _best(engine, prompt, n, repeats, guidance=True)
+        if trunk != "graph":
+            tapped = _tapped_engine(load_engine, trunk)
+            if tapped is not None:
+                engine.close()
+                engine = tapped
+                report["unguided_tap"] = _best(engine, prompt, n, repeats, guidance=False)
+                report["guided_base_tap"] = _best(engine, prompt, n, repeats, guidance=True)
         seq = report["guided_sequential"]
         bound = 1e3 / (seq["base_ms"] + sum(seq["arm_ms"].values()))
         report["forward_bound_tok_per_s"] = bound
-        best = max(report["guided_sequential"]["tok_per_s"], report["guided_parallel"]["tok_per_s"])
+        best = max(report[m]["tok_per_s"] for m in GUIDED_MODES if m in report)
         report["guided_vs_bound"] = best / bound
         report["guided_vs_unguided"] = best / unguided["tok_per_s"]
     engine.close()
@@ -81,13 +91,30 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2) -> dict:
     return report
 
 
+GUIDED_MODES = ("guided_sequential", "guided_parallel", "guided_base_tap")
+
+
+def _tapped_engine(load_engine, trunk: str):
+    """The engine with heads on the base's own layer, or None when the bundle does not allow it
+    and `trunk` is "auto" ("base" makes that an error)."""
+    from .errors import ConfigError
+
+    try:
+        engine = load_engine(False, "base")
+    except ConfigError:
+        if trunk == "base":
+            raise
+        return None
+    return engine
+
+
 def measure_placement(bundle, prompt: str = "Write a short story about a lighthouse keeper.", n: int = 48):
     """Sequential vs overlapped for the bundle's default ARMs, one short greedy run each (pack build)."""
     from .loader import load
 
     report = {}
     for parallel in (False, True):
-        engine = load(str(bundle), parallel=parallel)
+        engine = load(str(bundle), parallel=parallel, trunk="graph")
         _run(engine, prompt, 8, None, True)  # warm-up: first-run allocations
         key = "guided_parallel" if parallel else "guided_sequential"
         report[key] = _run(engine, prompt, n, None, True)
@@ -141,7 +168,7 @@ def _graphs(engine):
     seen = {}
     for arm in engine.arms.values():
         group = getattr(arm, "group", None)
-        graphs = [group.trunk, group.lm, *group.heads.values()] if group is not None else [arm]
+        graphs = [g for g in (group.trunk, group.lm, *group.heads.values()) if g is not None] if group else [arm]
         for g in graphs:
             seen[str(g.path)] = g
     return list(seen.values())
@@ -154,7 +181,9 @@ def format_report(r: dict) -> str:
         "",
     ]
     lines.append(f"{'mode':<22}{'tok/s':>8}{'base ms':>9}{'python ms':>11}  arm ms")
-    for mode in ("unguided", "guided_sequential", "guided_nudge", "guided_nudge_rollouts", "guided_parallel"):
+    modes = ("unguided", "guided_sequential", "guided_nudge", "guided_nudge_rollouts", "guided_parallel",
+             "unguided_tap", "guided_base_tap")  # fmt: skip
+    for mode in modes:
         if mode in r:
             s = r[mode]
             arms = " ".join(f"{k}={v:.2f}" for k, v in s["arm_ms"].items()) or "-"

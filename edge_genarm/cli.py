@@ -89,6 +89,9 @@ model_options = options(
     click.option("--arm-threads", type=int, help="onnxruntime threads per ARM (default: by --parallel)."),
     click.option("--parallel/--sequential", default=None,
                  help="Overlap base and ARM forwards in threads, splitting the cores (default: by model sizes)."),
+    click.option("--trunk", default=DEFAULTS["trunk"], show_default=True, type=click.Choice(["auto", "base", "graph"]),
+                 help="Heads on a shared trunk read the base's own layer (base; the bundle must record a passed "
+                      "base-tap gate) or run the trunk graph (graph); auto: base where allowed."),
     click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
                  help="A Jinja chat template file overriding the model's."),
 )  # fmt: skip
@@ -140,7 +143,7 @@ def load_engine(o: dict):
     return load(
         weights_or_default(o["weights"]), list(o["arms"]) or None, n_ctx=o["ctx"], threads=o["threads"],
         gpu_layers=o["gpu_layers"], arm_device=o["arm_device"], arm_threads=o["arm_threads"],
-        parallel=o["parallel"], chat_template=template,
+        parallel=o["parallel"], chat_template=template, trunk=o.get("trunk", DEFAULTS["trunk"]),
     )  # fmt: skip
 
 

@@ -136,6 +136,31 @@ def export_share_cmd(bundle, arms, quantize, block_size, accuracy_level, **o):
     click.echo(f"ARMs {', '.join(shared)} of {bundle} now share one trunk")
 
 
+@export_group.command("base-tap")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--trunk-id", help="The shared trunk to gate (default: the bundle's only one).")
+@click.option("--pairs", "pairs", multiple=True,
+              help="[NAME=]pairs.jsonl the ARM was trained on: its held-out split gates the tap.")
+@click.option("--eval-frac", default=0.1, show_default=True, help="As given to train-arm.")
+@click.option("--max-len", default=512, show_default=True, help="As given to train-arm.")
+@click.option("--seed", "pair_seed", default=0, show_default=True, help="As given to train-arm.")
+def export_base_tap_cmd(bundle, trunk_id, **o):
+    """Let the heads of a shared trunk run on the base's own layer output (--trunk base/auto):
+    gated on held-out pairs (accuracy within 0.02 of fp32) and recorded in the manifest."""
+    from edge_genarm.export.base_tap import base_tap
+
+    from .bundle import read_manifest
+
+    try:
+        names = [n for n, a in read_manifest(Path(bundle)).get("arms", {}).items() if "trunk" in a]
+        rec = base_tap(bundle, pair_specs(o, names), trunk_key=trunk_id)
+    except EdgeGenarmError as e:
+        fail(e)
+    if not rec["passed"]:
+        fail(EdgeGenarmError(f"the base tap of '{bundle}' failed its gate (recorded): the trunk graph stays in use"))
+    click.echo(f"the heads of {bundle} run on the base's layer {rec['layer']} output (--trunk auto)")
+
+
 @export_group.command("nudges")
 @click.option(
     "--reward-model",

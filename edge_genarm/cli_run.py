@@ -134,8 +134,9 @@ def bench(prompt, max_tokens, repeats, as_json, record, **o):
 
     try:
         report = run_bench(
-            lambda parallel: load_engine({**o, "parallel": parallel}), prompt, max_tokens, repeats
-        )
+            lambda parallel, trunk: load_engine({**o, "parallel": parallel, "trunk": trunk}),
+            prompt, max_tokens, repeats, trunk=o["trunk"],
+        )  # fmt: skip
         if record:
             rec = record_placement(o.get("weights") or default_weights(), report)
             report["recorded"] = rec

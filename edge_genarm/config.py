@@ -44,6 +44,7 @@ KEYS: dict[str, tuple[type, object]] = {
     "gpu_layers": (int, 0),
     "arm_device": (str, "cpu"),
     "arm_threads": (int, None),
+    "trunk": (str, "auto"),
     "nudge": (bool, False),
     "nudge_tau": (float, _N.tau),
     "nudge_gap": (int, _N.min_gap),

@@ -53,6 +53,7 @@ class LoadSpec:
     chat_template: str | None = None  # the template's text, not a path
     threads: int | None = None
     arm_threads: int | None = None
+    trunk: str = "auto"
 
     def load(self, cores: int | None = None):
         from .loader import load
@@ -61,7 +62,7 @@ class LoadSpec:
             self.weights, list(self.arms) if self.arms is not None else None, n_ctx=self.n_ctx,
             threads=self.threads, gpu_layers=self.gpu_layers, arm_device=self.arm_device,
             arm_threads=self.arm_threads, parallel=self.parallel, chat_template=self.chat_template,
-            cores=cores,
+            cores=cores, trunk=self.trunk,
         )  # fmt: skip
 
     def arm_weights(self) -> dict[str, float]:
@@ -82,6 +83,7 @@ def spec_from_options(o: dict, weights: str) -> LoadSpec:
         str(Path(weights).expanduser().resolve()), tuple(o["arms"]) or None, n_ctx=o["ctx"],
         gpu_layers=o["gpu_layers"], arm_device=o["arm_device"], parallel=o["parallel"],
         chat_template=template, threads=o["threads"], arm_threads=o["arm_threads"],
+        trunk=o.get("trunk", "auto"),
     )  # fmt: skip
 
 

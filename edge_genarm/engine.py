@@ -403,14 +403,15 @@ class Engine:
             if run:
                 jobs[label] = run
         futures = {}
-        if self._pools:
-            futures = {lb: self._pools[lb].submit(self._run_unit, run, kind, arg) for lb, run in jobs.items()}
+        if self._pools:  # heads on the base's own trunk (a tap) need the base's decode first
+            futures = {lb: self._pools[lb].submit(self._run_unit, run, kind, arg)
+                       for lb, run in jobs.items() if not _after_base(self.arms[run[0]])}  # fmt: skip
         tb = time.perf_counter()
         base_logits = getattr(self.base, kind)(arg)
         t.base_s += time.perf_counter() - tb
         arm_logits = {}
         for label, run in jobs.items():
-            out, dt = futures[label].result() if futures else self._run_unit(run, kind, arg)
+            out, dt = futures[label].result() if label in futures else self._run_unit(run, kind, arg)
             arm_logits.update(out)
             t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
         if count:
@@ -516,6 +517,10 @@ def _forward_units(arms: dict) -> dict[str, list[str]]:
     for names in by_group.values():
         units["+".join(names)] = names
     return units
+
+
+def _after_base(arm) -> bool:
+    return bool(getattr(getattr(arm, "group", None), "after_base", False))
 
 
 def _pad(lp: np.ndarray, v: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from .errors import ConfigError
 from .gguf import GGUFInfo, read_gguf
 from .nudge import NudgeTable
 from .plan import LoadPlan, arm_specs, make_plan
+
+log = logging.getLogger("edge_genarm")
 
 
 def overlap_pays(base_path, arm_paths) -> bool:
@@ -53,6 +56,7 @@ def load(
     chat_template: str | Path | None = None,
     verify: bool = True,
     cores: int | None = None,
+    trunk: str = "auto",
 ) -> Engine:
     """Load a bundle folder (or a bare .gguf) and the chosen ARMs: plan, then build.
 
@@ -61,7 +65,8 @@ def load(
     `chat_template`: its text, or a Path to a file. `parallel` overlaps base and ARM
     forwards in threads, with the cores split; None decides by the bundle's measurement,
     else by size (see `overlap_pays`). `cores`: the cores this engine may use (default:
-    the machine's; a Ray actor passes its num_cpus).
+    the machine's; a Ray actor passes its num_cpus). `trunk`: where heads on a shared trunk
+    get their input (see `choose_tap`): "auto", "base" or "graph".
     """
     check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
     bundle = Bundle.open(weights, verify=verify)
@@ -69,7 +74,7 @@ def load(
     plan = make_plan(bundle, arms, chat_template, base_info=info)
     return build_engine(
         plan, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, arm_device=arm_device,
-        arm_threads=arm_threads, parallel=parallel, cores=cores, base_info=info,
+        arm_threads=arm_threads, parallel=parallel, cores=cores, base_info=info, trunk=trunk,
     )  # fmt: skip
 
 
@@ -84,26 +89,36 @@ def build_engine(
     parallel: bool | None = None,
     cores: int | None = None,
     base_info: GGUFInfo | None = None,
+    trunk: str = "auto",
 ) -> Engine:
     """The engine a plan describes: placement and threads for this machine, then the backends
     (ARM sessions are created while llama.cpp loads the base: warm start), then the one check
     that needs them (each ARM's token list against the ids its graph scores)."""
     check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
+    tap = choose_tap(plan, trunk)
+    if tap is not None:  # the heads wait for the base's layer anyway: each forward gets every core
+        parallel = False
     if parallel is None:
         parallel = plan.measured_parallel
     if parallel is None:
         parallel = overlap_pays(plan.base, [a.path for a in plan.arms])
     auto_base, auto_arm = split_threads(cores or default_threads(), plan.n_units, parallel)
+    tapped = next(iter(plan.taps)) if tap is not None else None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        arms_future = pool.submit(_load_arms, list(plan.arms), arm_device, arm_threads or auto_arm)
+        arms_future = pool.submit(_load_arms, list(plan.arms), arm_device, arm_threads or auto_arm, tapped)
         try:
             base = LlamaBase(
-                plan.base, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers, info=base_info
-            )
+                plan.base, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers, info=base_info,
+                tap=tap,
+            )  # fmt: skip
         except BaseException:
             wait([arms_future])  # the base's error is the one to report
             raise
         loaded = arms_future.result()
+    for arm in loaded.values():
+        group = getattr(arm, "group", None)
+        if group is not None and group.on_base and group.tap is None:
+            group.attach(base)
     for a in plan.arms:
         vocab = getattr(loaded[a.name], "vocab_size", None)
         check_arm_vocab(
@@ -134,9 +149,46 @@ def check_options(**values) -> None:
             raise ConfigError(f"{name} ({flag}) must be an integer >= {lo} ({meaning}), got {v!r}")
 
 
-def _load_arms(entries, device: str, threads: int) -> dict:
-    """name -> ARM backend. Heads on one trunk become one TrunkGroup. Sessions are created side
-    by side: reading the ONNX files dominates a warm start."""
+TRUNK_MODES = ("auto", "base", "graph")
+
+
+def choose_tap(plan: LoadPlan, trunk: str = "auto") -> int | None:
+    """The base layer to tap for heads on a shared trunk, or None to run the trunk graph.
+
+    "graph": the trunk graph (the ARMs' own fp32/int8 trunk; exact against the whole ARMs).
+    "base": the base's own output of that layer, read as llama.cpp decodes (backends.capture):
+    the trunk costs nothing, but it is the base's quantized arithmetic, so the bundle must
+    record a passed base-tap gate for this base (export/base_tap.py); an error otherwise.
+    "auto": "base" where the bundle records a passed gate and the callback compiles, else
+    "graph". Measured on 2 cores (README, issue 10): one ARM at 0.5 runs at <see README>."""
+    if trunk not in TRUNK_MODES:
+        raise ConfigError(f"--trunk must be one of {', '.join(TRUNK_MODES)}, got {trunk!r}")
+    if trunk == "graph" or not any(a.trunk for a in plan.arms):
+        return None
+    layer = plan.tap_layer
+    if layer is None:
+        if trunk == "base":
+            raise ConfigError(
+                f"--trunk base: no trunk of these ARMs in '{plan.root}' records a passed base-tap gate "
+                "for its base: run `edge-genarm export base-tap BUNDLE`, or use --trunk graph"
+            )
+        return None
+    from .backends.capture import CaptureUnavailable, load_capture
+
+    try:
+        load_capture()
+    except (CaptureUnavailable, OSError) as e:
+        if trunk == "base":
+            raise ConfigError(f"--trunk base needs llama.cpp's eval callback compiled here: {e}") from None
+        log.info("running the trunk graph: the base-tap callback is unavailable (%s)", e)
+        return None
+    return layer
+
+
+def _load_arms(entries, device: str, threads: int, tapped: str | None = None) -> dict:
+    """name -> ARM backend. Heads on one trunk become one TrunkGroup (on the base's own trunk
+    when its key is `tapped`). Sessions are created side by side: reading the ONNX files
+    dominates a warm start."""
     groups: dict[str, list] = {}
     for e in entries:
         if e.trunk is not None:
@@ -145,8 +197,9 @@ def _load_arms(entries, device: str, threads: int) -> dict:
     def group(es):
         t = es[0].trunk
         g = TrunkGroup(
-            t.path, {e.name: e.path for e in es}, t.lm_head, device=device, threads=threads, label=t.key
-        )
+            t.path, {e.name: e.path for e in es}, t.lm_head, device=device, threads=threads, label=t.key,
+            on_base=t.key == tapped,
+        )  # fmt: skip
         return {e.name: HeadARM(g, e.name) for e in es}
 
     jobs = [(group, es) for es in groups.values()]

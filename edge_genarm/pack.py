@@ -143,6 +143,8 @@ def stage_names(recipe: dict) -> list[str]:
         names.append("nudge table")
     if recipe.get("share") and len(recipe["arms"]) > 1:
         names.append("shared trunk")
+        if recipe["share"].get("base_tap"):
+            names.append("base tap")
     if recipe["arms"]:
         names.append("placement")
     return names
@@ -187,6 +189,13 @@ def build_pack(
         with stage("shared trunk"):
             if any("trunk" not in a for a in info.get("arms", {}).values()):
                 info = share_fastest(bundle, recipe, log)
+        if recipe["share"].get("base_tap"):
+            with stage("base tap"):
+                if any("base_tap" not in t for t in info.get("trunks", {}).values()):
+                    from edge_genarm.export.base_tap import base_tap
+
+                    base_tap(bundle, pair_specs(recipe), log=log)
+                    info = json.loads((bundle / "manifest.json").read_text())
     if recipe["arms"]:
         with stage("placement"):
             if "placement" not in info:
@@ -299,20 +308,25 @@ def make_nudges(bundle: Path, source: Path, recipe: dict, log=print) -> dict:
     return meta
 
 
+def pair_specs(recipe: dict) -> dict:
+    """{ARM: where its held-out pairs come from}: the gates score the split training held out."""
+    from edge_genarm.export.share import PairSpec
+
+    return {
+        arm: PairSpec(recipe["_dir"] / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0))
+        for arm, s in recipe["arms"].items()
+    }
+
+
 def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
     """The ARMs onto one shared trunk, in the fastest form that passes the gate: the recipe's
     `[share] quantize` kinds in order (e.g. int4, then int8), then unquantized."""
-    from edge_genarm.export.share import PairSpec, share_trunk
+    from edge_genarm.export.share import share_trunk
 
     share = recipe["share"]
     if len(recipe["arms"]) < 2:
         return json.loads((bundle / "manifest.json").read_text())  # one ARM: nothing to share
-    pairs = {
-        arm: PairSpec(
-            recipe["_dir"] / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0)
-        )
-        for arm, s in recipe["arms"].items()
-    }
+    pairs = pair_specs(recipe)
     for kind in [*share.get("quantize", []), None]:
         try:
             log(f"sharing one trunk between the ARMs ({kind or 'fp32'}; gated on their held-out pairs)")

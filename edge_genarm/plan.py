@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import (
@@ -38,6 +38,13 @@ class LoadPlan:
     chat_template: str | None
     nudges: Path | None  # the nudge table file
     measured_parallel: bool | None  # the placement the manifest records for these ARMs, if any
+    taps: dict[str, int] = field(default_factory=dict)  # trunk key -> base layer its heads can run on
+
+    @property
+    def tap_layer(self) -> int | None:
+        """The base layer whose output the heads of a trunk read (backends.capture), if any
+        trunk of this plan passed its base-tap gate: one tap per base."""
+        return next(iter(self.taps.values()), None)
 
     @property
     def n_units(self) -> int:
@@ -90,7 +97,23 @@ def make_plan(
         chat_template=template,
         nudges=bundle.root / nudges["file"] if nudges else None,
         measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) else None,
+        taps=base_taps(bundle, [e for e, _ in entries]),
     )
+
+
+def base_taps(bundle: Bundle, entries) -> dict[str, int]:
+    """{trunk key: layer} for the trunks of `entries` whose heads may run on the base's own
+    output of that layer: the manifest's `base_tap` record (export/base_tap.py) passed its gate
+    on this very base file (its sha256 as the manifest records it). At most one (one tap per base)."""
+    trunks = bundle.manifest.get("trunks", {})
+    base_sha = bundle.manifest.get("files", {}).get(bundle.manifest["base"]["file"], {}).get("sha256")
+    for key in dict.fromkeys(e.trunk.key for e in entries if e.trunk is not None):
+        tap = trunks.get(key, {}).get("base_tap")
+        if isinstance(tap, dict) and tap.get("passed") is True and base_sha and tap.get("base_sha256") == base_sha:
+            layer = tap.get("layer")
+            if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0:
+                return {key: layer}
+    return {}
 
 
 def _template(given: str | Path | None, bundle: Bundle, info: GGUFInfo) -> tuple[str | None, str]:

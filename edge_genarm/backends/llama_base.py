@@ -8,6 +8,7 @@ is overwritten by the next decode, so callers use it before stepping again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -50,7 +51,10 @@ class LlamaBase:
         gpu_layers: int = 0,
         validated: bool = False,
         info: GGUFInfo | None = None,
+        tap: int | None = None,
     ):
+        """`tap`: also keep the output of layer `tap` at every position (`hidden`), for ARM
+        heads that run on the base's own trunk (backends.capture)."""
         import llama_cpp
 
         self.path = Path(path)
@@ -65,17 +69,23 @@ class LlamaBase:
         self.n_ctx_train = trained_ctx
         n_ctx = min(int(n_ctx), trained_ctx) if n_ctx else trained_ctx
         threads = threads or default_threads()
+        self.capture = None
+        if tap is not None:
+            from .capture import LayerCapture
+
+            self.capture = LayerCapture(f"l_out-{int(tap)}", int(self.info.arch_get("embedding_length")), n_ctx)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=gpu_layers,
-                logits_all=False,
-                verbose=False,
-            )
+            with self.capture.installed() if self.capture else contextlib.nullcontext():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(512, n_ctx),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=gpu_layers,
+                    logits_all=False,
+                    verbose=False,
+                )
         except Exception as e:  # llama-cpp-python raises ValueError, RuntimeError, jinja2 errors...
             raise ModelFileError(
                 f"llama.cpp could not load '{self.path}' ({type(e).__name__}: {str(e)[:200]}): "
@@ -134,9 +144,13 @@ class LlamaBase:
                 f"'{self.path.name}': shorten the prompt, lower max tokens, or raise --ctx "
                 f"(trained length {self.n_ctx_train})"
             )
+        if self.capture:
+            self.capture.start(n_past)
         for i, j in _chunks(len(new), self._n_batch):
             self._batch.set_batch(batch=new[i:j], n_past=n_past + i, logits_all=False)
             self._ctx.decode(self._batch)
+        if self.capture:
+            self.capture.finish(len(new))
         if len(new) >= 2 and n_past == self.n_exact:
             self.n_exact = n_past + len(new)
         self.tokens.extend(new)
@@ -166,6 +180,11 @@ class LlamaBase:
 
     def step(self, token: int) -> np.ndarray:
         return self._decode([token])
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The tapped layer's output at every cached position, (positions, width)."""
+        return self.capture.rows[: len(self.tokens)]
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

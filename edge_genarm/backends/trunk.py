@@ -48,20 +48,29 @@ class TrunkGroup:
         threads: int = 1,
         label: str = "trunk",
         cache: bool = True,
+        on_base: bool = False,
     ):
+        """`on_base`: the heads run on the base's own trunk: the output of the layer before them,
+        kept by the base as it decodes (a LlamaBase loaded with `tap`, attached with
+        `attach`), and the trunk graph is not loaded. The manifest's `base_tap` record says the
+        trunk is the base's own layers and how far the two drift (export/share.py)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        self.tap, self.on_base = None, on_base
         kw = dict(device=device, threads=threads, cache=cache)
         with ThreadPoolExecutor(max_workers=2) as pool:  # sessions are created side by side (warm start)
-            t = pool.submit(_Trunk, trunk, f"{label} trunk", **kw)
+            t = pool.submit(_Trunk, trunk, f"{label} trunk", **kw) if not on_base else None
             hs = {n: pool.submit(_Head, p, n, **kw) for n, p in heads.items()}
             lm = pool.submit(OnnxGraph, lm_head, f"{label} LM head", **kw)
-            self.trunk, self.heads, self.lm = t.result(), {n: f.result() for n, f in hs.items()}, lm.result()
-        want = _trunk_id(self.trunk)
+            self.trunk = t.result() if t else None
+            self.heads, self.lm = {n: f.result() for n, f in hs.items()}, lm.result()
+        self.threads = threads
+        first = self.trunk or self.lm
+        want = _trunk_id(first)
         for graph in [*self.heads.values(), self.lm]:
             if _trunk_id(graph) != want:
                 raise ModelFileError(
-                    f"'{graph.path}' was cut from another init than its trunk '{self.trunk.path}' (trunk "
+                    f"'{graph.path}' was cut from another init than its trunk '{first.path}' (trunk "
                     f"{_trunk_id(graph)} vs {want}): re-export these ARMs with `edge-genarm export share-trunk`"
                 )
         lm_in = self.lm.session.get_inputs()
@@ -75,7 +84,8 @@ class TrunkGroup:
         self._n = 0  # positions of _buf in use: one per token the trunk has cached
 
     def reset(self) -> None:
-        self.trunk.reset()
+        if self.trunk is not None:
+            self.trunk.reset()
         for h in self.heads.values():
             h.reset()
         self._n = 0
@@ -83,7 +93,17 @@ class TrunkGroup:
     @property
     def hidden(self) -> np.ndarray:
         """The trunk's output at every cached position, (positions, hidden)."""
-        return self._buf[: self._n]
+        return self.tap.hidden if self.tap is not None else self._buf[: self._n]
+
+    @property
+    def after_base(self) -> bool:
+        """The heads read the base's own layer output: run them after the base's decode."""
+        return self.on_base
+
+    def attach(self, base) -> None:
+        if getattr(base, "capture", None) is None:
+            raise ValueError("the base was loaded without a tap")
+        self.tap = base
 
     def _append(self, keep: int, new: np.ndarray) -> None:
         need = keep + len(new)
@@ -100,19 +120,31 @@ class TrunkGroup:
         self.trunk.truncate(keep)
         self._append(keep, self.trunk.feed(list(tokens[keep:])))
 
-    def run(self, kind: str, arg, names: list[str]) -> dict[str, np.ndarray]:
+    def _source(self, kind: str, arg):
+        """The whole sequence after this call, with the trunk (or the tapped base) advanced to it;
+        and how many leading positions were computed in batches (exact, see LlamaBase.trim_for)."""
+        if self.tap is not None:  # the engine decoded the base first; standalone callers did not
+            tokens = list(arg) if kind == "prefill" else self.tap.tokens
+            if self.tap.tokens != tokens:
+                self.tap.prefill(tokens)
+            return tokens, self.tap.n_exact
         tokens = list(arg) if kind == "prefill" else self.trunk.tokens + [int(arg)]
         if kind == "prefill" or len(self.trunk.tokens) != self._n:
             self._advance_trunk(tokens)
         else:
             self._append(self._n, self.trunk.feed([int(arg)]))
+        return tokens, self.trunk.n_exact
+
+    def run(self, kind: str, arg, names: list[str]) -> dict[str, np.ndarray]:
+        tokens, exact = self._source(kind, arg)
+        hidden = self.hidden
         normed = []
         for n in names:
             head = self.heads[n]
             keep = min(_common_prefix(head.tokens, tokens), len(tokens) - 1)
             head.truncate(keep)
-            normed.append(head.feed(tokens[keep:], self.hidden[None, keep : len(tokens)])[-1])
-            head.n_exact = min(head.n_exact, self.trunk.n_exact)  # exact only on exact hidden states
+            normed.append(head.feed(tokens[keep:], hidden[None, keep : len(tokens)])[-1])
+            head.n_exact = min(head.n_exact, exact)  # exact only on exact hidden states
         try:
             logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
         except Exception as e:  # onnxruntime's own error types
@@ -121,9 +153,12 @@ class TrunkGroup:
 
     def trim_for(self, tokens: list[int], names: list[str]) -> None:
         """As LlamaBase.trim_for, for the trunk and the named heads."""
-        keep = self.trunk.exact_keep(tokens)
-        self.trunk.truncate(keep)
-        self._n = min(self._n, keep)
+        if self.tap is not None:  # the engine trims the base itself
+            keep = min(_common_prefix(self.tap.tokens, tokens), self.tap.n_exact, max(0, len(tokens) - 2))
+        else:
+            keep = self.trunk.exact_keep(tokens)
+            self.trunk.truncate(keep)
+            self._n = min(self._n, keep)
         for n in names:
             head = self.heads[n]
             head.truncate(min(keep, head.exact_keep(tokens)))
@@ -131,7 +166,10 @@ class TrunkGroup:
     def sequence_logits(self, name: str, tokens: list[int]) -> np.ndarray:
         """Logits at every position of `tokens` from empty caches (export checks)."""
         self.reset()
-        self._advance_trunk(list(tokens))
+        if self.tap is not None:
+            self.tap.prefill(list(tokens))
+        else:
+            self._advance_trunk(list(tokens))
         normed = self.heads[name].feed(list(tokens), self.hidden[None])
         return self.lm.session.run(None, {"normed": normed[None]})[0][0]
 
@@ -143,7 +181,7 @@ class HeadARM:
     def __init__(self, group: TrunkGroup, name: str):
         self.group, self.name = group, name
         self.path = group.heads[name].path
-        self.threads = group.trunk.threads
+        self.threads = group.threads
         self.vocab_size = group.vocab_size
 
     def reset(self) -> None:
