@@ -27,6 +27,7 @@ from pathlib import Path
 
 import click
 
+from .config import DEFAULTS
 from .errors import BundleError, ConfigError, EdgeGenarmError
 
 INSTALL = "pip install 'edge-genarm[ray]'"
@@ -46,14 +47,14 @@ class LoadSpec:
 
     weights: str
     arms: tuple[str, ...] | None = None
-    n_ctx: int = 4096
-    gpu_layers: int = 0
-    arm_device: str = "cpu"
+    n_ctx: int = DEFAULTS["ctx"]
+    gpu_layers: int = DEFAULTS["gpu_layers"]
+    arm_device: str = DEFAULTS["arm_device"]
     parallel: bool | None = None
     chat_template: str | None = None  # the template's text, not a path
     threads: int | None = None
     arm_threads: int | None = None
-    trunk: str = "auto"
+    trunk: str = DEFAULTS["trunk"]
 
     def load(self, cores: int | None = None):
         from .loader import load
@@ -83,7 +84,7 @@ def spec_from_options(o: dict, weights: str) -> LoadSpec:
         str(Path(weights).expanduser().resolve()), tuple(o["arms"]) or None, n_ctx=o["ctx"],
         gpu_layers=o["gpu_layers"], arm_device=o["arm_device"], parallel=o["parallel"],
         chat_template=template, threads=o["threads"], arm_threads=o["arm_threads"],
-        trunk=o.get("trunk", "auto"),
+        trunk=o.get("trunk", DEFAULTS["trunk"]),
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import guidance as G
 from .backends.llama_base import LlamaBase
 from .chat import CHATML, render
+from .config import DEFAULTS
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
 from .nudge import NudgeConfig, NudgeReport, NudgeTable, apply_site, is_site
 from .text import TextStream
@@ -210,7 +211,7 @@ class Engine:
         self,
         prompt,
         *,
-        max_tokens: int | None = 256,
+        max_tokens: int | None = DEFAULTS["max_tokens"],
         sampling: G.SamplingParams | None = None,
         seed: int | None = None,
         stop: list[str] | tuple[str, ...] = (),

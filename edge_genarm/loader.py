@@ -10,6 +10,7 @@ from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
 from .backends.trunk import HeadARM, TrunkGroup
 from .bundle import Bundle, check_arm_vocab
+from .config import DEFAULTS
 from .engine import Engine
 from .errors import ConfigError
 from .gguf import GGUFInfo, read_gguf
@@ -47,16 +48,16 @@ def load(
     weights: str,
     arms: list[str] | dict[str, float] | None = None,
     *,
-    n_ctx: int = 4096,
+    n_ctx: int = DEFAULTS["ctx"],
     threads: int | None = None,
     gpu_layers: int = 0,
-    arm_device: str = "cpu",
+    arm_device: str = DEFAULTS["arm_device"],
     arm_threads: int | None = None,
     parallel: bool | None = None,
     chat_template: str | Path | None = None,
     verify: bool = True,
     cores: int | None = None,
-    trunk: str = "auto",
+    trunk: str = DEFAULTS["trunk"],
 ) -> Engine:
     """Load a bundle folder (or a bare .gguf) and the chosen ARMs: plan, then build.
 
@@ -81,15 +82,15 @@ def load(
 def build_engine(
     plan: LoadPlan,
     *,
-    n_ctx: int = 4096,
+    n_ctx: int = DEFAULTS["ctx"],
     threads: int | None = None,
     gpu_layers: int = 0,
-    arm_device: str = "cpu",
+    arm_device: str = DEFAULTS["arm_device"],
     arm_threads: int | None = None,
     parallel: bool | None = None,
     cores: int | None = None,
     base_info: GGUFInfo | None = None,
-    trunk: str = "auto",
+    trunk: str = DEFAULTS["trunk"],
 ) -> Engine:
     """The engine a plan describes: placement and threads for this machine, then the backends
     (ARM sessions are created while llama.cpp loads the base: warm start), then the one check

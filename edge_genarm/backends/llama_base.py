@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import DEFAULTS
 from ..errors import ContextOverflowError, ModelFileError
 from ..gguf import GGUFInfo, read_gguf
 from .onnx_arm import _common_prefix
@@ -46,7 +47,7 @@ class LlamaBase:
     def __init__(
         self,
         path: str | Path,
-        n_ctx: int = 4096,
+        n_ctx: int = DEFAULTS["ctx"],
         threads: int | None = None,
         gpu_layers: int = 0,
         validated: bool = False,
