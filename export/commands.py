@@ -252,6 +252,14 @@ def inspect_bundle(path: str | Path) -> str:
             f"{t['n_layers']}), LM head {_size(b.root / t['lm_head'])}; {t.get('graph')} graphs, "
             f"{t.get('quantize') or 'fp32'}"
         )
+        tap = t.get("base_tap")
+        if isinstance(tap, dict):
+            lines.append(
+                f"       base tap: heads {'run' if tap.get('passed') else 'may NOT run'} on the base's "
+                f"{tap.get('node')} (hidden cosine {tap.get('hidden_cos_mean', float('nan')):.4f}); "
+                + ", ".join(f"{n} accuracy {g.get('accuracy_fp32', 0):.3f} fp32 -> {g.get('accuracy_base_tap', 0):.3f}"
+                            for n, g in (tap.get("gates") or {}).items() if g.get("pairs"))
+            )  # fmt: skip
     for name, a in m.get("arms", {}).items():
         arm = b.arms[name]
         on = f", head on trunk {a['trunk']}" if a.get("trunk") else ""
