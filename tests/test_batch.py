@@ -275,7 +275,7 @@ def test_optimized_arm_cache_made_once_under_concurrent_loads(tiny_bundle, tmp_p
     env = {**os.environ, "EDGE_GENARM_CACHE": str(tmp_path / "cache"), "EDGE_GENARM_ORT_CACHE": "1"}
     # CACHE_MIN_SECONDS = 0: the tiny ARM optimizes fast, but every process must try to save its copy
     code = (
-        "import edge_genarm.backends.onnx_arm as m; m.CACHE_MIN_SECONDS = 0\n"
+        "import edge_genarm.backends.onnx_arm as m; m.CACHE_MIN_SECONDS = 0; m.CACHE_READ_BYTES_PER_S = float('inf')\n"
         f"a = m.OnnxARM({str(arm)!r}, 'a', threads=1); print(repr(float(a.prefill([1, 2, 3, 4]).astype('float64').sum())))\n"
     )
     outs = _run_together(code, 3, env)

@@ -160,6 +160,7 @@ def test_optimized_graph_cache_gives_the_same_logits(tiny_bundle, tmp_path, monk
     monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
     monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(onnx_arm, "CACHE_MIN_SECONDS", 0.0)  # the tiny ARM optimizes in no time
+    monkeypatch.setattr(onnx_arm, "CACHE_READ_BYTES_PER_S", float("inf"))
     first = OnnxARM(src, "a")
     cached = optimized_cache_path(src)
     assert not first.from_cache and cached.is_file()
@@ -210,6 +211,7 @@ def test_optimized_cache_of_an_arm_with_external_data(tiny_bundle, tmp_path, mon
     monkeypatch.setenv("EDGE_GENARM_ORT_CACHE", "1")
     monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(onnx_arm, "CACHE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(onnx_arm, "CACHE_READ_BYTES_PER_S", float("inf"))
     OnnxARM(src, "a")
     again = OnnxARM(src, "b")
     assert again.from_cache  # its weights were saved beside it, not left pointing at model.onnx_data

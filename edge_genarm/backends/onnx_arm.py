@@ -108,7 +108,11 @@ def session_options(threads: int):
 # first load). Measured on 2 cores: optimum's fp32 export of the 135M ARM takes 3.8 s to
 # optimize (0.4 s from the cache); the compact int8 trunk (export/compact.py) 0.22 s, its
 # heads 0.09 s and the LM head 0.13 s, and caching them would add 296 MB of copies to disk.
+# Reading the copy back costs time too, and a loaded machine slows optimizing down (the int8
+# trunk once took 0.6 s and was cached: 209 MB to save nothing): keep a copy only when
+# optimizing took longer than reading its weights back at CACHE_READ_BYTES_PER_S as well.
 CACHE_MIN_SECONDS = 0.5
+CACHE_READ_BYTES_PER_S = 200e6
 
 
 class OnnxGraph:
@@ -202,7 +206,8 @@ class OnnxGraph:
         )
         t0 = time.perf_counter()
         session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        keep = time.perf_counter() - t0 >= CACHE_MIN_SECONDS
+        weights = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+        keep = time.perf_counter() - t0 >= CACHE_MIN_SECONDS + weights / CACHE_READ_BYTES_PER_S
         try:
             if keep:
                 os.replace(tmp, cached)
