@@ -170,7 +170,7 @@ _RECORDS = {  # record -> ({field: type}, required fields, open: other keys allo
     ),
     "trunk": (
         {"file": "path", "lm_head": "path", "layers": "int>=0", "n_layers": "int>=0", "graph": "str?",
-         "quantize": "str?", "lm_head_quantize": "str?", "embedding_quantize": "str?", "block_size": "int?",
+         "quantize": "str?", "lm_head_quantize": "str?", "heads_quantize": "str?", "embedding_quantize": "str?", "block_size": "int?",
          "accuracy_level": "int?", "base_tap": "dict?"},
         ("file", "lm_head"), False,
     ),

@@ -320,19 +320,26 @@ def pair_specs(recipe: dict) -> dict:
 
 def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
     """The ARMs onto one shared trunk, in the fastest form that passes the gate: the recipe's
-    `[share] quantize` kinds in order (e.g. int4, then int8), then unquantized."""
+    `[share] quantize` kinds in order (e.g. int4, then int8), each first with the recipe's
+    `heads`/`lm_head` kinds if it names them, then unquantized."""
     from edge_genarm.export.share import share_trunk
 
     share = recipe["share"]
     if len(recipe["arms"]) < 2:
         return json.loads((bundle / "manifest.json").read_text())  # one ARM: nothing to share
     pairs = pair_specs(recipe)
+    attempts = []  # (layers, heads, LM head): the recipe's finer kinds first, then each kind alone
     for kind in [*share.get("quantize", []), None]:
+        if kind and (share.get("heads") or share.get("lm_head")):
+            attempts.append((kind, share.get("heads"), share.get("lm_head")))
+        attempts.append((kind, None, None))
+    for kind, heads, lm in attempts:
+        what = f"{kind or 'fp32'}" + (f", heads {heads}" if heads else "") + (f", LM head {lm}" if lm else "")
         try:
-            log(f"sharing one trunk between the ARMs ({kind or 'fp32'}; gated on their held-out pairs)")
+            log(f"sharing one trunk between the ARMs ({what}; gated on their held-out pairs)")
             return share_trunk(
                 bundle, None, kind, share.get("block_size", 32), share.get("accuracy_level", 4), pairs, log=log,
-                lm_head=share.get("lm_head"), embedding=share.get("embedding"),
+                lm_head=lm, embedding=share.get("embedding"), heads_quantize=heads,
             )  # fmt: skip
         except EdgeGenarmError as e:
             log(f"{e}")

@@ -69,12 +69,13 @@ def share_trunk(
     lm_head: str | None = None,
     embedding: str | None = None,
     compact: bool = True,
+    heads_quantize: str | None = None,
 ) -> dict:
     """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk.
 
     `quantize` applies to the layers; `lm_head` and `embedding` (default: the same) to the LM
     head and the embedding lookup (4-bit only in onnxruntime: an int8 ARM keeps it fp32 unless
-    `embedding="int4"`)."""
+    `embedding="int4"`); `heads_quantize` (default: the same) to the heads' layers."""
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
     from edge_genarm.export.split import split_siblings
 
@@ -106,7 +107,7 @@ def share_trunk(
             )
             _quantize_file(work / "lmhead.onnx", lm, block_size, accuracy_level)
             for f in heads.values():
-                _quantize_file(f, quantize, block_size, accuracy_level)
+                _quantize_file(f, heads_quantize or quantize, block_size, accuracy_level)
         group = TrunkGroup(work / "trunk.onnx", heads, work / "lmhead.onnx", threads=2, cache=False)
         gates = {}
         for n in names:
@@ -139,6 +140,7 @@ def share_trunk(
             "graph": form,
             "quantize": quantize,
             "lm_head_quantize": (lm_head or quantize) if quantize else None,
+            "heads_quantize": (heads_quantize or quantize) if quantize else None,
             # GatherBlockQuantized is 4-bit only: any other kind leaves the embedding fp32
             "embedding_quantize": "int4"
             if quantize and (embedding or lm_head or quantize) == "int4"
