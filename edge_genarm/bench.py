@@ -84,6 +84,8 @@ def run_bench(load_engine, prompt: str, n: int, repeats: int = 2, trunk: str = "
         best = max(report[m]["tok_per_s"] for m in GUIDED_MODES if m in report)
         report["guided_vs_bound"] = best / bound
         report["guided_vs_unguided"] = best / unguided["tok_per_s"]
+        if "guided_base_tap" in report:  # the same engine, a moment apart: less exposed to drift
+            report["tap_vs_unguided_tap"] = report["guided_base_tap"]["tok_per_s"] / report["unguided_tap"]["tok_per_s"]
     engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report["peak_rss_mb"] = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
@@ -216,6 +218,11 @@ def format_report(r: dict) -> str:
             f"best guided / bound:     {r['guided_vs_bound']:.2f}",
             f"best guided / unguided:  {r['guided_vs_unguided']:.2f}",
         ]
+        if "tap_vs_unguided_tap" in r:
+            lines.append(
+                f"guided_base_tap / unguided_tap (one engine): {r['tap_vs_unguided_tap']:.2f}  "
+                "(modes interleaved: scripts/bench_tap.py)"
+            )
     lines.append(f"peak RSS: {r['peak_rss_mb']:.0f} MB")
     if "disk_mb" in r:
         d = r["disk_mb"]
