@@ -85,6 +85,15 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 
 
+@contextlib.contextmanager
+def loading():
+    """Held while llama-cpp-python builds a context without a tap: `LayerCapture.installed`
+    swaps a module-level function for the length of a load, and a plain load in another
+    thread at that moment would otherwise get the callback too."""
+    with _LOCK:
+        yield
+
+
 def _suffix() -> str:
     return {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
 

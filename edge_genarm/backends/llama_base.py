@@ -8,7 +8,6 @@ is overwritten by the next decode, so callers use it before stepping again.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -76,7 +75,9 @@ class LlamaBase:
 
             self.capture = LayerCapture(f"l_out-{int(tap)}", int(self.info.arch_get("embedding_length")), n_ctx)
         try:
-            with self.capture.installed() if self.capture else contextlib.nullcontext():
+            from .capture import loading
+
+            with self.capture.installed() if self.capture else loading():
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=n_ctx,
