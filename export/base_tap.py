@@ -97,7 +97,7 @@ def base_tap(
     from edge_genarm.export.share import probe_sequences
 
     from edge_genarm.backends.llama_base import LlamaBase
-    from edge_genarm.backends.trunk import TrunkGroup, _Trunk
+    from edge_genarm.backends.trunk import TrunkGroup
 
     bundle = Path(bundle)
     m = read_manifest(bundle)
@@ -142,7 +142,7 @@ def base_tap(
         log(_format(n, g))
     if not heads:
         raise BundleError(f"no ARM of '{bundle}' is a head on trunk '{trunk_key}'")
-    record.update(_hidden_drift(base, _Trunk(bundle / t["file"], "trunk", **kw), probe_sequences(bundle)))
+    record.update(_hidden_drift(base, graph.trunk, probe_sequences(bundle)))  # the graph group's own trunk
     record["gates"] = gates
     record["passed"] = all(g["passed"] for g in gates.values())
     log(
