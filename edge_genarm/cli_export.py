@@ -123,13 +123,19 @@ def export_rm_cmd(source, out, name, quantize, block_size, accuracy_level, pairs
 @export_group.command("share-trunk")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--arm", "arms", multiple=True, help="An ARM to move onto the shared trunk (default: all).")
+@click.option("--layer", type=int,
+              help="Cut at this layer: the first one training changed (L-N for a LoRA on the last N of L "
+              "layers). Default: where sibling ARMs first differ; one ARM needs it.")
 @quantize_options
-def export_share_cmd(bundle, arms, quantize, block_size, accuracy_level, **o):
-    """Put sibling ARMs (one init, adapters on the last layers) on one shared trunk and LM head."""
+def export_share_cmd(bundle, arms, layer, quantize, block_size, accuracy_level, **o):
+    """Put sibling ARMs (one init, adapters on the last layers) on one shared trunk and LM head;
+    or one ARM on a trunk of its own first layers (--layer), whose heads can then run on the base's
+    own layer output (`export base-tap`)."""
     from edge_genarm.export.share import share_trunk
 
     try:
-        m = share_trunk(bundle, list(arms) or None, quantize, block_size, accuracy_level, pair_specs(o, arms))
+        m = share_trunk(bundle, list(arms) or None, quantize, block_size, accuracy_level, pair_specs(o, arms),
+                        layer=layer)  # fmt: skip
     except EdgeGenarmError as e:
         fail(e)
     shared = [n for n, a in m["arms"].items() if "trunk" in a]

@@ -114,6 +114,12 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     type=int,
     help="LoRA on the last N decoder layers only (faster: backward stops there). Default: all.",
 )
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="Score replies relative to the init (r - r_init, DPO's reference term; LoRA only). For a "
+    "judge the init already agrees with, e.g. shorter replies, the plain loss has nothing to learn.",
+)
 def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
     from edge_genarm.export.train_loop import train_arm

@@ -141,13 +141,19 @@ def stage_names(recipe: dict) -> list[str]:
     names = ["base model", *(f"ARM '{a}'" for a in recipe["arms"])]
     if recipe.get("nudges"):
         names.append("nudge table")
-    if recipe.get("share") and len(recipe["arms"]) > 1:
+    if _shares(recipe):
         names.append("shared trunk")
         if recipe["share"].get("base_tap"):
             names.append("base tap")
     if recipe["arms"]:
         names.append("placement")
     return names
+
+
+def _shares(recipe: dict) -> bool:
+    """Does the build put ARMs on a trunk: siblings, or one ARM cut at `[share] layer`."""
+    share = recipe.get("share")
+    return bool(share) and (len(recipe["arms"]) > 1 or bool(share.get("layer")))
 
 
 @contextmanager
@@ -185,7 +191,7 @@ def build_pack(
             if "nudges" not in json.loads((bundle / "manifest.json").read_text()):
                 make_nudges(bundle, root / "train" / nudges["source"], recipe, log)
     info = json.loads((bundle / "manifest.json").read_text())
-    if recipe.get("share") and len(recipe["arms"]) > 1:
+    if _shares(recipe):
         with stage("shared trunk"):
             if any("trunk" not in a for a in info.get("arms", {}).values()):
                 info = share_fastest(bundle, recipe, log)
@@ -278,6 +284,7 @@ def _build_arm(root: Path, bundle: Path, gguf: Path, recipe: dict, arm: str, spe
                 save_every=spec.get("save_every", 5),
                 lora_targets=spec.get("lora_targets", "attn"),
                 lora_layers=spec.get("lora_layers"),
+                reference=spec.get("reference", False),
             )
     m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
     if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder
@@ -325,8 +332,8 @@ def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
     from edge_genarm.export.share import share_trunk
 
     share = recipe["share"]
-    if len(recipe["arms"]) < 2:
-        return json.loads((bundle / "manifest.json").read_text())  # one ARM: nothing to share
+    if not _shares(recipe):
+        return json.loads((bundle / "manifest.json").read_text())  # one ARM, no cut: nothing to share
     pairs = pair_specs(recipe)
     attempts = []  # (layers, heads, LM head): the recipe's finer kinds first, then each kind alone
     for kind in [*share.get("quantize", []), None]:
@@ -339,7 +346,7 @@ def share_fastest(bundle: Path, recipe: dict, log=print) -> dict:
             log(f"sharing one trunk between the ARMs ({what}; gated on their held-out pairs)")
             return share_trunk(
                 bundle, None, kind, share.get("block_size", 32), share.get("accuracy_level", 4), pairs, log=log,
-                lm_head=lm, embedding=share.get("embedding"), heads_quantize=heads,
+                lm_head=lm, embedding=share.get("embedding"), heads_quantize=heads, layer=share.get("layer"),
             )  # fmt: skip
         except EdgeGenarmError as e:
             log(f"{e}")

@@ -70,12 +70,14 @@ def share_trunk(
     embedding: str | None = None,
     compact: bool = True,
     heads_quantize: str | None = None,
+    layer: int | None = None,
 ) -> dict:
     """Rewrite ARMs `names` (default: every full-graph ARM) of `bundle` onto one shared trunk.
 
     `quantize` applies to the layers; `lm_head` and `embedding` (default: the same) to the LM
     head and the embedding lookup (4-bit only in onnxruntime: an int8 ARM keeps it fp32 unless
-    `embedding="int4"`); `heads_quantize` (default: the same) to the heads' layers."""
+    `embedding="int4"`); `heads_quantize` (default: the same) to the heads' layers. `layer`: cut there (see
+    plan_split; one ARM needs it: its trunk is then its own first layers, the base's)."""
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
     from edge_genarm.export.split import split_siblings
 
@@ -96,7 +98,7 @@ def share_trunk(
     full = {n: bundle / arms[n]["file"] for n in names}
     with scratch_dir(bundle, "share") as tmp:
         work = Path(tmp)
-        plan, heads, form = split_siblings(full, work, compact)
+        plan, heads, form = split_siblings(full, work, compact, layer)
         log(
             f"trunk: layers 0-{plan.layer - 1} of {plan.n_layers} shared by {', '.join(names)} ({form} graphs)"
         )

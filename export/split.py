@@ -81,8 +81,12 @@ def _lm_head(graph):
     return node
 
 
-def plan_split(models: dict[str, object]) -> SplitPlan:
-    """Where sibling ARM graphs can be cut: the first layer whose weights differ between them."""
+def plan_split(models: dict[str, object], layer: int | None = None) -> SplitPlan:
+    """Where sibling ARM graphs can be cut: the first layer whose weights differ between them.
+
+    `layer` cuts at a given layer instead: the first one the ARMs' training changed (a LoRA on
+    the last N of L layers changed L-N on). One ARM has no sibling to compare with, so it needs
+    it; with siblings, it may not lie past the first layer where they differ."""
     names = list(models)
     g = models[names[0]].graph
     sig = [(n.op_type, tuple(n.input), tuple(n.output)) for n in g.node]
@@ -99,7 +103,14 @@ def plan_split(models: dict[str, object]) -> SplitPlan:
     hashes = {n: _tensor_hashes(m) for n, m in models.items()}
     cons = _consumers(g)
     lm = _lm_head(g)
-    differ = n_layers - 1  # identical throughout: still give every ARM its last layer
+    if len(names) == 1 and layer is None:
+        raise BundleError(
+            f"one ARM ('{names[0]}') has no sibling to find its trunk by: give the first layer its "
+            "training changed (--layer, e.g. L-N for a LoRA on its last N of L layers)"
+        )
+    if layer is not None and not 0 < layer < n_layers:
+        raise BundleError(f"--layer must be between 1 and {n_layers - 1} (the ARM has {n_layers} layers), got {layer}")
+    differ = n_layers - 1 if layer is None else layer  # identical throughout: still give every ARM its last layer
     for init, h in hashes[names[0]].items():
         if all(hashes[n].get(init) == h for n in names[1:]):
             continue
@@ -108,6 +119,11 @@ def plan_split(models: dict[str, object]) -> SplitPlan:
             raise BundleError(
                 f"ARMs {', '.join(names)} differ outside their layers ('{init}'): there is no shared "
                 "trunk and LM head; export them as separate ARMs"
+            )
+        if layer is not None and min(where) < layer:
+            raise BundleError(
+                f"ARMs {', '.join(names)} differ at layer {min(where)}, before --layer {layer}: "
+                f"cut at {min(where)} or lower"
             )
         differ = min(differ, min(where))
     if differ == 0:
@@ -273,7 +289,7 @@ def save_model(model, path: Path) -> None:
 
 
 def split_siblings(
-    onnx_paths: dict[str, Path], out: Path, compact: bool = True
+    onnx_paths: dict[str, Path], out: Path, compact: bool = True, layer: int | None = None
 ) -> tuple[SplitPlan, dict[str, Path], str]:
     """Cut sibling ARM graphs into out/trunk.onnx, out/lmhead.onnx and out/heads/<name>/head.onnx.
 
@@ -289,7 +305,7 @@ def split_siblings(
     models = {n: onnx.load(str(p)) for n, p in onnx_paths.items()}
     for m in models.values():  # a tied LM head reads Transpose(embedding): give it its own weight
         fold_constant_transposes(m)
-    plan = plan_split(models)
+    plan = plan_split(models, layer)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(edge_genarm_trunk=plan.trunk_sha, edge_genarm_trunk_layers=plan.layer)
     pieces, form = None, "cut"

@@ -208,10 +208,17 @@ def genarm_loss(r_w, r_l, beta_r: float):
 
 def pair_rewards(model, enc: list[tuple], pad_id: int, device):
     """(r_w, r_l) for a micro-batch of encoded pairs, in one forward of 2 * len(enc) rows."""
-    seqs = [build_sequence(p, w) for p, w, _ in enc] + [build_sequence(p, lo) for p, _, lo in enc]
+    seqs = [build_sequence(e[0], e[1]) for e in enc] + [build_sequence(e[0], e[2]) for e in enc]
     ids, mask, labels = (t.to(device) for t in collate(seqs, pad_id))
     r = response_logprobs(model, ids, mask, labels)
     return r[: len(enc)], r[len(enc) :]
+
+
+def reference_offsets(enc: list[tuple], device):
+    """Per pair, the reference's margin to subtract (the 4th item of a relative pair), else 0."""
+    import torch
+
+    return torch.tensor([e[3] if len(e) > 3 else 0.0 for e in enc], dtype=torch.float32, device=device)
 
 
 def check_options(beta_r: float, max_len: int, eval_frac: float, on_long: str, on_error: str) -> None:

@@ -18,7 +18,14 @@ import time
 from collections import deque
 from pathlib import Path
 
-from edge_genarm.export.train import check_options, encode_pairs, genarm_loss, load_pairs, pair_rewards
+from edge_genarm.export.train import (
+    check_options,
+    encode_pairs,
+    genarm_loss,
+    load_pairs,
+    pair_rewards,
+    reference_offsets,
+)
 
 from edge_genarm.errors import ConfigError
 from edge_genarm.paths import atomic_write_json
@@ -109,7 +116,8 @@ def step_plan(n: int, batch: int, epochs: int, seed: int) -> list[list[int]]:
 
 
 def evaluate(model, enc: list[tuple], pad_id: int, device, micro: int) -> dict:
-    """Held-out preference accuracy (share of r_w > r_l) and mean margin r_w - r_l (nats)."""
+    """Held-out preference accuracy (share of r_w > r_l) and mean margin r_w - r_l (nats);
+    with a reference (relative pairs), the margin beyond the reference's."""
     import torch
 
     if not enc:
@@ -119,11 +127,32 @@ def evaluate(model, enc: list[tuple], pad_id: int, device, micro: int) -> dict:
     wins, margins = 0, []
     with torch.no_grad():
         for i in range(0, len(enc), micro):
-            r_w, r_l = pair_rewards(model, enc[i : i + micro], pad_id, device)
-            wins += int((r_w > r_l).sum())
-            margins += (r_w - r_l).tolist()
+            part = enc[i : i + micro]
+            r_w, r_l = pair_rewards(model, part, pad_id, device)
+            m = r_w - r_l - reference_offsets(part, device)
+            wins += int((m > 0).sum())
+            margins += m.tolist()
     model.train(was)
     return {"n": len(enc), "accuracy": wins / len(enc), "margin": sum(margins) / len(margins)}
+
+
+def with_reference(model, enc: list[tuple], pad_id: int, device, micro: int) -> list[tuple]:
+    """Each pair + the init model's margin r_ref(y_w) - r_ref(y_l) (LoRA adapters off), so the
+    loss scores r - r_ref: DPO's reference term. For a judge the init already agrees with (it
+    gives shorter replies a higher summed log-prob), the plain loss starts saturated and has
+    nothing to learn; relative to the init it starts at log 2 on every pair."""
+    import torch
+
+    out = []
+    was = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        for i in range(0, len(enc), micro):
+            part = enc[i : i + micro]
+            r_w, r_l = pair_rewards(model, part, pad_id, device)
+            out += [(*e[:3], float(m)) for e, m in zip(part, (r_w - r_l).tolist())]
+    model.train(was)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -203,11 +232,18 @@ def train_arm(
     force: bool = False,
     lora_targets: str = "attn",
     lora_layers: int | None = None,
+    reference: bool = False,
 ) -> dict:
-    """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records."""
+    """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records.
+
+    `reference`: score each reply relative to the init (r - r_init, see `with_reference`)."""
     import torch
 
     check_options(beta_r, max_len, eval_frac, on_long, on_error)
+    if reference and not lora_r:
+        raise ConfigError(
+            "--reference needs LoRA (the init with its adapters off is the reference): drop --full"
+        )
     data, out = Path(data), Path(out)
     if (out / ARM_INFO).is_file() and not force:
         raise ConfigError(f"'{out}' already holds a trained ARM: choose another -o, or --force to retrain")
@@ -220,6 +256,9 @@ def train_arm(
     if weights:
         check_base_tokens(weights, tok, out.name)
     enc = encode_pairs(tok, pairs, max_len, on_long, stats)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if reference:
+        enc = with_reference(model, enc, pad, device, micro_batch)
     tr, ho = split(len(enc), eval_frac, seed)
     train_enc, eval_enc = [enc[i] for i in tr], [enc[i] for i in ho]
     settings = dict(data=data_digest(data), init=str(Path(init).resolve()), beta_r=beta_r, lora_r=lora_r)
@@ -233,7 +272,8 @@ def train_arm(
         max_len=max_len,
     )
     settings.update(on_long=on_long, eval_frac=eval_frac, seed=seed, n=len(enc))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if reference:  # only when set: checkpoints of earlier runs keep their key
+        settings["reference"] = True
     plan = step_plan(len(train_enc), batch_size, epochs, seed)
     t0 = time.time()
     before = evaluate(model, eval_enc, pad, device, micro_batch)
@@ -246,6 +286,7 @@ def train_arm(
     after = evaluate(model, eval_enc, pad, device, micro_batch)
     info = {
         "beta_r": beta_r, "data": str(data.resolve()), "init": str(Path(init).resolve()),
+        "reward": "relative to the init" if reference else "summed log-prob", "lora_layers": lora_layers,
         "n_pairs": len(enc), "n_train": len(train_enc), "n_heldout": len(eval_enc),
         "heldout_accuracy": after["accuracy"], "heldout_margin": after["margin"],
         "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
@@ -319,7 +360,9 @@ def accumulate(model, batch, pad, device, beta_r, micro) -> tuple[float, list[bo
     """Gradients of the batch-mean loss, accumulated over micro-batches; (loss, r_w > r_l per pair)."""
     total, wins = 0.0, []
     for i in range(0, len(batch), micro):
-        r_w, r_l = pair_rewards(model, batch[i : i + micro], pad, device)
+        part = batch[i : i + micro]
+        r_w, r_l = pair_rewards(model, part, pad, device)
+        r_w = r_w - reference_offsets(part, device)
         loss = genarm_loss(r_w, r_l, beta_r).sum() / len(batch)
         loss.backward()
         total += loss.item()

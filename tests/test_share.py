@@ -209,6 +209,33 @@ def test_a_head_whose_trunk_is_missing_or_foreign_is_refused(shared, tmp_path):
         load(str(dst), verify=False)
 
 
+def test_one_arm_cut_at_a_given_layer(siblings, tmp_path):
+    """One ARM has no sibling to find its trunk by: it is cut where its training began (--layer),
+    its pieces still match PyTorch; no layer, or one past where siblings differ, is refused."""
+    from edge_genarm.export.share import share_trunk
+    from transformers import AutoModelForCausalLM
+
+    from edge_genarm.backends.trunk import TrunkGroup
+
+    full, hf = siblings
+    for layer, names in ((None, ["a"]), (3, ["a"]), (0, ["a"]), (3, None)):
+        dst = tmp_path / f"refused{layer}{names}"
+        shutil.copytree(full, dst)
+        with pytest.raises(BundleError, match="--layer"):
+            share_trunk(dst, names, layer=layer)
+        assert "trunks" not in json.loads((dst / "manifest.json").read_text())
+    dst = tmp_path / "one"
+    shutil.copytree(full, dst)
+    m = share_trunk(dst, ["a"], layer=1)
+    (t,) = m["trunks"].values()
+    assert t["layers"] == 1 and t["n_layers"] == 3 and "trunk" not in m["arms"]["b"]
+    group = TrunkGroup(dst / t["file"], {"a": dst / m["arms"]["a"]["file"]}, dst / t["lm_head"])
+    ids = [1, 520, 33, 901, 7, 4000]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf["a"])(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(group.sequence_logits("a", ids), ref, atol=2e-4)
+
+
 def test_siblings_that_differ_everywhere_cannot_share(tiny_bundle, tmp_path):
     from edge_genarm.export.share import share_trunk
 

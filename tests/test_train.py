@@ -180,6 +180,39 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_hf, tmp_path, monkeyp
         train_arm(data, tiny_hf, tmp_path / "c", **{**kw, "beta_r": 0.1})
 
 
+def test_reference_scores_replies_relative_to_the_init(tiny_hf, tmp_path):
+    """Length pairs the init already ranks right: the plain loss starts saturated, the relative
+    one at log 2, and its offsets are the init's own margins (recomputed here directly)."""
+    import math
+
+    from edge_genarm.export.train_loop import with_reference
+
+    r = random.Random(1)
+    with open(tmp_path / "len.jsonl", "w") as f:
+        for i in range(16):
+            body = " ".join(r.choice(WORDS) for _ in range(3))
+            tail = " ".join(r.choice(WORDS) for _ in range(12))
+            f.write(json.dumps({"prompt": f"Say {i}", "chosen": body, "rejected": body + " " + tail}) + "\n")
+    model, tok = prepare_model(tiny_hf, None, 4, "cpu", "all")
+    enc = encode_pairs(tok, load_pairs(tmp_path / "len.jsonl"))
+    rel = with_reference(model, enc, tok.eos_token_id, "cpu", 4)
+    base, _ = prepare_model(tiny_hf, None, None, "cpu")
+    for (p, w, lo), e in zip(enc, rel):
+        assert e[:3] == (p, w, lo)
+        assert e[3] == pytest.approx(float(direct_reward(base, p, w) - direct_reward(base, p, lo)), abs=1e-3)
+    assert min(e[3] for e in rel) > 10  # the init already prefers the short reply by a wide margin
+    kw = dict(beta_r=0.5, lora_r=4, lr=2e-2, epochs=3, batch_size=4, micro_batch=4, eval_frac=0.25, progress=False)
+    plain = train_arm(tmp_path / "len.jsonl", tiny_hf, tmp_path / "plain", **kw)
+    assert plain["loss_start"] < 1e-3  # nothing to learn from
+    ref = train_arm(tmp_path / "len.jsonl", tiny_hf, tmp_path / "ref", reference=True, **kw)
+    assert ref["loss_start"] == pytest.approx(math.log(2), abs=0.02)
+    assert ref["loss_end"] < ref["loss_start"] - 0.1 and ref["heldout_margin"] > 0
+    assert abs(ref["heldout_margin_before"]) < 1e-2 and ref["reward"] == "relative to the init"
+    assert ref["heldout_accuracy"] >= 0.75  # beyond the init's margin, on pairs it never saw
+    with pytest.raises(ConfigError, match="--reference needs LoRA"):
+        train_arm(tmp_path / "len.jsonl", tiny_hf, tmp_path / "full", reference=True, lora_r=None, progress=False)
+
+
 # ---------------------------------------------------------------------------
 # pair files and bad input
 # ---------------------------------------------------------------------------
