@@ -36,13 +36,18 @@ def default_weights() -> str:
 
 
 def weights_or_default(weights: str | None) -> str:
-    """--weights as given, or the default pack when it is left out; an empty value is an error."""
+    """--weights as given, or the default pack when it is left out; `pack:NAME` is pack NAME's
+    bundle (built on first use, like the default); an empty value is an error."""
     if weights is None:
         return default_weights()
     if not weights.strip():
         raise EdgeGenarmError(
             "--weights is empty: give a bundle folder or a .gguf file, or leave it out for the default pack"
         )
+    if weights.startswith("pack:"):
+        from .pack import pack_bundle
+
+        return str(pack_bundle(weights[len("pack:") :], log=lambda m: click.echo(m, err=True)))
     return weights
 
 

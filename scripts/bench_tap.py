@@ -7,7 +7,8 @@ reference) and the tapped one (`--trunk base`). Each round runs, one after the o
 unguided, tapped unguided (what the callback costs the base), one ARM (positive=0.5) and
 every ARM at its default weight, greedy, EOS ignored; the best round per mode is kept, so a
 noisy moment on a shared machine hits every mode alike. `edge-genarm bench` measures the
-modes one engine after another instead.
+modes one engine after another instead. Each line also gives the base's and each guiding
+ARM's forward time per step (the best round's), and the ARMs' time as a share of the base's.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from edge_genarm.guidance import SamplingParams
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
-def tok_s(engine, weights: dict, n: int) -> float:
+def run(engine, weights: dict, n: int) -> dict:
     c = engine.generate(PROMPT, max_tokens=n, sampling=SamplingParams(0.0, 0, 1.0, 0.0), seed=0,
                         weights=weights, guidance=any(weights.values()), ignore_eos=True)  # fmt: skip
-    return c.timings.summary()["tok_per_s"]
+    return c.timings.summary()
 
 
 def main() -> None:
@@ -46,14 +47,20 @@ def main() -> None:
         f"defaults {dict(tapped.weights)}": (tapped, dict(tapped.weights)),
     }
     for engine, w in modes.values():
-        tok_s(engine, w, 8)  # warm-up
-    best = dict.fromkeys(modes, 0.0)
+        run(engine, w, 8)  # warm-up
+    best = {m: {"tok_per_s": 0.0} for m in modes}
     for _ in range(a.repeats):
         for m, (engine, w) in modes.items():
-            best[m] = max(best[m], tok_s(engine, w, a.n))
-    ref = best["unguided"]
+            got = run(engine, w, a.n)
+            best[m] = got if got["tok_per_s"] > best[m]["tok_per_s"] else best[m]
+    ref = best["unguided"]["tok_per_s"]
     for m, v in best.items():
-        print(f"{m:<48} {v:7.1f} tok/s  {v / ref:5.2f}x unguided")
+        arms = " ".join(f"{k} {ms:.2f}" for k, ms in v["arm_ms"].items())  # per unit: a trunk's heads run as one
+        cost = sum(v["arm_ms"].values()) / v["base_ms"]
+        print(
+            f"{m:<48} {v['tok_per_s']:7.1f} tok/s  {v['tok_per_s'] / ref:5.2f}x unguided  "
+            f"base {v['base_ms']:.2f} ms/step" + (f"  ARM units ms/step: {arms} ({cost:.2f} of the base's)" if arms else "")
+        )
 
 
 if __name__ == "__main__":

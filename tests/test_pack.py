@@ -121,6 +121,25 @@ def test_pack_shares_one_trunk_in_the_fastest_form_that_passes_the_gate(recipe):
     e.close()
 
 
+def test_one_arm_pack_cut_at_its_layer_and_named_by_pack_name(recipe):
+    """A one-ARM recipe with `[share] layer` gets a trunk of its own first layers (what the base
+    tap needs); `--weights pack:NAME` builds it on first use and names unknown packs."""
+    from edge_genarm.cli import weights_or_default
+
+    text = (recipe / "recipe.toml").read_text().replace("max_len = 64\n", "max_len = 64\nlora_layers = 1\n")
+    (recipe / "recipe.toml").write_text(text + "[share]\nlayer = 1\n")
+    assert pack.stage_names(pack.load_recipe("tiny"))[-2:] == ["shared trunk", "placement"]
+    bundle = weights_or_default("pack:tiny")
+    assert bundle == str(pack.built_bundle("tiny"))
+    m = json.loads((pack.built_bundle("tiny") / "manifest.json").read_text())
+    (t,) = m["trunks"].values()
+    assert t["layers"] == 1 and t["n_layers"] == 2 and m["arms"]["yes"]["gate"]["passed"]
+    assert weights_or_default("pack:tiny") == bundle  # built: no second build
+    for bad, msg in (("pack:nope", "no recipe for pack 'nope'.*available packs: tiny"), ("pack:", "needs a name")):
+        with pytest.raises(EdgeGenarmError, match=msg):
+            weights_or_default(bad)
+
+
 def test_pack_ships_a_nudge_table_from_its_recipe(recipe):
     text = (recipe / "recipe.toml").read_text()
     text += '[nudges]\nsource = "yes"\nprompts = "pairs.jsonl"\nn_prompts = 3\nmax_tokens = 6\ntau = 0.0\n'
