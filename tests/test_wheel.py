@@ -100,6 +100,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tiny_bundle, tmp_path):
     assert '"finish_reason"' in out.stdout
     listed = _run([exe, "pack", "list"], cwd=elsewhere, env=env).stdout
     assert listed.split()[:3] == ["default", "not", "built"], listed
+    assert [ln.split()[0] for ln in listed.splitlines()] == ["default", "lite"], listed  # both recipes ship
     help_text = _run([exe, "--help"], cwd=elsewhere, env=env).stdout
     for cmd in ("generate", "chat", "pack", "export", "bundle"):
         assert f"  {cmd} " in help_text
