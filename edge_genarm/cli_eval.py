@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli import default_weights, fail, load_engine, main, model_options
+from .cli import default_weights, fail, load_engine, main, model_options, weights_or_default
 from .distributed import ray_options, runner_from_options, spec_from_options
 from .errors import EdgeGenarmError
 from .records import DataError, read_prompts
@@ -38,6 +38,8 @@ def eval_cmd(prompts_file, skip, n_prompts, methods, grid, judges, max_tokens, s
     from .evaluate import EvalConfig, evaluate, expand_grid, parse_method
 
     try:
+        if o["weights"]:  # `pack:NAME` as everywhere else; the eval folder records the bundle's path
+            o["weights"] = weights_or_default(o["weights"])
         items = read_prompts(prompts_file)[skip : skip + n_prompts]
         engine = load_engine(o)
         arms = list(engine.arms)
@@ -95,7 +97,7 @@ def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, *
     from .compare import format_rows, parse_setting, run_compare
 
     try:
-        spec = spec_from_options(o, o["weights"] or default_weights())
+        spec = spec_from_options(o, weights_or_default(o["weights"]))
         runner = runner_from_options(o, spec)
         items = read_prompts(prompts_file)[skip : skip + n_prompts]
         if not items:
