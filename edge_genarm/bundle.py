@@ -546,8 +546,8 @@ def scratch_dir(root: Path, kind: str) -> Iterator[Path]:
 
 
 def tidy_bundle(root: Path) -> list[Path]:
-    """Delete what a killed export or share-trunk left in bundle `root`: stale scratch folders, and
-    files under arms/ and trunks/ that its manifest does not record (e.g. full ARM graphs a
+    """Delete what a killed export or share-trunk left in bundle `root`: stale scratch folders, the
+    temporary files of killed atomic writes, and files under arms/ and trunks/ that its manifest does not record (e.g. full ARM graphs a
     finished share-trunk had yet to delete). Returns what was deleted."""
     m = read_manifest(root)
     kept = {root / rel for rel in m.get("files", {})}
@@ -559,6 +559,9 @@ def tidy_bundle(root: Path) -> list[Path]:
                 gone.append(p)
             elif p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
+    for p in root.glob(".*.tmp"):  # an atomic write killed before its rename (paths.atomic_write_bytes)
+        p.unlink(missing_ok=True)
+        gone.append(p)
     return gone + clean_scratch(root)
 
 

@@ -42,15 +42,20 @@ def source_fingerprint(source: Path, layers: int | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _left_by_killed_base(name: str) -> bool:
+    """What a killed `export base` leaves before its manifest exists: the GGUF (or its partial
+    copy), a scratch folder, or the manifest's own temporary file (killed inside the rename)."""
+    return (
+        name in ("base.gguf", "base.gguf.partial")
+        or "-scratch-" in name
+        or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
+    )
+
+
 def _check_output(out: Path, key: str, fp: str, force: bool, what: str) -> bool:
     """True when `out` already holds this exact export (skip); refuse a different one."""
     if not (out / MANIFEST).is_file():
-        ours = {"base.gguf", "base.gguf.partial"}  # what a killed `export base` leaves before its manifest
-        if (
-            out.exists()
-            and any(p.name not in ours and "-scratch-" not in p.name for p in out.iterdir())
-            and key == "base"
-        ):
+        if out.exists() and key == "base" and any(not _left_by_killed_base(p.name) for p in out.iterdir()):
             raise BundleError(
                 f"'{out}' exists and is not an edge-genarm bundle: choose an empty or new folder for -o"
             )

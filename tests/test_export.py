@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_genarm import load
-from edge_genarm.bundle import Bundle
+from edge_genarm.bundle import Bundle, tidy_bundle
 from edge_genarm.cli import main
 from edge_genarm.errors import BundleError, TokenizerMismatchError
 
@@ -78,6 +78,25 @@ def test_interrupted_export_leaves_no_valid_bundle_and_resumes(tiny_root, tmp_pa
     commands.export_base(tiny_root / "hf" / "base", out, "f32")
     assert Bundle.open(out).base_path.is_file()
     assert not list(out.glob("*.partial")) and not list(out.glob("tmp*"))
+
+
+def test_export_killed_inside_the_manifest_write_resumes(exported, tmp_path):
+    """SIGKILL between the manifest's temporary file and its rename leaves base.gguf and
+    .manifest.json.*.tmp: the rerun takes the folder as its own, and tidying deletes the leftover."""
+    out = tmp_path / "b"
+    out.mkdir()
+    gguf = Bundle.open(exported).base_path
+    shutil.copyfile(gguf, out / "base.gguf")
+    (out / ".manifest.json.k1ll3d.tmp").write_text('{"base": {"fi')
+    commands.export_base(gguf, out)
+    assert Bundle.open(out).base_path.is_file()
+    assert tidy_bundle(out) == [out / ".manifest.json.k1ll3d.tmp"] and not list(out.glob(".*.tmp"))
+    (out / "notes.txt").write_text("mine")  # anything else is still refused
+    shutil.rmtree(tmp_path / "c", ignore_errors=True)
+    shutil.copytree(out, tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="not an edge-genarm bundle"):
+        commands.export_base(gguf, tmp_path / "c")
 
 
 def test_source_folder_problems_are_named(tiny_root, tmp_path):
