@@ -70,16 +70,20 @@ def built_bundle(name: str = "default") -> Path | None:
     return root / "bundle" if (root / MARKER).is_file() else None
 
 
+def _has_train_extra() -> bool:
+    """A pack build trains or applies LoRA adapters: it needs the train extra (peft, torch)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("peft", "torch"))
+
+
 def default_bundle(log=print) -> Path:
     """The default pack's bundle, built on first use; the bare base GGUF when the train extra
     its ARMs need (peft, torch) is missing."""
     bundle = built_bundle("default")
     if bundle is not None:
         return bundle
-    try:
-        import peft  # noqa: F401  (the pack trains its ARMs: needs the train extra)
-        import torch  # noqa: F401
-    except ImportError:
+    if not _has_train_extra():
         log(
             "note: the default pack needs the train extra to build (pip install "
             "'edge-genarm[train]'); using the bare SmolLM2 base without ARMs"
@@ -100,13 +104,10 @@ def pack_bundle(name: str, log=print) -> Path:
     if bundle is not None:
         return bundle
     load_recipe(name)  # an unknown name is named here, with the packs there are
-    try:
-        import peft  # noqa: F401  (a pack build trains or applies adapters: the train extra)
-        import torch  # noqa: F401
-    except ImportError:
+    if not _has_train_extra():
         raise EdgeGenarmError(
             f"pack '{name}' is not built, and building it needs the train extra: pip install 'edge-genarm[train]'"
-        ) from None
+        )
     log(f"first use: building pack '{name}' into the cache")
     return build_pack_quietly(name)
 

@@ -162,3 +162,19 @@ def test_pack_refuses_a_nudge_source_that_is_not_an_arm(recipe, tmp_path):
     r = {"nudges": {"source": "nope", "prompts": "pairs.jsonl"}, "_dir": recipe}
     with pytest.raises(EdgeGenarmError, match="\\[nudges\\] source 'nope' has no checkpoint"):
         pack.make_nudges(tmp_path, tmp_path / "train" / "nope", r, log=lambda m: None)
+
+
+def test_without_the_train_extra_the_default_falls_back_and_a_named_pack_says_what_to_install(
+    recipe, monkeypatch
+):
+    import sys
+
+    (recipe.parent / "default-pack").mkdir()
+    (recipe.parent / "default-pack" / "recipe.toml").write_text((recipe / "recipe.toml").read_text())
+    monkeypatch.setitem(sys.modules, "peft", None)  # as when the train extra is not installed
+    said = []
+    assert pack.default_bundle(log=said.append) == pack.fetch_base(pack.load_recipe("default")["base"])
+    assert "train extra" in said[0] and "without ARMs" in said[0]
+    with pytest.raises(EdgeGenarmError, match=r"pack 'tiny' is not built.*pip install 'edge-genarm\[train\]'"):
+        pack.pack_bundle("tiny")
+    assert not (pack.packs_root() / "tiny").exists()  # nothing was started
