@@ -150,7 +150,8 @@ def export_share_cmd(bundle, arms, layer, quantize, block_size, accuracy_level, 
 @click.option("--eval-frac", default=0.1, show_default=True, help="As given to train-arm.")
 @click.option("--max-len", default=512, show_default=True, help="As given to train-arm.")
 @click.option("--seed", "pair_seed", default=0, show_default=True, help="As given to train-arm.")
-def export_base_tap_cmd(bundle, trunk_id, **o):
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: as the runtime picks).")
+def export_base_tap_cmd(bundle, trunk_id, threads, **o):
     """Let the heads of a shared trunk run on the base's own layer output (--trunk base/auto):
     gated on held-out pairs (accuracy within 0.02 of fp32) and recorded in the manifest."""
     from edge_genarm.export.base_tap import base_tap
@@ -159,7 +160,7 @@ def export_base_tap_cmd(bundle, trunk_id, **o):
 
     try:
         names = [n for n, a in read_manifest(Path(bundle)).get("arms", {}).items() if "trunk" in a]
-        rec = base_tap(bundle, pair_specs(o, names), trunk_key=trunk_id)
+        rec = base_tap(bundle, pair_specs(o, names), trunk_key=trunk_id, threads=threads)
     except EdgeGenarmError as e:
         fail(e)
     if not rec["passed"]:

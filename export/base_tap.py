@@ -56,14 +56,19 @@ def _gate(name, graph, on_base, seqs, share_gate: dict) -> dict:
     """The share-trunk gate's figures for the base tap: accuracy on every held-out pair; KL and
     top-1 against the trunk graph on the first KL_PAIRS (the graph's own accuracy is the share
     gate's record when there is one: scoring every pair twice doubled the pack build's time)."""
-    from edge_genarm.export.gate import _response_lp, gate
+    from edge_genarm.export.gate import RELATIVE, _response_lp, gate, pair_margin
 
     recorded = share_gate.get("accuracy_quantized")
-    known = isinstance(recorded, (int, float)) and share_gate.get("pairs") == len(seqs)
+    reward = RELATIVE if any(len(e) > 3 for e in seqs) else "summed log-prob"
+    known = (
+        isinstance(recorded, (int, float))
+        and share_gate.get("pairs") == len(seqs)
+        and share_gate.get("reward", "summed log-prob") == reward  # scored the same way
+    )
     wins = sum(
-        int(_response_lp(on_base.sequence_logits(name, p + w), len(p), w)[0]
-            > _response_lp(on_base.sequence_logits(name, p + lo), len(p), lo)[0])
-        for p, w, lo in seqs
+        int(pair_margin(_response_lp(on_base.sequence_logits(name, e[0] + e[1]), len(e[0]), e[1])[0],
+                        _response_lp(on_base.sequence_logits(name, e[0] + e[2]), len(e[0]), e[2])[0], e) > 0)
+        for e in seqs
     )  # fmt: skip
     kl = gate(
         lambda ids: graph.sequence_logits(name, ids),
@@ -77,9 +82,10 @@ def _gate(name, graph, on_base, seqs, share_gate: dict) -> dict:
         "mean_kl": kl["mean_kl"],
         "top1_agreement": kl["top1_agreement"],
         "kl_pairs": kl["pairs"],
+        "reward": kl["reward"],
     }
     fp32 = share_gate.get("accuracy_fp32")
-    g["accuracy_fp32"] = fp32 if isinstance(fp32, (int, float)) else g["accuracy_graph"]
+    g["accuracy_fp32"] = fp32 if known and isinstance(fp32, (int, float)) else g["accuracy_graph"]
     return g
 
 
@@ -87,19 +93,20 @@ def base_tap(
     bundle: str | Path,
     pairs: dict | None = None,
     trunk_key: str | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     log=lambda s: print(s, file=sys.stderr),
 ) -> dict:
     """Gate and record the base tap for `trunk_key` (default: the bundle's only trunk).
     `pairs`: {ARM name: share.PairSpec}; an ARM without pairs is measured on the parity
-    prompts (KL and top-1 only, passing at top-1 >= 0.9). Returns the record."""
+    prompts (KL and top-1 only, passing at top-1 >= 0.9). `threads`: for the base and the graphs
+    (default: the runtime's, `default_threads()`). Returns the record."""
     from edge_genarm.export.gate import heldout_pairs
     from edge_genarm.export.share import probe_sequences
 
-    from edge_genarm.backends.llama_base import LlamaBase
+    from edge_genarm.backends.llama_base import LlamaBase, default_threads
     from edge_genarm.backends.trunk import TrunkGroup
 
-    bundle = Path(bundle)
+    bundle, threads = Path(bundle), threads or default_threads()
     m = read_manifest(bundle)
     trunks = m.get("trunks", {})
     if trunk_key is None:
@@ -130,7 +137,12 @@ def base_tap(
     gates, record = {}, {"layer": layer, "node": f"l_out-{layer}", "base_sha256": base_sha}
     for n in heads:
         spec = (pairs or {}).get(n)
-        seqs = heldout_pairs(bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed) if spec else None
+        training = m["arms"][n].get("training")
+        seqs = (
+            heldout_pairs(bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed, training)
+            if spec
+            else None
+        )
         seqs = seqs or probe_sequences(bundle)
         g = _gate(n, graph, on_base, seqs, (m["arms"][n].get("gate") or {}))
         if spec:
@@ -157,8 +169,11 @@ def base_tap(
 
 
 def _format(name: str, g: dict) -> str:
+    from edge_genarm.export.gate import _relative
+
     acc = (
-        f"held-out preference accuracy {g['accuracy_fp32']:.3f} fp32, {g['accuracy_graph']:.3f} trunk graph -> "
+        f"held-out preference accuracy{_relative(g)} {g['accuracy_fp32']:.3f} fp32, "
+        f"{g['accuracy_graph']:.3f} trunk graph -> "
         f"{g['accuracy_base_tap']:.3f} on the base's layer, {g['pairs']} pairs (drop {g['accuracy_drop']:+.3f}, "
         f"max {MAX_ACCURACY_DROP}); "
         if g["pairs"]

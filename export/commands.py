@@ -157,7 +157,9 @@ def export_arm(
         form = compact_file(onnx_dir / "model.onnx")  # fused ops: same math, fewer nodes (parity checks it)
         kind, gated = "f32", None
         if quantize:
-            gated = _quantize_gated(out, name, onnx_dir, quantize, block_size, accuracy_level, pairs)
+            gated = _quantize_gated(
+                out, name, onnx_dir, quantize, block_size, accuracy_level, pairs, _training_record(source)
+            )
             kind = quantize
         stages.update()
         parity = run_parity(model, tok, OnnxARM(onnx_dir / "model.onnx", name, cache=False), kind)
@@ -180,6 +182,16 @@ def export_arm(
     return m
 
 
+def _training_record(source: Path) -> dict | None:
+    """The train-arm record in an ARM source folder, when it has one."""
+    import json
+
+    from edge_genarm.export.train_loop import ARM_INFO
+
+    p = source / ARM_INFO if source.is_dir() else None
+    return json.loads(p.read_text()) if p is not None and p.is_file() else None
+
+
 def _check_tokenizer(out: Path, name: str, tok) -> None:
     from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
@@ -190,8 +202,11 @@ def _check_tokenizer(out: Path, name: str, tok) -> None:
     check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)
 
 
-def _quantize_gated(out: Path, name: str, onnx_dir: Path, kind, block_size, accuracy_level, pairs) -> dict:
-    """Quantize onnx_dir/model.onnx in place, after checking it against the fp32 graph."""
+def _quantize_gated(
+    out: Path, name: str, onnx_dir: Path, kind, block_size, accuracy_level, pairs, training=None
+) -> dict:
+    """Quantize onnx_dir/model.onnx in place, after checking it against the fp32 graph;
+    `training`: the source's train-arm record (a relative ARM is gated relative to its init)."""
     import onnx
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
     from edge_genarm.export.quantize import quantize_model
@@ -206,7 +221,7 @@ def _quantize_gated(out: Path, name: str, onnx_dir: Path, kind, block_size, accu
     q = quantize_model(onnx.load(str(src)), kind, block_size, accuracy_level, f"ARM '{name}'")
     save_model(q, qdir / "model.onnx")
     seqs = (
-        heldout_pairs(out, pairs.data, pairs.max_len, pairs.eval_frac, pairs.seed)
+        heldout_pairs(out, pairs.data, pairs.max_len, pairs.eval_frac, pairs.seed, training)
         if pairs
         else probe_sequences(out)
     )

@@ -9,6 +9,7 @@ the response positions. A quantized ARM that loses more than MAX_ACCURACY_DROP i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,13 @@ from edge_genarm.guidance import log_softmax
 MAX_ACCURACY_DROP = 0.02
 
 
-def heldout_pairs(bundle: Path, data: Path, max_len: int, eval_frac: float, seed: int = 0):
-    """[(prompt ids, chosen ids, rejected ids)] held out exactly as train-arm held them out."""
+def heldout_pairs(
+    bundle: Path, data: Path, max_len: int, eval_frac: float, seed: int = 0, training: dict | None = None
+):
+    """[(prompt ids, chosen ids, rejected ids)] held out exactly as train-arm held them out.
+    `training`: the ARM's training record; for an ARM trained relative to its init
+    (`train-arm --reference`) each pair gets a 4th item, the init's margin that train-arm
+    recorded, and the gate then scores r - r_init as training did (`gate`, `pair_margin`)."""
     from edge_genarm.export.gguf_tokenizer import build_tokenizer
     from edge_genarm.export.train import encode_pairs, load_pairs
     from edge_genarm.export.train_loop import split
@@ -32,7 +38,37 @@ def heldout_pairs(bundle: Path, data: Path, max_len: int, eval_frac: float, seed
     tok = build_tokenizer(info)
     tok.chat_template = b.chat_template or info.get("tokenizer.chat_template") or tok.chat_template
     enc = encode_pairs(tok, load_pairs(data), max_len, "truncate", {})
-    return [enc[i] for i in split(len(enc), eval_frac, seed)[1]]
+    held = [enc[i][:3] for i in split(len(enc), eval_frac, seed)[1]]
+    margins = reference_margins(training, len(held))
+    return [(*e, m) for e, m in zip(held, margins)] if margins is not None else held
+
+
+RELATIVE = "relative to the init"  # train_loop's record of a `--reference` ARM ("reward")
+
+
+def reference_margins(training: dict | None, n: int) -> list[float] | None:
+    """The init's margins on the held-out pairs of an ARM trained relative to it, None for a
+    plain ARM. Its raw summed log-prob says little (for length pairs the init already prefers
+    the shorter reply); without the recorded margins (a record older than them, or another
+    split) the gate falls back to raw accuracy and says so."""
+    t = training or {}
+    if t.get("reward") != RELATIVE:
+        return None
+    margins = t.get("heldout_reference_margins")
+    if margins is None or len(margins) != n:
+        why = "not recorded" if margins is None else f"recorded for {len(margins)} pairs, not {n}"
+        print(
+            f"note: the ARM was trained relative to its init, but the init's held-out margins are {why}: "
+            "the gate scores raw summed log-probs (retrain with train-arm --reference to record them)",
+            file=sys.stderr,
+        )
+        return None
+    return [float(m) for m in margins]
+
+
+def pair_margin(r_chosen: float, r_rejected: float, pair: tuple) -> float:
+    """The margin the gate counts a win on: r_w - r_l, less the init's for a relative ARM."""
+    return r_chosen - r_rejected - (pair[3] if len(pair) > 3 else 0.0)
 
 
 def _response_lp(logits: np.ndarray, n_prompt: int, resp: list[int]) -> tuple[float, np.ndarray]:
@@ -43,15 +79,17 @@ def _response_lp(logits: np.ndarray, n_prompt: int, resp: list[int]) -> tuple[fl
 
 
 def gate(ref_logits, got_logits, pairs) -> dict:
-    """`ref_logits(ids)`/`got_logits(ids)` -> logits at every position (fp32 and quantized)."""
+    """`ref_logits(ids)`/`got_logits(ids)` -> logits at every position (fp32 and quantized);
+    `pairs` from `heldout_pairs` (4-tuples for a relative ARM: accuracy beyond the init's)."""
     wins = {"fp32": 0, "quantized": 0}
     kls, agree, n_pos = [], 0, 0
-    for p, w, lo in pairs:
+    for pair in pairs:
+        p, w, lo = pair[:3]
         r = {}
         for which, fn in (("fp32", ref_logits), ("quantized", got_logits)):
             r[which] = [_response_lp(fn(p + y), len(p), y) for y in (w, lo)]
         for which in wins:
-            wins[which] += int(r[which][0][0] > r[which][1][0])
+            wins[which] += int(pair_margin(r[which][0][0], r[which][1][0], pair) > 0)
         for (_, a), (_, b) in zip(r["fp32"], r["quantized"]):
             kls.append(float(np.sum(np.exp(a) * (a - b), axis=-1).mean()))
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
@@ -63,6 +101,7 @@ def gate(ref_logits, got_logits, pairs) -> dict:
         "accuracy_quantized": wins["quantized"] / n,
         "mean_kl": float(np.mean(kls)) if kls else 0.0,
         "top1_agreement": agree / max(1, n_pos),
+        "reward": RELATIVE if any(len(e) > 3 for e in pairs) else "summed log-prob",
     }
     out["accuracy_drop"] = out["accuracy_fp32"] - out["accuracy_quantized"]
     out["passed"] = out["accuracy_drop"] <= MAX_ACCURACY_DROP
@@ -71,8 +110,12 @@ def gate(ref_logits, got_logits, pairs) -> dict:
 
 def format_gate(name: str, g: dict) -> str:
     return (
-        f"gate ARM '{name}': held-out preference accuracy {g['accuracy_fp32']:.3f} fp32 -> "
+        f"gate ARM '{name}': held-out preference accuracy{_relative(g)} {g['accuracy_fp32']:.3f} fp32 -> "
         f"{g['accuracy_quantized']:.3f} quantized on {g['pairs']} pairs (drop {g['accuracy_drop']:+.3f}, "
         f"max {MAX_ACCURACY_DROP}); KL {g['mean_kl']:.3e}, top-1 {g['top1_agreement']:.3f}: "
         f"{'passed' if g['passed'] else 'REFUSED'}"
     )
+
+
+def _relative(g: dict) -> str:
+    return f" ({RELATIVE})" if g.get("reward") == RELATIVE else ""

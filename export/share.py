@@ -116,7 +116,9 @@ def share_trunk(
             ref = OnnxARM(full[n], n, threads=2, cache=False)
             spec = (pairs or {}).get(n)
             seqs = (
-                heldout_pairs(bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed)
+                heldout_pairs(
+                    bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed, arms[n].get("training")
+                )
                 if spec
                 else probe_sequences(bundle)
             )

@@ -298,6 +298,7 @@ def train_arm(
             if lora_r else "full"
         ), "lr": lr, "max_len": max_len,
         "truncated": stats.get("truncated", 0), "skipped_long": stats.get("skipped_long", 0),
+        **({"heldout_reference_margins": [e[3] for e in eval_enc]} if reference else {}),
         "bad_lines": stats.get("bad_lines", 0), "seconds": round(time.time() - t0, 1), "device": str(device),
     }  # fmt: skip
     save_arm(model, tok, out, info, bool(lora_r))

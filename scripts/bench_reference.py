@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load_models(arms: dict[str, float]):
     import torch
-    from peft import PeftModel
-
     from edge_genarm.export.sources import load_source
     from edge_genarm.export.tiny import smollm2_gguf
+    from peft import PeftModel
 
     base, tok = load_source(smollm2_gguf())
     out = {}

@@ -175,6 +175,8 @@ def test_without_the_train_extra_the_default_falls_back_and_a_named_pack_says_wh
     said = []
     assert pack.default_bundle(log=said.append) == pack.fetch_base(pack.load_recipe("default")["base"])
     assert "train extra" in said[0] and "without ARMs" in said[0]
-    with pytest.raises(EdgeGenarmError, match=r"pack 'tiny' is not built.*pip install 'edge-genarm\[train\]'"):
+    with pytest.raises(
+        EdgeGenarmError, match=r"pack 'tiny' is not built.*pip install 'edge-genarm\[train\]'"
+    ):
         pack.pack_bundle("tiny")
     assert not (pack.packs_root() / "tiny").exists()  # nothing was started

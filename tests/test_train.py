@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 from edge_genarm.export.prefs import DataError
 from edge_genarm.export.train import (
@@ -180,12 +181,18 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_hf, tmp_path, monkeyp
         train_arm(data, tiny_hf, tmp_path / "c", **{**kw, "beta_r": 0.1})
 
 
-def test_reference_scores_replies_relative_to_the_init(tiny_hf, tmp_path):
+def test_reference_scores_replies_relative_to_the_init(tiny_hf, bundle_copy, tmp_path, capsys):
     """Length pairs the init already ranks right: the plain loss starts saturated, the relative
-    one at log 2, and its offsets are the init's own margins (recomputed here directly)."""
+    one at log 2, and its offsets are the init's own margins (recomputed here directly). The
+    export gate then scores the ARM as training did: relative to the recorded margins."""
     import math
 
-    from edge_genarm.export.train_loop import with_reference
+    from edge_genarm.export import commands
+    from edge_genarm.export.gate import RELATIVE, gate, heldout_pairs
+    from edge_genarm.export.share import PairSpec
+    from edge_genarm.export.train_loop import split, with_reference
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
 
     r = random.Random(1)
     with open(tmp_path / "len.jsonl", "w") as f:
@@ -209,6 +216,33 @@ def test_reference_scores_replies_relative_to_the_init(tiny_hf, tmp_path):
     assert ref["loss_end"] < ref["loss_start"] - 0.1 and ref["heldout_margin"] > 0
     assert abs(ref["heldout_margin_before"]) < 1e-2 and ref["reward"] == "relative to the init"
     assert ref["heldout_accuracy"] >= 0.75  # beyond the init's margin, on pairs it never saw
+    held = split(len(rel), 0.25, 0)[1]
+    assert ref["heldout_reference_margins"] == pytest.approx([rel[i][3] for i in held], abs=1e-4)
+    # the quantization gate: fp32 ONNX accuracy relative to the init = train-arm's own figure
+    spec = PairSpec(tmp_path / "len.jsonl", 512, 0.25, 0)
+    m = commands.export_arm(tmp_path / "ref", bundle_copy, "short", 0.5, quantize="int8", pairs=spec)
+    g = m["arms"]["short"]["gate"]
+    assert g["reward"] == RELATIVE and g["pairs"] == len(held)
+    assert g["accuracy_fp32"] == pytest.approx(ref["heldout_accuracy"])
+    # margins shifted to the median of the ARM's own relative margins (torch, on the trained
+    # folder): half the pairs fall below, and the gate on the ONNX graph must count just those
+    arm, _ = prepare_model(tmp_path / "ref", None, None, "cpu")
+    own = [float(direct_reward(arm, *rel[i][:2]) - direct_reward(arm, rel[i][0], rel[i][2])) for i in held]
+    beyond = [o - r for o, r in zip(own, ref["heldout_reference_margins"])]
+    mid = float(np.median(beyond))
+    doctored = dict(ref, heldout_reference_margins=[r + mid for r in ref["heldout_reference_margins"]])
+    want = np.mean([b > mid for b in beyond])
+    assert 0 < want < 1
+    onnx = OnnxARM(bundle_copy / m["arms"]["short"]["file"], "short", cache=False)
+    seqs = heldout_pairs(bundle_copy, spec.data, 512, 0.25, 0, doctored)
+    assert gate(onnx.sequence_logits, onnx.sequence_logits, seqs)["accuracy_fp32"] == pytest.approx(want)
+    assert f"accuracy ({RELATIVE})" in capsys.readouterr().err
+    raw = heldout_pairs(bundle_copy, spec.data, 512, 0.25, 0)  # the plain ARM's record: no margins
+    assert all(len(e) == 3 for e in raw)
+    assert [e[:3] for e in heldout_pairs(bundle_copy, spec.data, 512, 0.25, 0, ref)] == raw
+    short = dict(ref, heldout_reference_margins=ref["heldout_reference_margins"][:-1])
+    assert heldout_pairs(bundle_copy, spec.data, 512, 0.25, 0, short) == raw  # another split: raw, and said
+    assert "scores raw summed log-probs" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--reference needs LoRA"):
         train_arm(tmp_path / "len.jsonl", tiny_hf, tmp_path / "full", reference=True, lora_r=None, progress=False)
 
