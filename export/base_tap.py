@@ -29,7 +29,6 @@ import numpy as np
 from edge_genarm.bundle import read_manifest, write_manifest
 from edge_genarm.errors import BundleError
 
-MAX_ACCURACY_DROP = 0.02
 KL_PAIRS = 16
 
 
@@ -100,7 +99,7 @@ def base_tap(
     `pairs`: {ARM name: share.PairSpec}; an ARM without pairs is measured on the parity
     prompts (KL and top-1 only, passing at top-1 >= 0.9). `threads`: for the base and the graphs
     (default: the runtime's, `default_threads()`). Returns the record."""
-    from edge_genarm.export.gate import heldout_pairs
+    from edge_genarm.export.gate import heldout_pairs, within_gate
     from edge_genarm.export.share import probe_sequences
 
     from edge_genarm.backends.llama_base import LlamaBase, default_threads
@@ -147,7 +146,7 @@ def base_tap(
         g = _gate(n, graph, on_base, seqs, (m["arms"][n].get("gate") or {}))
         if spec:
             g["accuracy_drop"] = g["accuracy_fp32"] - g["accuracy_base_tap"]
-            g["passed"] = g["accuracy_drop"] <= MAX_ACCURACY_DROP
+            g["passed"] = within_gate(g["accuracy_drop"], g["pairs"])
         else:
             g.update(accuracy_drop=None, passed=g["top1_agreement"] >= 0.9, pairs=0)
         gates[n] = g
@@ -169,13 +168,13 @@ def base_tap(
 
 
 def _format(name: str, g: dict) -> str:
-    from edge_genarm.export.gate import _relative
+    from edge_genarm.export.gate import _relative, max_drop_text
 
     acc = (
         f"held-out preference accuracy{_relative(g)} {g['accuracy_fp32']:.3f} fp32, "
         f"{g['accuracy_graph']:.3f} trunk graph -> "
         f"{g['accuracy_base_tap']:.3f} on the base's layer, {g['pairs']} pairs (drop {g['accuracy_drop']:+.3f}, "
-        f"max {MAX_ACCURACY_DROP}); "
+        f"{max_drop_text()}); "
         if g["pairs"]
         else ""
     )

@@ -127,7 +127,7 @@ def export_arm(
 ) -> dict:
     """Export SOURCE as ARM `name`; with `quantize` (int4/int8) the weight-quantized graph is
     gated against the fp32 one on `pairs` (a share.PairSpec; held-out preference accuracy,
-    KL, top-1) and refused when it loses more than gate.MAX_ACCURACY_DROP."""
+    KL, top-1) and refused when it loses more than the gate allows (gate.within_gate)."""
     from edge_genarm.export.onnx_export import export_arm_onnx
 
     from edge_genarm.backends.onnx_arm import OnnxARM

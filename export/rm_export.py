@@ -171,7 +171,7 @@ def _quantize_gated(
 ) -> dict:
     """Quantize onnx_dir/model.onnx in place when it keeps the held-out preference accuracy."""
     import onnx
-    from edge_genarm.export.gate import MAX_ACCURACY_DROP, heldout_pairs
+    from edge_genarm.export.gate import heldout_pairs, max_drop_text, within_gate
     from edge_genarm.export.quantize import quantize_model
     from edge_genarm.export.split import save_model
 
@@ -196,9 +196,9 @@ def _quantize_gated(
          "accuracy_fp32": acc["fp32"], "accuracy_quantized": acc["quantized"],
          "accuracy_drop": acc["fp32"] - acc["quantized"],
          "score_correlation": float(np.corrcoef(r["fp32"].ravel(), r["quantized"].ravel())[0, 1])}  # fmt: skip
-    g["passed"] = g["accuracy_drop"] <= MAX_ACCURACY_DROP
+    g["passed"] = within_gate(g["accuracy_drop"], len(seqs))
     line = (f"gate reward model '{name}' ({kind}): held-out accuracy {acc['fp32']:.3f} fp32 -> "
-            f"{acc['quantized']:.3f} on {len(seqs)} pairs (max drop {MAX_ACCURACY_DROP}), score correlation "
+            f"{acc['quantized']:.3f} on {len(seqs)} pairs ({max_drop_text()}), score correlation "
             f"{g['score_correlation']:.4f}: {'passed' if g['passed'] else 'REFUSED'}")  # fmt: skip
     print(line, file=sys.stderr)
     if not g["passed"]:

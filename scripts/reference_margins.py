@@ -29,14 +29,13 @@ def main() -> None:
     a = ap.parse_args()
 
     import tomllib
-
     import torch
-    from peft import PeftModel
-
     from edge_genarm.export.sources import load_source
     from edge_genarm.export.tiny import smollm2_gguf
     from edge_genarm.export.train import encode_pairs, load_pairs, pair_rewards
     from edge_genarm.export.train_loop import split, with_reference
+    from peft import PeftModel
+
     from edge_genarm.paths import atomic_write_json
 
     torch.set_num_threads(1)

@@ -175,6 +175,7 @@ def test_a_quantized_arm_that_fails_the_gate_is_refused_and_the_bundle_unchanged
     shutil.copytree(full, dst)
     before = {p.relative_to(dst): sha256_file(p) for p in dst.rglob("*") if p.is_file()}
     monkeypatch.setattr(gate, "MAX_ACCURACY_DROP", -1.0)  # no ARM can pass
+    monkeypatch.setattr(gate, "MAX_PAIRS_LOST", -1)
     spec = PairSpec(_pairs_file(tmp_path / "pairs.jsonl"), max_len=64, eval_frac=0.5)
     with pytest.raises(BundleError, match=r"failed the int4 gate.*accuracy .* fp32 -> .*unchanged"):
         share_trunk(dst, quantize="int4", pairs={"a": spec, "b": spec})
@@ -284,3 +285,11 @@ def test_bundle_inspect_shows_the_trunk_and_the_gate(shared):
     text = inspect_bundle(shared)
     assert "layers 0-1 of 3" in text and "head on trunk" in text
     assert text.count("gate (f32): KL") == 2
+
+
+def test_the_gate_allows_0_02_or_one_pair():
+    from edge_genarm.export.gate import within_gate
+
+    assert within_gate(1 / 17, 17) and not within_gate(2 / 17, 17)  # one pair of 17 is noise, two are not
+    assert within_gate(2 / 120, 120) and not within_gate(3 / 120, 120)  # 120 pairs: the 0.02 rule
+    assert within_gate(-0.05, 20) and not within_gate(0.5, 0)
