@@ -331,7 +331,7 @@ def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> 
             "n": len(v),
             "loop_rate": sum(r["loops"] for r in v) / len(v),
             "nll": mean_sem([r["nll"] for r in v]),
-            "tokens": mean_sem([r["n_tokens"] for r in v]),
+            "gen_tokens": mean_sem([r["n_tokens"] for r in v]),  # not "tokens": a judge has that name
             "finish_rate": sum(r["finished"] for r in v) / len(v),
             "tok_per_s": tokens / max(1e-9, sum(r["seconds"] for r in v)),
             "forwards_per_token": sum(r["forwards"] for r in v) / max(1, tokens),
@@ -360,7 +360,7 @@ def mean_sem(v: list[float]) -> tuple[float, float]:
 
 
 def format_table(rows: list[dict], judges: list[str]) -> str:
-    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "NLL", "tokens", "finished", "tok/s",
+    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "NLL", "generated", "finished", "tok/s",
             "fwd/tok"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -368,7 +368,7 @@ def format_table(rows: list[dict], judges: list[str]) -> str:
         cells += [f"{r[j][0]:+.3f} ± {r[j][1]:.3f}" for j in judges]
         cells += [f"{r[j + '_diff'][0]:+.3f} ± {r[j + '_diff'][1]:.3f}" if j + "_diff" in r else "-" for j in judges]
         cells += [
-            f"{100 * r['loop_rate']:.1f}%", f"{r['nll'][0]:.3f}", f"{r['tokens'][0]:.1f}",
+            f"{100 * r['loop_rate']:.1f}%", f"{r['nll'][0]:.3f}", f"{r['gen_tokens'][0]:.1f}",
             f"{100 * r['finish_rate']:.0f}%", f"{r['tok_per_s']:.1f}", f"{r['forwards_per_token']:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

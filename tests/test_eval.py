@@ -136,7 +136,12 @@ def test_summary_statistics_match_numpy():
                          "finished": i % 2 == 0, "loops": E.distinct_bigram_ratio(text) < 0.6, "nll": float(i),
                          "seconds": 0.5, "forwards": 4 + i})  # fmt: skip
     methods = [E.parse_method("unguided", ARMS), E.parse_method("alpha=1", ARMS)]
-    base, arm = E.summarize(recs, methods, ["j"])
+    for r in recs:  # a judge named like a column ("tokens": -token count) keeps its own figures
+        r["scores"]["tokens"] = -2.0 * r["n_tokens"]
+    base, arm = E.summarize(recs, methods, ["j", "tokens"])
+    assert base["gen_tokens"][0] == pytest.approx(np.mean([4 + i for i in range(8)]))
+    assert base["tokens"][0] == pytest.approx(-2 * base["gen_tokens"][0])
+    assert "| generated |" in E.format_table([base, arm], ["j", "tokens"])
     d = b - a
     assert arm["j_diff"][0] == pytest.approx(d.mean())
     assert arm["j_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
