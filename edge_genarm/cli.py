@@ -111,7 +111,8 @@ sampling_options = options(
     click.option("--repeat-last-n", default=DEFAULTS["repeat_last_n"], show_default=True, type=int),
     click.option("--dry-multiplier", "--dry", type=float,
                  help="DRY repetition penalty strength (0: off). Default: auto, "
-                 f"{GUIDED_DRY} when an ARM is active (guided replies loop without it), else off."),
+                 f"{GUIDED_DRY} x (1 + the sum of the ARM weights) when an ARM is active or nudging "
+                 "is on (guided replies loop without it), else off."),
     click.option("--seed", type=int, help="Seed for reproducible output."),
     click.option("--max-tokens", "-n", default=DEFAULTS["max_tokens"], show_default=True,
                  help="Tokens to generate at most."),

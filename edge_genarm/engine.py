@@ -238,8 +238,7 @@ class Engine:
         w = self.check_weights(weights or {})
         active = {n: v for n, v in w.items() if v != 0.0} if guidance else {}
         if params.dry_multiplier is None:  # "auto": DRY on for guided or nudged requests only
-            steered = bool(active) or nudge is not None
-            params = replace(params, dry_multiplier=G.GUIDED_DRY if steered else 0.0)
+            params = replace(params, dry_multiplier=G.auto_dry(active, nudge is not None))
         if nudge is not None and self.nudge_table is None and not self.arms:
             raise ConfigError(
                 "nudging needs a nudge table (`edge-genarm export nudges`) or ARMs to score "

@@ -264,6 +264,13 @@ class EvalConfig:
     judges: list[str]
     max_tokens: int
     seed: int
+    dry_auto: str = field(default_factory=lambda: _dry_rule())  # what "auto" DRY meant for the records
+
+
+def _dry_rule() -> str:
+    from .guidance import DRY_AUTO_RULE
+
+    return DRY_AUTO_RULE
 
 
 def check_folder(out: Path, cfg: EvalConfig) -> None:
@@ -280,6 +287,12 @@ def check_folder(out: Path, cfg: EvalConfig) -> None:
         if not isinstance(have, dict) or any(have.get(k) != want[k] for k in keys):
             raise ConfigError(
                 f"{out} holds an evaluation made with other settings ({f}): use another -o folder, "
+                "or delete it to start again"
+            )
+        if have.get("dry_auto", "0.8") != want["dry_auto"]:  # folders before the rule was recorded: 0.8
+            raise ConfigError(
+                f"{out} holds records made when DRY 'auto' was {have.get('dry_auto', '0.8')} (now "
+                f"{want['dry_auto']}): its guided methods would mix the two; use another -o folder, "
                 "or delete it to start again"
             )
         want["methods"] = list(dict.fromkeys([*have.get("methods", []), *cfg.methods]))

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_genarm import evaluate as E
+from edge_genarm import guidance as G
 from edge_genarm.cli import main
 from edge_genarm.errors import ConfigError, EdgeGenarmError
 from edge_genarm.records import DataError
@@ -111,6 +112,11 @@ def test_run_resumes_and_refuses_other_settings(engine, prompts, tmp_path, monke
     assert rows2[:2] == rows[:2]  # resumed rows are the same numbers
     with pytest.raises(ConfigError, match="holds an evaluation made with other settings"):
         E.evaluate(engine, _cfg(prompts, max_tokens=7), items, methods, out, "cmd", progress=False)
+    f = out / "eval.json"
+    assert json.loads(f.read_text())["dry_auto"] == G.DRY_AUTO_RULE
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "dry_auto"}))
+    with pytest.raises(ConfigError, match=r"made when DRY 'auto' was 0.8 \(now 0.8 x \(1 \+ sum \|w\|\)\)"):
+        E.evaluate(engine, _cfg(prompts), items, methods, out, "cmd", progress=False)  # a folder from before
 
 
 def test_torn_last_record_is_redone(engine, prompts, tmp_path):

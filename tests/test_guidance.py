@@ -201,7 +201,7 @@ def test_dry_on_a_loop_and_off_by_default():
 
 def test_dry_in_the_loop_is_auto_on_for_guided_requests(engine):
     """At the first step the sampler's scores lose exactly the DRY penalty of the prompt's
-    history; "auto" (None) is GUIDED_DRY with an ARM active and off without one."""
+    history; "auto" (None) is GUIDED_DRY * (1 + sum |w|) with an ARM active, off without one."""
     arm = next(iter(engine.arms))
     prompt = "Count: one two one two one two one two"
     first: dict = {}
@@ -220,8 +220,10 @@ def test_dry_in_the_loop_is_auto_on_for_guided_requests(engine):
     want = G.dry_penalty(plain.copy(), seq, G.SamplingParams(dry_multiplier=4.0), engine.dry_breakers)
     assert mult == 4.0 and not np.array_equal(want, plain)  # the history repeats: something is penalised
     np.testing.assert_allclose(penalised, want, rtol=1e-6, atol=1e-6)
-    assert run(None, 1.0)[1] == G.GUIDED_DRY and run(None, 0.0)[1] == 0.0
+    assert run(None, 1.0)[1] == pytest.approx(2 * G.GUIDED_DRY) and run(None, 0.0)[1] == 0.0
+    assert run(None, 0.5)[1] == pytest.approx(1.5 * G.GUIDED_DRY)  # in the units of the combined scores
+    assert run(None, -0.5)[1] == pytest.approx(1.5 * G.GUIDED_DRY)  # steering away sharpens them too
     nudged = []
     engine.generate(prompt, max_tokens=1, seed=3, weights={a: 0.0 for a in engine.arms}, raw=True,
                     nudge=NudgeConfig(), on_step=lambda i, s, p: nudged.append(p.dry_multiplier))  # fmt: skip
-    assert nudged == [G.GUIDED_DRY]  # nudging steers too: DRY is on
+    assert nudged == [G.GUIDED_DRY]  # nudging steers too: DRY is on (no ARM weight: unscaled)
