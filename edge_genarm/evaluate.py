@@ -289,15 +289,27 @@ def check_folder(out: Path, cfg: EvalConfig) -> None:
                 f"{out} holds an evaluation made with other settings ({f}): use another -o folder, "
                 "or delete it to start again"
             )
-        if have.get("dry_auto", "0.8") != want["dry_auto"]:  # folders before the rule was recorded: 0.8
+        touched = [m for m in _labels(out / "records.jsonl") if _auto_dry_label(m)]
+        if have.get("dry_auto", "0.8") != want["dry_auto"] and touched:  # before the rule was recorded: 0.8
             raise ConfigError(
                 f"{out} holds records made when DRY 'auto' was {have.get('dry_auto', '0.8')} (now "
-                f"{want['dry_auto']}): its guided methods would mix the two; use another -o folder, "
-                "or delete it to start again"
+                f"{want['dry_auto']}): its records of {', '.join(touched[:3])} would mix the two; use "
+                "another -o folder, or delete it to start again"
             )
         want["methods"] = list(dict.fromkeys([*have.get("methods", []), *cfg.methods]))
         want["judges"] = list(dict.fromkeys([*have.get("judges", []), *cfg.judges]))
     atomic_write_json(f, want)
+
+
+def _labels(path: Path) -> list[str]:
+    return list(dict.fromkeys(str(r.get("method")) for r in whole_records(path))) if path.is_file() else []
+
+
+def _auto_dry_label(label: str) -> bool:
+    """Whether a method's records depend on what DRY "auto" means: steered (ARMs or nudging)
+    with no explicit dry_multiplier. unguided, bon and args sample without DRY."""
+    body, _, over = label.partition("@")
+    return body != "unguided" and body.split(":")[0] not in ("bon", "args") and "dry_multiplier" not in over
 
 
 def run_eval(engine, items, methods, judges: dict, out: Path, max_tokens: int, seed: int,

@@ -117,6 +117,13 @@ def test_run_resumes_and_refuses_other_settings(engine, prompts, tmp_path, monke
     f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "dry_auto"}))
     with pytest.raises(ConfigError, match=r"made when DRY 'auto' was 0.8 \(now 0.8 x \(1 \+ sum \|w\|\)\)"):
         E.evaluate(engine, _cfg(prompts), items, methods, out, "cmd", progress=False)  # a folder from before
+    kept = [x for x in (out / "records.jsonl").read_text().splitlines() if not E._auto_dry_label(json.loads(x)["method"])]
+    assert kept and len(kept) < len(rows2) * 3  # the unguided records stay, the steered ones go
+    (out / "records.jsonl").write_text("\n".join(kept) + "\n")
+    E.evaluate(engine, _cfg(prompts), items, methods[:1], out, "cmd", progress=False)  # nothing DRY touched: resumes
+    assert json.loads(f.read_text())["dry_auto"] == G.DRY_AUTO_RULE
+    labels = ["unguided", "bon:4", "args:5:0.5", "a=1@dry_multiplier=0", "a=1", "nudge", "a=1@temperature=0.7"]
+    assert [E._auto_dry_label(x) for x in labels] == [False, False, False, False, True, True, True]
 
 
 def test_torn_last_record_is_redone(engine, prompts, tmp_path):
