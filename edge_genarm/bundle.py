@@ -546,9 +546,10 @@ def scratch_dir(root: Path, kind: str) -> Iterator[Path]:
 
 
 def tidy_bundle(root: Path) -> list[Path]:
-    """Delete what a killed export or share-trunk left in bundle `root`: stale scratch folders, the
-    temporary files of killed atomic writes, and files under arms/ and trunks/ that its manifest does not record (e.g. full ARM graphs a
-    finished share-trunk had yet to delete). Returns what was deleted."""
+    """Delete what a killed export or share-trunk left in bundle `root`: stale scratch folders,
+    the temporary files of killed atomic writes, and files under arms/ and trunks/ that its
+    manifest does not record (e.g. full ARM graphs a finished share-trunk had yet to delete).
+    Returns what was deleted."""
     m = read_manifest(root)
     kept = {root / rel for rel in m.get("files", {})}
     gone = []

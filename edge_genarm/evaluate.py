@@ -40,6 +40,7 @@ from pathlib import Path
 from .batch import LOOP_RATIO, Progress, distinct_bigram_ratio, mean_nll
 from .batch import record_seed as seed_for
 from .errors import ConfigError, EdgeGenarmError
+from .guidance import DRY_AUTO_RULE
 from .judges import make_judge, run_judge
 from .nudge import NudgeConfig
 from .paths import atomic_write_json, atomic_write_text
@@ -264,13 +265,7 @@ class EvalConfig:
     judges: list[str]
     max_tokens: int
     seed: int
-    dry_auto: str = field(default_factory=lambda: _dry_rule())  # what "auto" DRY meant for the records
-
-
-def _dry_rule() -> str:
-    from .guidance import DRY_AUTO_RULE
-
-    return DRY_AUTO_RULE
+    dry_auto: str = DRY_AUTO_RULE  # what "auto" DRY meant for the records (resume checks it)
 
 
 def check_folder(out: Path, cfg: EvalConfig) -> None:

@@ -144,7 +144,8 @@ def repeat_penalty(scores: np.ndarray, recent, penalty: float) -> np.ndarray:
 
 
 GUIDED_DRY = 0.8  # llama.cpp's suggested dry_multiplier, in the units of one model's log-probs
-DRY_AUTO_RULE = "0.8 x (1 + sum |w|)"  # `auto_dry`, as eval folders record it (resume checks it)
+DRY_AUTO_RULE = f"{GUIDED_DRY} x (1 + sum |w|)"  # `auto_dry`, as eval folders record it
+DRY_MAX_MATCH = 64  # longer matches get the same (already huge) penalty; bounds the work in a loop
 
 
 def auto_dry(weights: dict[str, float], nudging: bool) -> float:
@@ -155,7 +156,6 @@ def auto_dry(weights: dict[str, float], nudging: bool) -> float:
     with the same judged gain (README, "What the default ARMs do")."""
     active = [abs(w) for w in weights.values() if w]
     return GUIDED_DRY * (1.0 + sum(active)) if active or nudging else 0.0
-DRY_MAX_MATCH = 64  # longer matches get the same (already huge) penalty; bounds the work in a loop
 
 
 def dry_penalty(scores: np.ndarray, seq, params: SamplingParams, breakers=frozenset()) -> np.ndarray:

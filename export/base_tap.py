@@ -55,14 +55,13 @@ def _gate(name, graph, on_base, seqs, share_gate: dict) -> dict:
     """The share-trunk gate's figures for the base tap: accuracy on every held-out pair; KL and
     top-1 against the trunk graph on the first KL_PAIRS (the graph's own accuracy is the share
     gate's record when there is one: scoring every pair twice doubled the pack build's time)."""
-    from edge_genarm.export.gate import RELATIVE, _response_lp, gate, pair_margin
+    from edge_genarm.export.gate import _response_lp, gate, pair_margin, reward_kind
 
     recorded = share_gate.get("accuracy_quantized")
-    reward = RELATIVE if any(len(e) > 3 for e in seqs) else "summed log-prob"
     known = (
         isinstance(recorded, (int, float))
         and share_gate.get("pairs") == len(seqs)
-        and share_gate.get("reward", "summed log-prob") == reward  # scored the same way
+        and share_gate.get("reward", "summed log-prob") == reward_kind(seqs)  # scored the same way
     )
     wins = sum(
         int(pair_margin(_response_lp(on_base.sequence_logits(name, e[0] + e[1]), len(e[0]), e[1])[0],

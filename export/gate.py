@@ -78,6 +78,11 @@ def reference_margins(training: dict | None, n: int) -> list[float] | None:
     return [float(m) for m in margins]
 
 
+def reward_kind(pairs) -> str:
+    """How `pairs` are scored: relative to the init when they carry its margins (4-tuples)."""
+    return RELATIVE if any(len(e) > 3 for e in pairs) else "summed log-prob"
+
+
 def pair_margin(r_chosen: float, r_rejected: float, pair: tuple) -> float:
     """The margin the gate counts a win on: r_w - r_l, less the init's for a relative ARM."""
     return r_chosen - r_rejected - (pair[3] if len(pair) > 3 else 0.0)
@@ -113,7 +118,7 @@ def gate(ref_logits, got_logits, pairs) -> dict:
         "accuracy_quantized": wins["quantized"] / n,
         "mean_kl": float(np.mean(kls)) if kls else 0.0,
         "top1_agreement": agree / max(1, n_pos),
-        "reward": RELATIVE if any(len(e) > 3 for e in pairs) else "summed log-prob",
+        "reward": reward_kind(pairs),
     }
     out["accuracy_drop"] = out["accuracy_fp32"] - out["accuracy_quantized"]
     out["passed"] = within_gate(out["accuracy_drop"], len(pairs))

@@ -32,8 +32,8 @@ def main() -> None:
     import torch
     from edge_genarm.export.sources import load_source
     from edge_genarm.export.tiny import smollm2_gguf
-    from edge_genarm.export.train import encode_pairs, load_pairs, pair_rewards
-    from edge_genarm.export.train_loop import split, with_reference
+    from edge_genarm.export.train import encode_pairs, load_pairs
+    from edge_genarm.export.train_loop import evaluate, split, with_reference
     from peft import PeftModel
 
     from edge_genarm.paths import atomic_write_json
@@ -51,13 +51,7 @@ def main() -> None:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     micro = spec.get("micro_batch", 4)
     rel = with_reference(model, held, pad, "cpu", micro)  # the adapters off: the init's margins
-    wins = 0
-    with torch.no_grad():
-        for i in range(0, len(rel), micro):
-            part = rel[i : i + micro]
-            r_w, r_l = pair_rewards(model, part, pad, "cpu")
-            wins += sum(int(m - e[3] > 0) for m, e in zip((r_w - r_l).tolist(), part))
-    acc = wins / len(rel)
+    acc = evaluate(model, rel, pad, "cpu", micro)["accuracy"]  # beyond them, as train-arm measured it
     print(f"{len(rel)} held-out pairs; accuracy beyond the init {acc:.3f} (recorded {record['heldout_accuracy']:.3f})")
     if len(rel) != record["n_heldout"] or abs(acc - record["heldout_accuracy"]) > 1e-9:
         raise SystemExit("the recomputation does not match the record: not written")
