@@ -156,13 +156,12 @@ class Engine:
 
     # -- configuration ------------------------------------------------------
     def check_weights(self, weights: dict[str, float]) -> dict[str, float]:
-        """`weights` over the defaults, validated: unknown names and non-finite values are errors."""
+        """`weights` over the defaults, validated: unknown names, and weights G.check_weight refuses, are errors."""
         for name, w in weights.items():
             if name not in self.arms:
                 have = ", ".join(self.arms) or "none loaded"
                 raise ConfigError(f"unknown ARM '{name}': loaded ARMs are {have}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):
-                raise ConfigError(f"ARM weight for '{name}' must be a finite number, got {w!r}")
+            G.check_weight(name, w)  # a finite number in [-G.MAX_WEIGHT, G.MAX_WEIGHT]
         return {n: float(weights.get(n, self.weights.get(n, 0.0))) for n in self.arms}
 
     def set_weights(self, weights: dict[str, float]) -> None:

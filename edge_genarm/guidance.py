@@ -287,3 +287,33 @@ def sample_u(scores: np.ndarray, params: SamplingParams, u: float) -> int:
     u = u * cum[-1]
     j = min(int(np.searchsorted(cum, u, side="right")), ids.size - 1)
     return int(ids[j])
+
+
+# ---------------------------------------------------------------------------
+# the range of an ARM weight
+# ---------------------------------------------------------------------------
+
+# |w| <= 100 for every ARM. Why: the combine runs in float32. (1) Overflow: np.float32(w) is inf
+# past 3.4e38, and w * log p overflows once |w| * |log p| passes it; masked or far tokens have
+# |log p| up to ~1e4 nats, so even 1e34 can turn a score into inf and the whole softmax into NaN
+# (an empty candidate set: "zero-size array to reduction operation"). (2) Degeneracy well before
+# that: the spacing of float32 values near |w log p| is |w log p| * 2**-23; at |w| = 100 and a
+# candidate's |log p| <= 100 that is ~1e-3 nats, so the base's own log-probs still count; at
+# 1e6 it is ~10 nats and the base is rounded away. Weights used in practice lie in [-3, 3].
+MAX_WEIGHT = 100.0
+
+
+def check_weight(name: str, w) -> float:
+    """`w` as a float, or a ConfigError naming the ARM when it is not a number in [-MAX_WEIGHT, MAX_WEIGHT]."""
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"ARM weight for '{name}' must be a finite number, got {w!r}")
+    try:
+        v = float(w)
+    except OverflowError:  # an integer past float64's range
+        v = math.inf
+    if not math.isfinite(v):
+        raise ConfigError(f"ARM weight for '{name}' must be a finite number, got {str(w)[:40]}")
+    if abs(v) > MAX_WEIGHT:
+        raise ConfigError(f"ARM weight for '{name}' is {v:g}: weights must lie in [-{MAX_WEIGHT:g}, "
+                          f"{MAX_WEIGHT:g}] (beyond that the ARM swamps the base in float32; 0-3 is usual)")  # fmt: skip
+    return v
