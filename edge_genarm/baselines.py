@@ -23,8 +23,7 @@ import numpy as np
 
 from . import guidance as G
 from .backends.onnx_arm import OnnxARM, _common_prefix
-from .errors import ConfigError, ModelFileError, TokenizerMismatchError
-from .gguf import vocab_fingerprint
+from .errors import ConfigError, ModelFileError
 from .text import TextStream
 
 RM_SECTION = "reward_models"  # the manifest section export/rm_export.py writes
@@ -33,25 +32,6 @@ RM_SECTION = "reward_models"  # the manifest section export/rm_export.py writes
 # ---------------------------------------------------------------------------
 # the reward model: an ONNX graph with KV cache and one output per position
 # ---------------------------------------------------------------------------
-
-
-def check_rm_tokens(name: str, rm_tokens: list[str] | None, base_tokens: list[str], base_name: str) -> None:
-    """Refuse a reward model whose token ids differ from the base's on the shared id range."""
-    if rm_tokens is None:
-        raise TokenizerMismatchError(
-            f"reward model '{name}' has no tokens.json beside it, so its token ids cannot be checked "
-            "against the base: export it with `edge-genarm export rm`"
-        )
-    n = min(len(rm_tokens), len(base_tokens))
-    if vocab_fingerprint(rm_tokens, n) == vocab_fingerprint(base_tokens, n):
-        return
-    i = next(i for i in range(n) if rm_tokens[i] != base_tokens[i])
-    raise TokenizerMismatchError(
-        f"reward model '{name}' uses a different tokenizer from base '{base_name}': token id {i} is "
-        f"{rm_tokens[i]!r} in the reward model but {base_tokens[i]!r} in the base. It scores the "
-        "base's token ids, so train it from the base: `edge-genarm train-rm --init BASE.gguf "
-        "--weights BUNDLE`, then `edge-genarm export rm`"
-    )
 
 
 class _BranchingGraph(OnnxARM):
@@ -117,8 +97,9 @@ def load_reward_model(weights: str | Path, name: str | None = None, *, device: s
                       threads: int | None = None, verify: bool = True) -> RewardModel:  # fmt: skip
     """The bundle's reward model `name` (the only one when None), checked against the base's tokens."""
     from .backends.llama_base import default_threads
-    from .bundle import Bundle, load_arm_tokens
+    from .bundle import Bundle
     from .gguf import read_gguf
+    from .tokens import check_token_ids, load_arm_tokens
 
     b = Bundle.open(weights, verify=verify)
     rms = b.manifest.get(RM_SECTION) or {}
@@ -133,9 +114,10 @@ def load_reward_model(weights: str | Path, name: str | None = None, *, device: s
     if name not in rms:
         raise ConfigError(f"unknown reward model '{name}': bundle '{b.root}' has {', '.join(rms)}")
     e = rms[name]
-    check_rm_tokens(
-        name, load_arm_tokens(b.root / e["tokens"], name), read_gguf(b.base_path).tokens, b.base_path.name
-    )
+    check_token_ids(
+        name, load_arm_tokens(b.root / e["tokens"], name), read_gguf(b.base_path).tokens, b.base_path.name,
+        kind="reward model",
+    )  # fmt: skip
     return RewardModel(b.root / e["file"], name, device=device, threads=threads or default_threads())
 
 

@@ -134,7 +134,7 @@ def record_placement(bundle, report: dict) -> dict | None:
     import time
     from pathlib import Path
 
-    from .bundle import MANIFEST, write_manifest
+    from .manifest import MANIFEST, write_manifest
 
     if "guided_parallel" not in report:
         return None

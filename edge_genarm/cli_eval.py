@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
 
-from .cli import default_weights, fail, load_engine, main, model_options, weights_or_default
-from .distributed import ray_options, runner_from_options, spec_from_options
+from .cli_common import default_weights, fail, load_engine, load_options, model_options, weights_or_default
+from .distributed import ray_options, runner_from_options
 from .errors import EdgeGenarmError
 from .records import DataError, read_prompts
 
 
-@main.command("eval")
+@click.command("eval")
 @model_options
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
               help='JSONL of {"prompt": ...}; use a held-out part (--skip) never used for pairs.')  # fmt: skip
@@ -24,8 +25,8 @@ from .records import DataError, read_prompts
 @click.option("--method", "methods", multiple=True, metavar="SPEC",
               help="unguided | nudge | NAME=W[,NAME=W][+nudge] | bon:N[:SCORER] | args:K[:W], repeatable "
               "(default: unguided, each ARM at its default weight, all defaults, nudge, bon:4).")  # fmt: skip
-@click.option("--grid", "grid", multiple=True, metavar="NAME=W1,W2,..",
-              help="A weight grid axis, one per ARM: every combination is a GenARM method (the front plot).")  # fmt: skip
+@click.option("--grid", "grid", multiple=True, metavar="A:B|NAME=W1,..",
+              help="A:B (the 11-point front between two ARMs at their default strength) or NAME=W1,W2,.. (one axis per ARM: every combination), repeatable.")  # fmt: skip
 @click.option("--judge", "judges", multiple=True, default=("sentiment", "afinn"), show_default=True,
               help="A judge spec as for `prefs`, repeatable; the last one is the plot's y axis.")  # fmt: skip
 @click.option("--max-tokens", default=64, show_default=True)
@@ -51,9 +52,9 @@ def eval_cmd(prompts_file, skip, n_prompts, methods, grid, judges, max_tokens, s
         has_nudges = engine.nudge_table is not None
         specs = list(methods) or default_methods(engine, has_nudges)
         parsed = [parse_method(s, arms, has_nudges, rm is not None) for s in specs]
-        parsed += [m for m in expand_grid(list(grid), arms) if m.label not in {p.label for p in parsed}]
+        parsed += [m for m in expand_grid(list(grid), arms, defaults=engine.weights) if m.label not in {p.label for p in parsed}]
         cfg = EvalConfig(
-            str(Path(o["weights"]).resolve()) if o["weights"] else "default", str(Path(prompts_file).resolve()),
+            _recorded_weights(o), str(Path(prompts_file).resolve()),
             skip, n_prompts, [m.label for m in parsed], list(judges), max_tokens, seed,
         )  # fmt: skip
         command = "edge-genarm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -80,7 +81,13 @@ def default_methods(engine, has_nudges: bool) -> list[str]:
     return out
 
 
-@main.command()
+
+def _recorded_weights(o: dict) -> str:
+    """The models an eval folder records (a rerun over other models is refused, not mixed)."""
+    weights = str(Path(o["weights"]).resolve()) if o["weights"] else "default"
+    return weights if not o.get("base") else f"{weights} --base {Path(o['base']).resolve()}"
+
+@click.command()
 @model_options
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--skip", default=0, show_default=True, help="Skip the first N prompts (held-out split).")
@@ -95,16 +102,17 @@ def default_methods(engine, has_nudges: bool) -> list[str]:
 def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, **o):
     """Same prompts and seeds, several guidance settings, judged scores (mean ± s.e.)."""
     from .compare import format_rows, parse_setting, run_compare
+    from .loader import load
 
     try:
-        spec = spec_from_options(o, weights_or_default(o["weights"]))
+        spec = load_options(o, portable=True)
         runner = runner_from_options(o, spec)
         items = read_prompts(prompts_file)[skip : skip + n_prompts]
         if not items:
             raise DataError(f"{prompts_file} has no prompts after --skip {skip}: lower --skip")
         arms = list(spec.arm_weights())
         parsed = [parse_setting(s, arms) for s in settings or ["unguided", *[f"{a}=1" for a in arms]]]
-        rows = run_compare(spec.load, items, parsed, list(judges), max_tokens, seed, runner)
+        rows = run_compare(partial(load, spec), items, parsed, list(judges), max_tokens, seed, runner)
     except EdgeGenarmError as e:
         fail(e)
     click.echo(
@@ -112,3 +120,6 @@ def compare(prompts_file, skip, n_prompts, settings, judges, max_tokens, seed, *
         f"per prompt, shared by the settings); judges: {', '.join(judges)}"
     )
     click.echo(format_rows(rows, list(judges)))
+
+
+COMMANDS = [eval_cmd, compare]  # registered on `edge-genarm` by cli.py

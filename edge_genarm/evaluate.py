@@ -43,8 +43,9 @@ from .errors import ConfigError, EdgeGenarmError
 from .guidance import DRY_AUTO_RULE
 from .judges import make_judge, run_judge
 from .nudge import NudgeConfig
-from .paths import atomic_write_json, atomic_write_text
+from .paths import atomic_write_json
 from .records import DataError, append_line, whole_records
+from .report import format_table, pareto, write_report  # noqa: F401  (pareto, format_table: the report's API)
 
 
 @dataclass(frozen=True)
@@ -144,27 +145,57 @@ def parse_sampling(text: str, where: str) -> dict:
     return out
 
 
-def expand_grid(grid: list[str], arms: list[str], nudge: bool = False) -> list[Method]:
-    """`NAME=w1,w2,...` per ARM -> one GenARM method per combination (the multi-objective grid)."""
+def expand_grid(grid: list[str], arms: list[str], nudge: bool = False,
+                defaults: dict[str, float] | None = None) -> list[Method]:  # fmt: skip
+    """The multi-objective grid as GenARM methods. Two forms:
+
+    - `NAME=w1,w2,...` per ARM: one method per combination;
+    - `A:B`: the 11-point front between two objectives, weights (a s, (1 - a) s) for
+      a = 0, 0.1, ..., 1, where s = the two ARMs' default weights summed (their default
+      strength; 1 when both default to 0), so a = the default split is the default method.
+    """
+    out: list[Method] = []
     axes = []
     for g in grid:
+        if "=" not in g and ":" in g:
+            out += _simplex(g, arms, nudge, defaults or {})
+            continue
         name, eq, vals = g.partition("=")
         name = name.strip()
         if not eq or not vals.strip():
-            raise ConfigError(f"grid {g!r}: write NAME=W1,W2,..., e.g. positive=0,0.5,1")
+            raise ConfigError(f"grid {g!r}: write NAME=W1,W2,..., e.g. positive=0,0.5,1, or A:B for the front")
         if name not in arms:
             raise ConfigError(f"grid {g!r}: the bundle has no ARM '{name}' (it has: {', '.join(arms) or 'none'})")
         if any(name == a for a, _ in axes):
             raise ConfigError(f"grid {g!r}: ARM '{name}' is given twice: one --grid per ARM")
         axes.append((name, [_number(v, g) for v in vals.split(",")]))
+    if axes:
+        for combo in itertools.product(*[vals for _, vals in axes]):
+            out.append(_genarm(",".join(f"{a}={_fmt(w)}" for (a, _), w in zip(axes, combo)), arms, nudge))
+    return list({m.label: m for m in out}.values())
+
+
+GRID_POINTS = 11  # a = 0, 0.1, ..., 1
+
+
+def _simplex(g: str, arms: list[str], nudge: bool, defaults: dict[str, float]) -> list[Method]:
+    a_name, _, b_name = (x.strip() for x in g.partition(":"))
+    for name in (a_name, b_name):
+        if name not in arms:
+            raise ConfigError(f"grid {g!r}: the bundle has no ARM '{name}' (it has: {', '.join(arms) or 'none'})")
+    if a_name == b_name:
+        raise ConfigError(f"grid {g!r}: name two different ARMs, e.g. positive:concise")
+    s = abs(defaults.get(a_name, 0.0)) + abs(defaults.get(b_name, 0.0)) or 1.0
     out = []
-    if not axes:
-        return out
-    for combo in itertools.product(*[vals for _, vals in axes]):
-        body = ",".join(f"{a}={_fmt(w)}" for (a, _), w in zip(axes, combo))
-        m = parse_method(body + ("+nudge" if nudge else ""), arms, True)
-        out.append(Method(m.label, m.kind, m.weights, m.nudge))
+    for k in range(GRID_POINTS):
+        a = k / (GRID_POINTS - 1)
+        out.append(_genarm(f"{a_name}={_fmt(round(a * s, 6))},{b_name}={_fmt(round((1 - a) * s, 6))}", arms, nudge))
     return out
+
+
+def _genarm(body: str, arms: list[str], nudge: bool) -> Method:
+    m = parse_method(body + ("+nudge" if nudge else ""), arms, True)
+    return Method(m.label, m.kind, m.weights, m.nudge)
 
 
 def _number(text: str, where: str) -> float:
@@ -372,129 +403,6 @@ def mean_sem(v: list[float]) -> tuple[float, float]:
     if len(v) < 2:
         return m, float("nan")
     return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
-
-
-# ---------------------------------------------------------------------------
-# the report: markdown table + PNG plots
-# ---------------------------------------------------------------------------
-
-
-def format_table(rows: list[dict], judges: list[str]) -> str:
-    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "NLL", "generated", "finished", "tok/s",
-            "fwd/tok"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [f"`{r['method']}`"]
-        cells += [f"{r[j][0]:+.3f} ± {r[j][1]:.3f}" for j in judges]
-        cells += [f"{r[j + '_diff'][0]:+.3f} ± {r[j + '_diff'][1]:.3f}" if j + "_diff" in r else "-" for j in judges]
-        cells += [
-            f"{100 * r['loop_rate']:.1f}%", f"{r['nll'][0]:.3f}", f"{r['gen_tokens'][0]:.1f}",
-            f"{100 * r['finish_rate']:.0f}%", f"{r['tok_per_s']:.1f}", f"{r['forwards_per_token']:.2f}",
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_reward_vs_speed(rows: list[dict], judge: str, path: Path) -> None:
-    """Judged gain over the first method (paired, ± s.e.) against tok/s, one point per method."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for r in rows:
-        y, e = r.get(f"{judge}_diff", (0.0, 0.0))
-        ax.errorbar(r["tok_per_s"], y, yerr=0 if e != e else e, fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["tok_per_s"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(0.0, color="grey", lw=0.6)
-    ax.set_xlabel("tokens per second (measured)")
-    ax.set_ylabel(f"paired gain in '{judge}' over '{rows[0]['method']}'")
-    ax.set_title("judged reward vs speed")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_front(rows: list[dict], judge_x: str, judge_y: str, path: Path) -> None:
-    """The weight grid on two objectives (paired gains), with its Pareto front."""
-    plt = _pyplot()
-    pts = [(r.get(f"{judge_x}_diff", (0.0, 0.0))[0], r.get(f"{judge_y}_diff", (0.0, 0.0))[0], r) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2]["loop_rate"] for p in pts], cmap="viridis_r",
-               vmin=0, vmax=max(0.1, max(p[2]["loop_rate"] for p in pts)))  # fmt: skip
-    for x, y, r in pts:
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    front = pareto([(x, y) for x, y, _ in pts])
-    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel(f"paired gain in '{judge_x}'")
-    ax.set_ylabel(f"paired gain in '{judge_y}'")
-    ax.set_title("two objectives over the weight grid (colour: loop rate)")
-    ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both coordinates (higher is better), by x."""
-    pts = sorted(set(points), key=lambda p: (-p[0], -p[1]))
-    front, best_y = [], -math.inf
-    for x, y in pts:
-        if y > best_y:
-            front.append((x, y))
-            best_y = y
-    return sorted(front)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("the eval plots need matplotlib: pip install 'edge-genarm[eval]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    fig.clf()
-    from .paths import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
-
-
-def write_report(out: Path, cfg: EvalConfig, rows: list[dict], methods: list[Method], judges: list[str],
-                 command: str) -> Path:  # fmt: skip
-    """report.md, summary.json and the plots; returns the report's path."""
-    plots = []
-    if rows:
-        plot_reward_vs_speed(rows, judges[-1], out / "reward_vs_speed.png")
-        plots.append(("Judged reward vs speed", "reward_vs_speed.png"))
-    grid = [r for r in rows if r["kind"] in ("unguided", "genarm") and not r["method"].endswith("nudge")]
-    if len(judges) >= 2 and len(grid) >= 3:
-        plot_front(grid, judges[0], judges[1], out / "front.png")
-        plots.append(("Two objectives over the GenARM settings", "front.png"))
-    atomic_write_json(out / "summary.json", {"config": asdict(cfg), "rows": rows})
-    lines = [
-        "# edge-genarm eval",
-        "",
-        f"`{command}`",
-        "",
-        f"{rows[0]['n'] if rows else 0} prompts (lines {cfg.skip + 1}-{cfg.skip + cfg.n_prompts} of "
-        f"`{Path(cfg.prompts).name}`), {cfg.max_tokens} tokens at most, the same seed per prompt for every "
-        f"method (base seed {cfg.seed}). Judges: {', '.join(judges)}. Δ: paired difference from "
-        f"`{rows[0]['method'] if rows else '-'}` (mean ± standard error). loops: replies whose distinct-bigram "
-        f"ratio is < {LOOP_RATIO}. NLL: nats/token under the base. fwd/tok: positions evaluated by any "
-        "model beyond the prompt, per generated token.",
-        "",
-        format_table(rows, judges),
-        "",
-    ]
-    for title, f in plots:
-        lines += [f"## {title}", "", f"![{title}]({f})", ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
 
 
 def evaluate(engine, cfg: EvalConfig, items, methods: list[Method], out: Path, command: str,

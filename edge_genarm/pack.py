@@ -19,7 +19,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .bundle import sha256_file, tidy_bundle
+from .bundle import sha256_file
 from .errors import EdgeGenarmError
 from .paths import atomic_write_json, cache_dir
 
@@ -232,6 +232,8 @@ def build_pack(
                     f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
                 )
                 info = json.loads((bundle / "manifest.json").read_text())
+    from edge_genarm.export.bundle_write import tidy_bundle
+
     for p in tidy_bundle(bundle):
         log(f"removed '{p}', left by an interrupted build")
     atomic_write_json(
@@ -308,7 +310,7 @@ def _build_arm(root: Path, bundle: Path, gguf: Path, recipe: dict, arm: str, spe
             )
     m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
     if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder
-        from edge_genarm.bundle import write_manifest
+        from edge_genarm.manifest import write_manifest
 
         m["arms"][arm]["training"] = json.loads((work / ARM_INFO).read_text())
         write_manifest(bundle, m)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_genarm.bundle import read_manifest, write_manifest
 from edge_genarm.errors import BundleError
+from edge_genarm.manifest import read_manifest, write_manifest
 
 KL_PAIRS = 16
 

@@ -12,11 +12,12 @@ import hashlib
 import sys
 from pathlib import Path
 
+from edge_genarm.export.bundle_write import add_arm, add_base, clean_scratch, scratch_dir
 from edge_genarm.export.parity import format_parity, run_parity
 from edge_genarm.export.sources import load_source, save_hf
 
-from edge_genarm.bundle import MANIFEST, add_arm, add_base, clean_scratch, read_manifest, scratch_dir
 from edge_genarm.errors import BundleError
+from edge_genarm.manifest import MANIFEST, read_manifest
 
 
 def _stages(names: list[str], desc: str):
@@ -195,8 +196,8 @@ def _training_record(source: Path) -> dict | None:
 def _check_tokenizer(out: Path, name: str, tok) -> None:
     from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
-    from edge_genarm.bundle import check_arm_tokens
     from edge_genarm.gguf import read_gguf
+    from edge_genarm.tokens import check_arm_tokens
 
     base = read_manifest(out)["base"]["file"]
     check_arm_tokens(name, tokens_from_hf_tokenizer(tok), read_gguf(out / base).tokens, base)

@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from edge_genarm.export.bundle_write import add_file
 
-from edge_genarm.bundle import add_file, check_arm_tokens, read_manifest, write_manifest
 from edge_genarm.errors import ConfigError
 from edge_genarm.gguf import read_gguf, vocab_fingerprint
+from edge_genarm.manifest import read_manifest, write_manifest
 from edge_genarm.nudge import NudgeTable
 from edge_genarm.records import read_prompts
+from edge_genarm.tokens import check_arm_tokens
 
 NUDGE_FILE = "nudges.npz"
 

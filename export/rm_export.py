@@ -22,21 +22,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from edge_genarm.export.bundle_write import file_record
 from edge_genarm.export.commands import source_fingerprint
 from edge_genarm.export.parity import PROMPTS, exported_logits, reference_logits
 from edge_genarm.export.train_rm import RM_INFO, load_rm
 
-from edge_genarm.baselines import RM_SECTION, check_rm_tokens
-from edge_genarm.bundle import (
-    MANIFEST,
-    file_record,
-    find_arm_tokens,
-    load_arm_tokens,
-    read_manifest,
-    write_manifest,
-)
+from edge_genarm.baselines import RM_SECTION
 from edge_genarm.errors import BundleError, ConfigError
 from edge_genarm.gguf import read_gguf
+from edge_genarm.manifest import MANIFEST, read_manifest, write_manifest
+from edge_genarm.tokens import check_token_ids, find_arm_tokens, load_arm_tokens
 
 PARITY_REPLY = " Thanks, that sounds lovely! I will write back soon."
 MAX_PARITY_DIFF = 1e-3  # fp32: max |r_onnx - r_torch| over every position, relative to max(1, max |r|)
@@ -111,7 +106,7 @@ def export_rm(
         return read_manifest(out)
     lm, tok = load_rm(source)
     base = read_manifest(out)["base"]["file"]
-    check_rm_tokens(name, _hf_tokens(tok), read_gguf(out / base).tokens, base)  # before the slow part
+    check_token_ids(name, _hf_tokens(tok), read_gguf(out / base).tokens, base, kind="reward model")  # before the slow part
     info = _training_info(source)
     spec = _pair_spec(source, info, pairs) if quantize else None
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -219,9 +214,10 @@ def add_reward_model(root: str | Path, onnx_dir: str | Path, name: str, extra: d
     if "base" not in m:
         raise BundleError(f"bundle '{root}' has no base model yet: run `edge-genarm export base` first")
     base = m["base"]["file"]
-    check_rm_tokens(
-        name, load_arm_tokens(find_arm_tokens(src / "model.onnx"), name), read_gguf(root / base).tokens, base
-    )
+    check_token_ids(
+        name, load_arm_tokens(find_arm_tokens(src / "model.onnx"), name), read_gguf(root / base).tokens, base,
+        kind="reward model",
+    )  # fmt: skip
     rel_dir = Path(RM_SECTION) / name
     dst, tmp = root / rel_dir, root / RM_SECTION / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,8 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_genarm.bundle import file_record, read_manifest, scratch_dir, tidy_bundle, write_manifest
+from edge_genarm.export.bundle_write import file_record, scratch_dir, tidy_bundle
+
 from edge_genarm.errors import BundleError
+from edge_genarm.manifest import read_manifest, write_manifest
 
 
 @dataclass

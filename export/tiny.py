@@ -64,10 +64,9 @@ def build_tiny_bundle(root: str | Path, arm_seeds: dict[str, int] | None = None)
     """
     import shutil
 
+    from edge_genarm.export.bundle_write import add_arm, add_base
     from edge_genarm.export.converter import convert_hf_to_gguf
     from edge_genarm.export.onnx_export import export_arm_onnx
-
-    from edge_genarm.bundle import add_arm, add_base
 
     root = Path(root)
     if (root / "bundle" / "manifest.json").is_file():

@@ -41,8 +41,9 @@ def check_base_tokens(weights: str | Path, tok, name: str) -> None:
     """Refuse an init tokenizer whose ids differ from the base's; adopt the base's chat template."""
     from edge_genarm.export.onnx_export import tokens_from_hf_tokenizer
 
-    from edge_genarm.bundle import Bundle, check_arm_tokens
+    from edge_genarm.bundle import Bundle
     from edge_genarm.gguf import read_gguf
+    from edge_genarm.tokens import check_arm_tokens
 
     bundle = Bundle.open(weights, verify=False)
     info = read_gguf(bundle.base_path)

@@ -220,3 +220,34 @@ def test_sampling_overrides_reach_the_sampler(engine):
     got = E.run_method(engine, m, "Tell me a story", seed=1, max_tokens=6)
     want = engine.generate("Tell me a story", seed=2, max_tokens=6, guidance=False, temperature=0.0)
     assert got["tokens"] == want.tokens  # greedy: the seed no longer matters
+
+
+def test_front_grid_between_two_objectives():
+    """`A:B` is the 11-point front a*s, (1-a)*s with s the two defaults summed."""
+    grid = E.expand_grid(["alpha:beta"], ARMS, defaults={"alpha": 0.5, "beta": 0.25})
+    assert len(grid) == 11
+    assert grid[0].weights == {"alpha": 0.0, "beta": 0.75} and grid[-1].weights == {"alpha": 0.75, "beta": 0.0}
+    assert grid[4].weights["alpha"] == pytest.approx(0.3) and grid[4].weights["beta"] == pytest.approx(0.45)
+    assert all(abs(sum(m.weights.values()) - 0.75) < 1e-9 for m in grid)
+    # both defaults 0: strength 1
+    assert E.expand_grid(["alpha:beta"], ARMS)[5].weights == {"alpha": 0.5, "beta": 0.5}
+    with pytest.raises(ConfigError, match="two different ARMs"):
+        E.expand_grid(["alpha:alpha"], ARMS)
+    with pytest.raises(ConfigError, match="no ARM 'gamma'"):
+        E.expand_grid(["alpha:gamma"], ARMS)
+
+
+def test_hypervolume_against_the_reference():
+    from edge_genarm.report import hypervolume
+
+    # one point: its rectangle; a dominated point adds nothing; points below the reference count for nothing
+    assert hypervolume([(2.0, 3.0)]) == pytest.approx(6.0)
+    assert hypervolume([(2.0, 3.0), (1.0, 1.0)]) == pytest.approx(6.0)
+    assert hypervolume([(-1.0, 5.0), (2.0, -1.0)]) == 0.0
+    # a staircase: (3,1) and (1,3) cover 3 + 3 - 1 (their overlap)
+    assert hypervolume([(3.0, 1.0), (1.0, 3.0)]) == pytest.approx(5.0)
+    # brute force on a grid of cells agrees
+    pts = [(0.5, 2.5), (1.5, 2.0), (2.5, 0.5), (1.0, 1.0)]
+    cells = sum(1 for i in range(300) for j in range(300)
+                if any((i + 0.5) / 100 < x and (j + 0.5) / 100 < y for x, y in pts))  # fmt: skip
+    assert hypervolume(pts) == pytest.approx(cells / 1e4, abs=0.02)

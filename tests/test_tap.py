@@ -19,11 +19,11 @@ def tapped(tmp_path_factory):
     """(bundle, hf folders): an f32 GGUF base made from a 3-layer init, two sibling ARMs of that
     init (layer 2 moved) on one shared trunk (layers 0-1), and a passed base-tap record."""
     from edge_genarm.export.base_tap import base_tap
+    from edge_genarm.export.bundle_write import add_arm, add_base
     from edge_genarm.export.converter import convert_hf_to_gguf
     from edge_genarm.export.onnx_export import export_arm_onnx
     from edge_genarm.export.share import share_trunk
 
-    from edge_genarm.bundle import add_arm, add_base
     from tests.test_share import _sibling_hf
 
     root = tmp_path_factory.mktemp("tap")
@@ -127,10 +127,11 @@ def test_auto_taps_only_a_bundle_that_records_a_passed_gate_for_its_base(tapped,
 
 def test_a_base_of_another_init_fails_the_gate_or_is_refused(tapped, tmp_path, tiny_bundle):
     from edge_genarm.export.base_tap import base_tap
+    from edge_genarm.export.bundle_write import file_record
     from edge_genarm.export.converter import convert_hf_to_gguf
     from edge_genarm.export.tiny import build_tiny_hf
 
-    from edge_genarm.bundle import file_record, read_manifest, write_manifest
+    from edge_genarm.manifest import read_manifest, write_manifest
 
     def with_base(gguf, name):
         dst = tmp_path / name
