@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import click
 
-from .cli import (
-    default_weights,
+from .cli_common import (
     fail,
-    main,
+    load_options,
     model_options,
     nudge_options,
     nudge_params,
     sampling_options,
     sampling_params,
 )
-from .distributed import ray_options, runner_from_options, spec_from_options
+from .distributed import ray_options, runner_from_options
 from .errors import ConfigError, EdgeGenarmError
 
 
-@main.command("batch")
+@click.command("batch")
 @model_options
 @sampling_options
 @nudge_options
@@ -45,12 +45,13 @@ def batch_cmd(prompts_file, out, settings, k, judges, skip, limit, on_error, no_
     (--seed, prompt line, sample), so the records are the same locally and with --ray.
     """
     from .batch import BatchWork, default_setting, parse_setting, run_batch
+    from .loader import load
     from .records import read_prompts
 
     try:
         if o["no_guidance"] and settings:
             raise ConfigError("--no-guidance with --setting: give '--setting unguided' instead")
-        spec = spec_from_options(o, o["weights"] or default_weights())
+        spec = load_options(o, portable=True)
         runner = runner_from_options(o, spec)
         items = read_prompts(prompts_file, on_error)[skip:][:limit]
         weights = spec.arm_weights()
@@ -64,7 +65,10 @@ def batch_cmd(prompts_file, out, settings, k, judges, skip, limit, on_error, no_
             sampling=sampling_params(o), nudge=nudge_params(o),
             stop=tuple(o["stop"]), system=o["system"],
         )  # fmt: skip
-        stats = run_batch(spec.load, items, parsed, out, work=work, runner=runner, progress=not no_progress)
+        stats = run_batch(partial(load, spec), items, parsed, out, work=work, runner=runner, progress=not no_progress)
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps({"out": out, **stats}))
+
+
+COMMANDS = [batch_cmd]  # registered on `edge-genarm` by cli.py

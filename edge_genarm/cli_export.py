@@ -9,13 +9,13 @@ from pathlib import Path
 
 import click
 
-from .cli import fail, load_engine, main, model_options, options
+from .cli_common import fail, load_engine, model_options, options
 from .config import DEFAULTS
 from .errors import EdgeGenarmError
 from .records import read_prompts
 
 
-@main.group("export")
+@click.group("export")
 def export_group():
     """Build bundles: base -> GGUF, ARM -> ONNX, each checked against its source."""
 
@@ -156,7 +156,7 @@ def export_base_tap_cmd(bundle, trunk_id, threads, **o):
     gated on held-out pairs (accuracy within 0.02 of fp32) and recorded in the manifest."""
     from edge_genarm.export.base_tap import base_tap
 
-    from .bundle import read_manifest
+    from .manifest import read_manifest
 
     try:
         names = [n for n, a in read_manifest(Path(bundle)).get("arms", {}).items() if "trunk" in a]
@@ -203,7 +203,7 @@ def export_nudges_cmd(source, calibration, out, n_prompts, max_tokens, clusters,
     click.echo(f"nudges written to {out}: {meta['n_sites']} gradient sites, {meta['clusters']} clusters")
 
 
-@main.command("calibrate-tau")
+@click.command("calibrate-tau")
 @model_options
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--target-rate", default=0.1, show_default=True, help="Wanted fraction of steps that trigger.")
@@ -224,3 +224,6 @@ def calibrate_tau(prompts_file, target_rate, n_prompts, max_tokens, nudge_gap, *
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"tau = {tau} (fires on ~{target_rate:.0%} of steps over {sum(map(len, entropies))} steps)")
+
+
+COMMANDS = [export_group, calibrate_tau]  # registered on `edge-genarm` by cli.py

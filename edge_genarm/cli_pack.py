@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .cli import default_weights, fail, main
+from .cli_common import default_weights, fail
 from .errors import EdgeGenarmError
 
 
-@main.group("pack")
+@click.group("pack")
 def pack_group():
     """The built-in default pack: build, list, remove."""
 
@@ -52,7 +52,7 @@ def pack_rm(name):
     click.echo(f"removed pack '{name}'" if remove_pack(name) else f"pack '{name}' is not built")
 
 
-@main.group("bundle")
+@click.group("bundle")
 def bundle_group():
     """Look inside bundles."""
 
@@ -69,7 +69,7 @@ def bundle_inspect(path):
         fail(e)
 
 
-@main.command()
+@click.command()
 @click.option("--weights", "-m", help="Bundle folder or .gguf file to check (default: the default model).")
 @click.option("--arm", "arms", multiple=True, metavar="NAME=W")
 def doctor(weights, arms):
@@ -80,3 +80,6 @@ def doctor(weights, arms):
     click.echo(format_checks(checks))
     if any(not ok for _, ok, _, _ in checks):
         raise SystemExit(1)
+
+
+COMMANDS = [pack_group, bundle_group, doctor]  # registered on `edge-genarm` by cli.py

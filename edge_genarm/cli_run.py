@@ -6,12 +6,11 @@ import json
 
 import click
 
-from .cli import (
+from .cli_common import (
     default_weights,
     fail,
     gen_kwargs,
     load_engine,
-    main,
     model_options,
     nudge_options,
     prompt_text,
@@ -21,7 +20,7 @@ from .cli import (
 from .errors import EdgeGenarmError
 
 
-@main.command()
+@click.command()
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
@@ -94,7 +93,7 @@ def completion_json(c) -> dict:
     }
 
 
-@main.command()
+@click.command()
 @model_options
 @sampling_options
 @nudge_options
@@ -119,7 +118,7 @@ def chat(**o):
         fail(e)
 
 
-@main.command()
+@click.command()
 @model_options
 @click.option("--prompt", default="Write a short story about a lighthouse keeper.", show_default=True)
 @click.option("--max-tokens", "-n", default=128, show_default=True)
@@ -147,3 +146,6 @@ def bench(prompt, max_tokens, repeats, as_json, record, **o):
         click.echo(
             f"recorded: {'overlapped' if report['recorded']['parallel'] else 'sequential'} for these ARMs"
         )
+
+
+COMMANDS = [generate, chat, bench]  # registered on `edge-genarm` by cli.py

@@ -6,18 +6,17 @@ Training (edge_genarm/export/, torch) is imported only when a command runs.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from .cli import default_weights, fail, main
+from .cli_common import default_weights, fail
 from .distributed import ray_options, runner_from_options
 from .errors import EdgeGenarmError
 from .judges import make_judge
 from .records import read_prompts
 
 
-@main.command()
+@click.command()
 @click.option(
     "--weights", "-m", help="Bundle folder or .gguf to sample from (default: SmolLM2-135M-Instruct)."
 )
@@ -52,17 +51,18 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
     from edge_genarm.export.prefs import make_pairs
 
-    from .distributed import LoadSpec
+    from .loader import load
+    from .options import LoadOptions
 
     try:
         if judge != "tokens":
             make_judge(judge)  # a bad spec fails before any model loads
-        spec = LoadSpec(str(Path(weights or default_weights()).expanduser().resolve()), arms=(), n_ctx=ctx)
+        spec = LoadOptions(weights or default_weights(), arms=(), n_ctx=ctx).portable()
         runner = runner_from_options(ro, spec)
         items = read_prompts(prompts, on_error)[skip:][:limit]
         engine = fn = None
         if runner is None:
-            engine = spec.load()
+            engine = load(spec)
             fn = make_judge(judge, tokenize=lambda s: engine.base.tokenize(s, add_bos=False, special=False))
         stats = make_pairs(
             engine, items, fn, judge, out, k, seed, max_tokens, temperature, on_error,
@@ -73,7 +73,7 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     click.echo(json.dumps(stats))
 
 
-@main.command("train-arm")
+@click.command("train-arm")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Pairs JSONL.")
 @click.option(
     "--init", "init", required=True, type=click.Path(exists=True), help="HF folder or the base .gguf."
@@ -131,7 +131,7 @@ def train_arm_cmd(lora_r, full, **o):
     click.echo(json.dumps(info, indent=2))
 
 
-@main.command("train-rm")
+@click.command("train-rm")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Pairs JSONL.")
 @click.option(
     "--init", "init", required=True, type=click.Path(exists=True), help="HF folder or the base .gguf."
@@ -162,3 +162,6 @@ def train_rm_cmd(**o):
     except EdgeGenarmError as e:
         fail(e)
     click.echo(json.dumps(info, indent=2))
+
+
+COMMANDS = [prefs, train_arm_cmd, train_rm_cmd]  # registered on `edge-genarm` by cli.py

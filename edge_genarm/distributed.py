@@ -1,8 +1,8 @@
 """`--ray [ADDRESS|local]`: the same work as a local run, on Ray actors (batch, prefs, compare).
 
 Ray Data `map_batches` runs the tasks (one row each) on a pool of actors. An actor builds
-one engine from a picklable `LoadSpec` (the bundle path and the load options, never live
-objects), with as many threads as the CPUs Ray gave it, and calls the same work object a
+one engine from the picklable load options (options.LoadOptions: the bundle path and plain
+values, never live objects), with as many threads as the CPUs Ray gave it, and calls the same work object a
 local run calls (batch.BatchWork, export.prefs.PairWork) on each task. The driver appends
 each result to the output the moment it arrives, so the output is resumable, and identical
 to a local run's: every reply starts from empty KV caches with a seed that depends only on
@@ -22,70 +22,15 @@ import pickle
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from .config import DEFAULTS
 from .errors import BundleError, ConfigError, EdgeGenarmError
+from .options import LoadOptions
 
 INSTALL = "pip install 'edge-genarm[ray]'"
 CONNECT_TIMEOUT_S = 25.0  # an address that does not answer fails within this (the issue asks 30 s)
-
-
-# ---------------------------------------------------------------------------
-# what an actor loads
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """How to load the engine: plain values only, so it pickles to any node. `weights` must
-    name the same bundle path on every node (a shared folder, or `edge-genarm pack build`
-    run on each)."""
-
-    weights: str
-    arms: tuple[str, ...] | None = None
-    n_ctx: int = DEFAULTS["ctx"]
-    gpu_layers: int = DEFAULTS["gpu_layers"]
-    arm_device: str = DEFAULTS["arm_device"]
-    parallel: bool | None = None
-    chat_template: str | None = None  # the template's text, not a path
-    threads: int | None = None
-    arm_threads: int | None = None
-    trunk: str = DEFAULTS["trunk"]
-
-    def load(self, cores: int | None = None):
-        from .loader import load
-
-        return load(
-            self.weights, list(self.arms) if self.arms is not None else None, n_ctx=self.n_ctx,
-            threads=self.threads, gpu_layers=self.gpu_layers, arm_device=self.arm_device,
-            arm_threads=self.arm_threads, parallel=self.parallel, chat_template=self.chat_template,
-            cores=cores, trunk=self.trunk,
-        )  # fmt: skip
-
-    def arm_weights(self) -> dict[str, float]:
-        """{ARM name: weight} that `load` will give the engine, read from the manifest alone."""
-        from .bundle import Bundle, resolve_arm
-        from .loader import _arm_specs
-
-        bundle = Bundle.open(self.weights, verify=False)
-        specs = _arm_specs(bundle, list(self.arms) if self.arms is not None else None)
-        entries = [(resolve_arm(bundle, n), w) for n, w in specs]
-        return {e.name: e.default_weight if w is None else w for e, w in entries}
-
-
-def spec_from_options(o: dict, weights: str) -> LoadSpec:
-    """The LoadSpec of the CLI's model options (cli.model_options), with an absolute path."""
-    template = Path(o["chat_template"]).read_text() if o.get("chat_template") else None
-    return LoadSpec(
-        str(Path(weights).expanduser().resolve()), tuple(o["arms"]) or None, n_ctx=o["ctx"],
-        gpu_layers=o["gpu_layers"], arm_device=o["arm_device"], parallel=o["parallel"],
-        chat_template=template, threads=o["threads"], arm_threads=o["arm_threads"],
-        trunk=o.get("trunk", DEFAULTS["trunk"]),
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +61,7 @@ def ray_options(f):
     return f
 
 
-def runner_from_options(o: dict, spec: LoadSpec) -> Callable | None:
+def runner_from_options(o: dict, spec: LoadOptions) -> Callable | None:
     """A RayRunner when --ray was given, else None (run locally)."""
     if not o.get("ray_address"):
         return None
@@ -230,7 +175,7 @@ class EngineActor:
     """One engine per actor, built on the actor's node from the spec; maps task rows to
     result rows. An EdgeGenarmError becomes an error row for the driver to raise."""
 
-    def __init__(self, spec: LoadSpec, work, cpus: int):
+    def __init__(self, spec: LoadOptions, work, cpus: int):
         self.work, self.engine, self.error = work, None, None
         try:
             where = Path(spec.weights)
@@ -240,10 +185,19 @@ class EngineActor:
                     "bundle at the same path: run `edge-genarm pack build` on each node, or put it in a "
                     "shared folder mounted at that path"
                 )
+            if spec.base is not None and not Path(spec.base).exists():
+                raise BundleError(
+                    f"on node {node_name()}: --base '{spec.base}' does not exist there; every node needs it "
+                    "at the same path: put it in a shared folder mounted at that path"
+                )
             import ray
 
             got = ray.get_runtime_context().get_assigned_resources().get("CPU") or cpus
-            self.engine = spec.load(cores=max(1, int(got)))
+            from dataclasses import replace
+
+            from .loader import load
+
+            self.engine = load(replace(spec, cores=max(1, int(got))))
             if hasattr(work, "setup"):
                 work.setup(self.engine)
         except EdgeGenarmError as e:
@@ -280,7 +234,7 @@ def _renamed(e: EdgeGenarmError, message: str) -> EdgeGenarmError:
 class RayRunner:
     """runner(work, tasks, on_result), as batch.local_runner, on a pool of Ray actors."""
 
-    def __init__(self, spec: LoadSpec, address: str, actors: int | None = None, cpus_per_actor: int = 1):
+    def __init__(self, spec: LoadOptions, address: str, actors: int | None = None, cpus_per_actor: int = 1):
         if cpus_per_actor < 1:
             raise ConfigError(f"--ray-cpus-per-actor must be at least 1, got {cpus_per_actor}")
         if actors is not None and actors < 1:

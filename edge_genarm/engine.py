@@ -142,6 +142,7 @@ class Engine:
         weights: dict[str, float],
         chat_template: str | None = None,
         parallel: bool = True,
+        nudge_table: NudgeTable | None = None,
     ):
         self.base, self.arms = base, arms
         self.weights: dict[str, float] = {n: 0.0 for n in arms}  # defaults for requests
@@ -151,7 +152,7 @@ class Engine:
         # One worker per unit: a unit's calls stay in order even when a reply was
         # interrupted (Ctrl+C) while its step was still running.
         self._pools = {label: ThreadPoolExecutor(max_workers=1) for label in self._units} if parallel else {}
-        self.nudge_table: NudgeTable | None = None
+        self.nudge_table: NudgeTable | None = nudge_table  # the bundle's (plan.LoadPlan), if any
         self.dry_breakers = _Breakers(lambda t: self.base.token_bytes(t))
 
     # -- configuration ------------------------------------------------------

@@ -1,21 +1,22 @@
-"""Loading a bundle into an Engine: which ARMs, how many threads, overlapped or not."""
+"""Loading a bundle into an Engine, read top to bottom: `load(options)` -> the bundle opened ->
+its plan (plan.make_plan: every check that needs no model, done once) -> `build_engine`: which
+placement, how many threads, overlapped or not, the base tapped or not, then the backends."""
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
 from .backends.trunk import HeadARM, TrunkGroup
-from .bundle import Bundle, check_arm_vocab
-from .config import DEFAULTS
+from .bundle import Bundle
 from .engine import Engine
 from .errors import ConfigError
 from .gguf import GGUFInfo, read_gguf
-from .nudge import NudgeTable
-from .plan import LoadPlan, arm_specs, make_plan
+from .options import LoadOptions
+from .plan import LoadPlan, make_plan, other_base
+from .tokens import check_arm_vocab
 
 log = logging.getLogger("edge_genarm")
 
@@ -44,73 +45,53 @@ def split_threads(cores: int, n_arms: int, parallel: bool) -> tuple[int, int]:
     return max(1, cores - arm * n_arms), arm
 
 
-def load(
-    weights: str,
-    arms: list[str] | dict[str, float] | None = None,
-    *,
-    n_ctx: int = DEFAULTS["ctx"],
-    threads: int | None = None,
-    gpu_layers: int = 0,
-    arm_device: str = DEFAULTS["arm_device"],
-    arm_threads: int | None = None,
-    parallel: bool | None = None,
-    chat_template: str | Path | None = None,
-    verify: bool = True,
-    cores: int | None = None,
-    trunk: str = DEFAULTS["trunk"],
-) -> Engine:
-    """Load a bundle folder (or a bare .gguf) and the chosen ARMs: plan, then build.
+def load(weights: str | LoadOptions, arms: list[str] | dict[str, float] | None = None, **kw) -> Engine:
+    """Load a bundle folder (or a bare .gguf) and the chosen ARMs: options -> bundle -> plan
+    -> engine. `weights` is a LoadOptions, or a path that, with `arms` and the keywords, makes
+    one (see options.LoadOptions for each option)."""
+    opts = weights if isinstance(weights, LoadOptions) else LoadOptions(weights, arms, **kw)
+    if isinstance(weights, LoadOptions) and (arms is not None or kw):
+        raise TypeError("load(options) takes no other arguments: set them on the LoadOptions")
+    plan, info = open_plan(opts)
+    return build_engine(plan, opts, base_info=info)
 
-    `arms`: None loads every ARM of the bundle at its default weight; a list of
-    "name=weight" / "path.onnx=weight" specs, or a {name: weight} dict, chooses.
-    `chat_template`: its text, or a Path to a file. `parallel` overlaps base and ARM
-    forwards in threads, with the cores split; None decides by the bundle's measurement,
-    else by size (see `overlap_pays`). `cores`: the cores this engine may use (default:
-    the machine's; a Ray actor passes its num_cpus). `trunk`: where heads on a shared trunk
-    get their input (see `choose_tap`): "auto", "base" or "graph".
-    """
-    check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
-    bundle = Bundle.open(weights, verify=verify)
-    info = read_gguf(bundle.base_path)  # read once: for the plan's checks and for the base
-    plan = make_plan(bundle, arms, chat_template, base_info=info)
-    return build_engine(
-        plan, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, arm_device=arm_device,
-        arm_threads=arm_threads, parallel=parallel, cores=cores, base_info=info, trunk=trunk,
-    )  # fmt: skip
+
+def open_plan(opts: LoadOptions) -> tuple[LoadPlan, GGUFInfo]:
+    """The bundle opened and the plan made from it (every check that needs no model), with the
+    header of the base GGUF that was read for it (read once: the base backend reuses it)."""
+    bundle = Bundle.open(opts.weights, verify=opts.verify)
+    info = read_gguf(bundle.base_path if opts.base is None else other_base(opts.base))
+    plan = make_plan(bundle, opts.arms, opts.chat_template, base_info=info, base=opts.base)
+    return plan, info
 
 
 def build_engine(
-    plan: LoadPlan,
-    *,
-    n_ctx: int = DEFAULTS["ctx"],
-    threads: int | None = None,
-    gpu_layers: int = 0,
-    arm_device: str = DEFAULTS["arm_device"],
-    arm_threads: int | None = None,
-    parallel: bool | None = None,
-    cores: int | None = None,
-    base_info: GGUFInfo | None = None,
-    trunk: str = DEFAULTS["trunk"],
+    plan: LoadPlan, opts: LoadOptions | None = None, *, base_info: GGUFInfo | None = None, **kw
 ) -> Engine:
     """The engine a plan describes: placement and threads for this machine, then the backends
     (ARM sessions are created while llama.cpp loads the base: warm start), then the one check
-    that needs them (each ARM's token list against the ids its graph scores)."""
-    check_options(n_ctx=n_ctx, threads=threads, arm_threads=arm_threads, gpu_layers=gpu_layers, cores=cores)
-    tap = choose_tap(plan, trunk)
+    that needs them (each ARM's token list against the ids its graph scores). `opts`: the load
+    options (the keywords make them when it is None; their weights, arms and template are the
+    plan's)."""
+    opts = opts if opts is not None else LoadOptions(str(plan.root), **kw)
+    tap = choose_tap(plan, opts.trunk)
+    parallel = opts.parallel
     if tap is not None:  # the heads wait for the base's layer anyway: each forward gets every core
         parallel = False
     if parallel is None:
         parallel = plan.measured_parallel
     if parallel is None:
         parallel = overlap_pays(plan.base, [a.path for a in plan.arms])
-    auto_base, auto_arm = split_threads(cores or default_threads(), plan.n_units, parallel)
+    auto_base, auto_arm = split_threads(opts.cores or default_threads(), plan.n_units, parallel)
     tapped = next(iter(plan.taps)) if tap is not None else None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        arms_future = pool.submit(_load_arms, list(plan.arms), arm_device, arm_threads or auto_arm, tapped)
+        arms_future = pool.submit(
+            _load_arms, list(plan.arms), opts.arm_device, opts.arm_threads or auto_arm, tapped
+        )
         try:
             base = LlamaBase(
-                plan.base, n_ctx=n_ctx, threads=threads or auto_base, gpu_layers=gpu_layers, info=base_info,
-                tap=tap,
+                plan.base, n_ctx=opts.n_ctx, threads=opts.threads or auto_base, gpu_layers=opts.gpu_layers,
+                info=base_info, tap=tap,
             )  # fmt: skip
         except BaseException:
             wait([arms_future])  # the base's error is the one to report
@@ -125,29 +106,10 @@ def build_engine(
         check_arm_vocab(
             a.name, plan.n_tokens[a.name], vocab, plan.n_base_tokens, plan.base.name, a.tokens_path
         )
-    engine = Engine(base, loaded, plan.weights, chat_template=plan.chat_template, parallel=parallel)
-    if plan.nudges is not None:
-        engine.nudge_table = NudgeTable.load(plan.nudges, base.info.tokens)
-    return engine
-
-
-_OPTIONS = {  # option -> (command-line flag, smallest value, None allowed, what it means)
-    "n_ctx": ("--ctx", 1, False, "tokens of context"),
-    "threads": ("--threads", 1, True, "llama.cpp threads; leave it out for the cores"),
-    "arm_threads": ("--arm-threads", 1, True, "onnxruntime threads per ARM; leave it out for automatic"),
-    "gpu_layers": ("--gpu-layers", -1, False, "base layers on the GPU; -1 for all, 0 for none"),
-    "cores": ("cores", 1, True, "cores this engine may use"),
-}
-
-
-def check_options(**values) -> None:
-    """Load options in range, else a ConfigError naming the option (and its flag) and the fix."""
-    for name, v in values.items():
-        flag, lo, optional, meaning = _OPTIONS[name]
-        if v is None and optional:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ConfigError(f"{name} ({flag}) must be an integer >= {lo} ({meaning}), got {v!r}")
+    return Engine(
+        base, loaded, plan.weights, chat_template=plan.chat_template, parallel=parallel,
+        nudge_table=plan.nudge_table,
+    )  # fmt: skip
 
 
 TRUNK_MODES = ("auto", "base", "graph")
@@ -169,6 +131,11 @@ def choose_tap(plan: LoadPlan, trunk: str = "auto") -> int | None:
         return None
     layer = plan.tap_layer
     if layer is None:
+        if trunk == "base" and not plan.own_base:
+            raise ConfigError(
+                f"--trunk base: the ARMs guide --base '{plan.base}', and a base-tap gate passes only on the "
+                "base it was measured on (the bundle's own): use --trunk graph"
+            )
         if trunk == "base":
             raise ConfigError(
                 f"--trunk base: no trunk of these ARMs in '{plan.root}' records a passed base-tap gate "
@@ -213,5 +180,3 @@ def _load_arms(entries, device: str, threads: int, tapped: str | None = None) ->
             loaded.update(out)
     return {e.name: loaded[e.name] for e in entries}
 
-
-_arm_specs = arm_specs  # the name distributed.py imports

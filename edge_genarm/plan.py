@@ -1,9 +1,14 @@
 """What a load will build, resolved and checked from a bundle before any model runs.
 
-Loading reads forward: the bundle (files, manifest) -> a `LoadPlan` (which ARM files, their
-weights, token lists checked against the base's vocabulary, the chat template, the nudge
-table) -> the loader builds the backends from the plan (loader.build_engine). The plan holds
-plain paths and values, so it pickles: a Ray actor builds its engine from one.
+Loading reads forward: the options (options.LoadOptions) -> the bundle (files, manifest) -> a
+`LoadPlan` (which base and ARM files, their weights, token lists checked against the base's
+vocabulary, the chat template, the nudge table loaded and checked) -> the loader builds the
+backends from the plan (loader.build_engine). The plan holds paths, values and the nudge
+table's arrays, so it pickles.
+
+The ARMs may guide another base than the bundle's (`base=`, weak-to-strong): it must share
+their tokenizer (each ARM's token ids are checked against it), and the base-tap records, made
+on the bundle's own base, do not apply to it.
 """
 
 from __future__ import annotations
@@ -13,18 +18,12 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import (
-    ArmEntry,
-    Bundle,
-    check_base_tokens,
-    check_token_ids,
-    load_arm_tokens,
-    parse_arm_spec,
-    resolve_arm,
-)
+from .bundle import ArmEntry, Bundle, parse_arm_spec, resolve_arm
 from .chat import check_template, read_template
-from .errors import ConfigError
+from .errors import BundleError, ConfigError
 from .gguf import GGUFInfo, read_gguf
+from .nudge import NudgeTable
+from .tokens import check_base_tokens, check_token_ids, load_arm_tokens
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,8 @@ class LoadPlan:
     nudges: Path | None  # the nudge table file
     measured_parallel: bool | None  # the placement the manifest records for these ARMs, if any
     taps: dict[str, int] = field(default_factory=dict)  # trunk key -> base layer its heads can run on
+    own_base: bool = True  # False: the ARMs guide another base than the bundle's (`base=`)
+    nudge_table: NudgeTable | None = field(default=None, compare=False, repr=False)  # loaded from `nudges`
 
     @property
     def tap_layer(self) -> int | None:
@@ -69,36 +70,71 @@ def arm_specs(bundle: Bundle, arms) -> list[tuple[str, float | None]]:
 
 
 def make_plan(
-    bundle: Bundle, arms=None, chat_template: str | Path | None = None, base_info: GGUFInfo | None = None
+    bundle: Bundle,
+    arms=None,
+    chat_template: str | Path | None = None,
+    base_info: GGUFInfo | None = None,
+    base: str | Path | None = None,
 ) -> LoadPlan:
-    """The plan for loading `arms` (see arm_specs) of `bundle`. Every check that needs no model
-    running is done here: the base's vocabulary against the manifest, each ARM's token ids
-    against the base's, the chat template (it must render a message). `base_info`: the base's
-    GGUF header when the caller has read it already."""
+    """The plan for loading `arms` (see arm_specs) of `bundle` over its base, or over `base`
+    (another GGUF). Every check that needs no model running is done here, once: the base's
+    vocabulary against the manifest, each ARM's token ids against the base's, the chat template
+    (it must render a message), the nudge table against the base's vocabulary. `base_info`: the
+    base's GGUF header when the caller has read it already."""
     entries = [(resolve_arm(bundle, name), w) for name, w in arm_specs(bundle, arms)]
-    info = base_info or read_gguf(bundle.base_path)
-    check_base_tokens(bundle, info.tokens)
-    n_tokens = {}
-    for e, _ in entries:
-        toks = load_arm_tokens(e.tokens_path, e.name)
-        check_token_ids(e.name, toks, info.tokens, bundle.base_path.name)
-        n_tokens[e.name] = len(toks)
-    template, origin = _template(chat_template, bundle, info)
+    base_path = bundle.base_path if base is None else other_base(base)
+    info = base_info or read_gguf(base_path)
+    n_tokens = check_tokens(bundle, [e for e, _ in entries], info.tokens, base_path, own=base is None)
+    template, origin = _template(chat_template, bundle, info, base_path, own=base is None)
     check_template(template, origin)
     nudges = bundle.manifest.get("nudges")
+    nudge_path = bundle.root / nudges["file"] if nudges else None
     placement = bundle.manifest.get("placement", {}).get(",".join(sorted(e.name for e, _ in entries)))
     return LoadPlan(
         root=bundle.root,
-        base=bundle.base_path,
+        base=base_path,
         arms=tuple(e for e, _ in entries),
         weights={e.name: e.default_weight if w is None else w for e, w in entries},
         n_tokens=n_tokens,
         n_base_tokens=len(info.tokens),
         chat_template=template,
-        nudges=bundle.root / nudges["file"] if nudges else None,
-        measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) else None,
-        taps=base_taps(bundle, [e for e, _ in entries]),
+        nudges=nudge_path,
+        # the placement and the base-tap gate were measured on the bundle's own base
+        measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) and base is None else None,
+        taps=base_taps(bundle, [e for e, _ in entries]) if base is None else {},
+        own_base=base is None,
+        nudge_table=NudgeTable.load(nudge_path, info.tokens) if nudge_path else None,
     )
+
+
+def other_base(base: str | Path) -> Path:
+    """The GGUF given to be guided instead of the bundle's base: it must be a file."""
+    p = Path(base).expanduser()
+    if not p.is_file():
+        raise BundleError(
+            f"--base '{p}' is not a file: give a .gguf model that shares the ARMs' tokenizer, or leave "
+            "--base out to guide the bundle's own base"
+        )
+    return p
+
+
+def check_tokens(bundle: Bundle, entries, base_tokens: list[str], base_path: Path, own: bool) -> dict[str, int]:
+    """{ARM name: token-list length} once each ARM's token ids are checked equal to the base's
+    (and the bundle's own base against its manifest)."""
+    if own:
+        check_base_tokens(bundle, base_tokens)
+        fix = None
+    else:
+        fix = (
+            f"--base must share the tokenizer of the ARMs of '{bundle.root}' (a model of the same family "
+            "and vocabulary), or leave --base out"
+        )
+    n_tokens = {}
+    for e in entries:
+        toks = load_arm_tokens(e.tokens_path, e.name)
+        check_token_ids(e.name, toks, base_tokens, base_path.name, fix=fix)
+        n_tokens[e.name] = len(toks)
+    return n_tokens
 
 
 def base_taps(bundle: Bundle, entries) -> dict[str, int]:
@@ -116,12 +152,15 @@ def base_taps(bundle: Bundle, entries) -> dict[str, int]:
     return {}
 
 
-def _template(given: str | Path | None, bundle: Bundle, info: GGUFInfo) -> tuple[str | None, str]:
-    """The chat template that will be used, and where it came from (for error messages)."""
+def _template(
+    given: str | Path | None, bundle: Bundle, info: GGUFInfo, base_path: Path, own: bool
+) -> tuple[str | None, str]:
+    """The chat template that will be used, and where it came from (for error messages): the one
+    given, else the bundle's (for its own base only), else the base GGUF's."""
     if isinstance(given, Path):
         return read_template(given), f"file '{given}'"
     if given is not None:
         return given, "the chat_template given"
-    if bundle.chat_template:
+    if own and bundle.chat_template:
         return bundle.chat_template, f"'{bundle.root / 'manifest.json'}' (chat_template)"
-    return info.get("tokenizer.chat_template"), f"GGUF file '{bundle.base_path}' (tokenizer.chat_template)"
+    return info.get("tokenizer.chat_template"), f"GGUF file '{base_path}' (tokenizer.chat_template)"

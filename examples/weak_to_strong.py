@@ -1,6 +1,9 @@
 """Weak-to-strong: a small ARM (a few layers) guiding a larger base.
 
-    python examples/weak_to_strong.py BUNDLE_DIR ARM_NAME [WEIGHT]
+    python examples/weak_to_strong.py BUNDLE_DIR ARM_NAME [WEIGHT] [BASE.gguf]
+
+BASE.gguf: another base for the bundle's ARM to guide (the command line's `--base`), e.g.
+SmolLM2-1.7B under the default pack's 135M ARMs; it must share the ARM's tokenizer.
 
 Prints the same prompts unguided and guided with the same seeds, the mean
 per-token ARM log-prob of each reply (the ARM's own reward), and the speed.
@@ -30,8 +33,8 @@ def mean_arm_reward(engine, prompt, reply_tokens, arm):
     return total / max(1, len(reply_tokens))
 
 
-def main(bundle, arm, weight=1.0):
-    engine = edge_genarm.load(bundle, arms=[f"{arm}={weight}"])
+def main(bundle, arm, weight=1.0, base=None):
+    engine = edge_genarm.load(bundle, arms=[f"{arm}={weight}"], base=base)
     for i, p in enumerate(PROMPTS):
         for label, guided in (("unguided", False), (f"{arm}={weight}", True)):
             c = engine.generate(p, seed=i, max_tokens=60, guidance=guided)
@@ -41,4 +44,5 @@ def main(bundle, arm, weight=1.0):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 1.0,
+         sys.argv[4] if len(sys.argv) > 4 else None)  # fmt: skip

@@ -66,7 +66,9 @@ def one_run(name, spec, items, settings, work, out, runner=None) -> dict:
     init_s = load_s = 0.0
     engine = None
     if runner is None:
-        engine = spec.load()
+        from edge_genarm.loader import load
+
+        engine = load(spec)
         load_s = time.perf_counter() - t0
     else:
         runner.start()
@@ -105,10 +107,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from edge_genarm.batch import BatchWork, default_setting, parse_setting
-    from edge_genarm.distributed import LoadSpec, RayRunner
+    from edge_genarm.distributed import RayRunner
+    from edge_genarm.options import LoadOptions
     from edge_genarm.records import read_prompts
 
-    spec = LoadSpec(str(Path(a.weights).resolve()), n_ctx=a.ctx)
+    spec = LoadOptions(str(Path(a.weights).resolve()), n_ctx=a.ctx)
     weights = spec.arm_weights()
     settings = [parse_setting(a.setting, list(weights)) if a.setting else default_setting(weights)]
     items = read_prompts(a.prompts)[: a.n]

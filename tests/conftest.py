@@ -20,7 +20,7 @@ BUILDERS = [
     "export/gguf_tokenizer.py",
     "export/converter.py",
     "export/onnx_export.py",
-    "edge_genarm/bundle.py",
+    "export/bundle_write.py",
 ]
 
 

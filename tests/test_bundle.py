@@ -5,9 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+from edge_genarm.export.bundle_write import add_arm
 
 from edge_genarm import load
-from edge_genarm.bundle import Bundle, add_arm, parse_arm_spec
+from edge_genarm.bundle import Bundle, parse_arm_spec
 from edge_genarm.errors import (
     BundleError,
     ConfigError,

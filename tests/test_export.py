@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from edge_genarm.export.bundle_write import tidy_bundle
 
 from edge_genarm import load
-from edge_genarm.bundle import Bundle, tidy_bundle
+from edge_genarm.bundle import Bundle
 from edge_genarm.cli import main
 from edge_genarm.errors import BundleError, TokenizerMismatchError
 

@@ -15,10 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_genarm.bundle import FORMAT, Bundle, load_arm_tokens, validate_manifest
+from edge_genarm.bundle import Bundle
 from edge_genarm.errors import BundleError, ModelFileError, TokenizerMismatchError
 from edge_genarm.gguf import read_gguf
+from edge_genarm.manifest import FORMAT, validate_manifest
 from edge_genarm.records import DataError, read_prompts
+from edge_genarm.tokens import load_arm_tokens
 
 from .gguf_edit import ARRAY, F32, GGUF, KV, STRING, U32, Tensor, encode
 

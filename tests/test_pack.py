@@ -124,7 +124,7 @@ def test_pack_shares_one_trunk_in_the_fastest_form_that_passes_the_gate(recipe):
 def test_one_arm_pack_cut_at_its_layer_and_named_by_pack_name(recipe):
     """A one-ARM recipe with `[share] layer` gets a trunk of its own first layers (what the base
     tap needs); `--weights pack:NAME` builds it on first use and names unknown packs."""
-    from edge_genarm.cli import weights_or_default
+    from edge_genarm.cli_common import weights_or_default
 
     text = (recipe / "recipe.toml").read_text().replace("max_len = 64\n", "max_len = 64\nlora_layers = 1\n")
     (recipe / "recipe.toml").write_text(text + "[share]\nlayer = 1\n")

@@ -80,10 +80,11 @@ def test_batch_on_ray_gives_the_local_records(cluster, local_batch, tmp_path):
 
 
 def test_resume_after_an_interrupted_ray_run(cluster, tiny_bundle, local_batch, tmp_path):
-    from edge_genarm.distributed import LoadSpec, RayRunner
+    from edge_genarm.distributed import RayRunner
+    from edge_genarm.options import LoadOptions
 
     _, local = local_batch
-    spec = LoadSpec(str(tiny_bundle), n_ctx=512)
+    spec = LoadOptions(str(tiny_bundle), n_ctx=512)
     arms = list(spec.arm_weights())
     settings = [parse_setting(s, arms) for s in ("unguided", "alpha=1,beta=0.5+nudge")]
     work = BatchWork(seed=4, max_tokens=8, judges=("length",))
@@ -108,10 +109,11 @@ def test_resume_after_an_interrupted_ray_run(cluster, tiny_bundle, local_batch, 
 
 
 def test_a_failing_actor_fails_the_run_with_the_nodes_message(cluster, tmp_path):
-    from edge_genarm.distributed import LoadSpec, RayRunner
+    from edge_genarm.distributed import RayRunner
+    from edge_genarm.options import LoadOptions
 
     missing = tmp_path / "not-here" / "bundle"
-    runner = RayRunner(LoadSpec(str(missing)), "local", 1)
+    runner = RayRunner(LoadOptions(str(missing)), "local", 1)
     t0 = time.perf_counter()
     with pytest.raises(BundleError) as e:
         run_batch(None, [(0, "Hi")], [parse_setting("unguided", [])], tmp_path / "o.jsonl", runner=runner)
@@ -171,7 +173,8 @@ def test_prefs_and_compare_on_ray_match_local(cluster, tiny_bundle, prompts, tmp
 
 
 def test_actor_threads_come_from_its_cpus(cluster, tiny_bundle):
-    from edge_genarm.distributed import LoadSpec, RayRunner
+    from edge_genarm.distributed import RayRunner
+    from edge_genarm.options import LoadOptions
 
     def work(engine, task):  # a closure: cloudpickle ships it by value
         return {
@@ -180,7 +183,7 @@ def test_actor_threads_come_from_its_cpus(cluster, tiny_bundle):
         }
 
     got = []
-    RayRunner(LoadSpec(str(tiny_bundle), n_ctx=256), "local", 2, 1)(
+    RayRunner(LoadOptions(str(tiny_bundle), n_ctx=256), "local", 2, 1)(
         work, [{"i": i} for i in range(4)], got.append
     )
     assert len(got) == 4 and {g["base"] for g in got} == {1} and all(g["arms"] == [1] for g in got), got

@@ -39,9 +39,8 @@ def _sibling_hf(root, name, seed):
 @pytest.fixture(scope="module")
 def siblings(tiny_bundle, tmp_path_factory):
     """(full bundle, hf folders): the tiny base + sibling ARMs 'a' and 'b' as whole graphs."""
+    from edge_genarm.export.bundle_write import add_arm
     from edge_genarm.export.onnx_export import export_arm_onnx
-
-    from edge_genarm.bundle import add_arm
 
     root = tmp_path_factory.mktemp("siblings")
     full = root / "full"
