@@ -132,13 +132,13 @@ def _read_compact(model) -> LlamaWeights:
 def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta: dict | None = None):
     """A graph of layers [first, last): from token ids (`embed`) or from `hidden`; ending in
     'hidden' (the residual stream), 'normed' (after the final norm) or 'logits'."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     nodes, inits = [], []
     d, hd = w.embed.shape[1], w.head_dim
 
     def init(name, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=arr.dtype), name))
+        inits.append((name, arr))  # into the model at the end: make_graph/make_model copy each weight twice
         return name
 
     def rms(x, name, weight, out):  # RMSNorm
@@ -202,20 +202,33 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
         x = op("Identity", [x], ["hidden"])
     head_shape = ["batch", "seq", w.lm_head.shape[1] if final == "logits" else d]
     outputs.insert(0, helper.make_tensor_value_info(final, TensorProto.FLOAT, head_shape))
-    graph = helper.make_graph(nodes, COMPACT, inputs, outputs, inits)
+    graph = helper.make_graph(nodes, COMPACT, inputs, outputs)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
         ir_version=9,
     )
+    add_initializers(model, inits)
     if meta:
         helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     return model
 
 
+def add_initializers(model, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Weights straight into `model`, in order, one at a time; `arrays` is emptied as they go in (peak
+    memory: the model and one weight, when nothing else holds them)."""
+    from onnx import numpy_helper
+
+    arrays.reverse()
+    while arrays:
+        name, arr = arrays.pop()
+        model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=arr.dtype), name))
+        del arr
+
+
 def lm_head_graph(w: LlamaWeights, meta: dict | None = None):
     """normed (batch, seq, hidden) -> logits: the LM head alone (shared by sibling heads)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     d, v = w.lm_head.shape
     graph = helper.make_graph(
@@ -223,9 +236,9 @@ def lm_head_graph(w: LlamaWeights, meta: dict | None = None):
         "edge-genarm-lm-head",
         [helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", d])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
-        [numpy_helper.from_array(np.ascontiguousarray(w.lm_head), "lm_head")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    add_initializers(model, [("lm_head", w.lm_head)])
     if meta:
         helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     return model

@@ -65,10 +65,12 @@ def quantize_model(
     accuracy_level: int = 4,
     what: str = "ARM",
     embed_kind=None,
+    copy: bool = True,
 ):
     """A weight-only quantized copy of `model` (a ModelProto): MatMul weights in `kind`, the
     embedding in `embed_kind` (default: `kind`). Refuses a graph that is already quantized or
-    has no MatMul weight to quantize."""
+    has no MatMul weight to quantize. `copy=False` works on `model` itself (a graph read from a
+    file only to be quantized: its fp32 weights are not held twice)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -83,8 +85,10 @@ def quantize_model(
             f"{what} is already quantized ({', '.join(done)} nodes): quantize the fp32 export instead "
             "(re-export it without --quantize, then with)"
         )
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     fold_constant_transposes(m)
     inits = {i.name for i in m.graph.initializer}
     if not any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits for n in m.graph.node):
