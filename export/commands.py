@@ -210,42 +210,34 @@ def _quantize_gated(
     `training`: the source's train-arm record (a relative ARM is gated relative to its init)."""
     import onnx
     from edge_genarm.export.gate import format_gate, gate, heldout_pairs
+    from edge_genarm.export.onnx_io import gate_then_swap
     from edge_genarm.export.quantize import quantize_model
     from edge_genarm.export.share import probe_sequences
-    from edge_genarm.export.split import save_model
 
     from edge_genarm.backends.onnx_arm import OnnxARM
 
+    def judge(fp32: Path, quantized: Path) -> dict:
+        seqs = (
+            heldout_pairs(out, pairs.data, pairs.max_len, pairs.eval_frac, pairs.seed, training)
+            if pairs
+            else probe_sequences(out)
+        )
+        ref, got = OnnxARM(fp32, name, threads=2, cache=False), OnnxARM(quantized, name, threads=2, cache=False)
+        g = gate(ref.sequence_logits, got.sequence_logits, seqs)
+        g["type"], g["block_size"], g["accuracy_level"] = kind, block_size, accuracy_level
+        if not pairs:
+            g.update(accuracy_fp32=None, accuracy_quantized=None, accuracy_drop=None, pairs=0, passed=True)
+            print(f"gate ARM '{name}': KL {g['mean_kl']:.3e}, top-1 {g['top1_agreement']:.3f} against fp32 "
+                  "(no --pairs: preference accuracy not measured)", file=sys.stderr)  # fmt: skip
+        else:
+            print(format_gate(name, g), file=sys.stderr)
+            if not g["passed"]:
+                raise BundleError(f"{format_gate(name, g)}: ARM '{name}' not added, the bundle is unchanged")
+        return g
+
     src = onnx_dir / "model.onnx"
-    qdir = onnx_dir.with_name(onnx_dir.name + "-q")
-    qdir.mkdir()
     q = quantize_model(onnx.load(str(src)), kind, block_size, accuracy_level, f"ARM '{name}'")
-    save_model(q, qdir / "model.onnx")
-    seqs = (
-        heldout_pairs(out, pairs.data, pairs.max_len, pairs.eval_frac, pairs.seed, training)
-        if pairs
-        else probe_sequences(out)
-    )
-    ref, got = (
-        OnnxARM(src, name, threads=2, cache=False),
-        OnnxARM(qdir / "model.onnx", name, threads=2, cache=False),
-    )
-    g = gate(ref.sequence_logits, got.sequence_logits, seqs)
-    g["type"], g["block_size"], g["accuracy_level"] = kind, block_size, accuracy_level
-    if not pairs:
-        g.update(accuracy_fp32=None, accuracy_quantized=None, accuracy_drop=None, pairs=0, passed=True)
-        print(f"gate ARM '{name}': KL {g['mean_kl']:.3e}, top-1 {g['top1_agreement']:.3f} against fp32 "
-              "(no --pairs: preference accuracy not measured)", file=sys.stderr)  # fmt: skip
-    else:
-        print(format_gate(name, g), file=sys.stderr)
-        if not g["passed"]:
-            raise BundleError(f"{format_gate(name, g)}: ARM '{name}' not added, the bundle is unchanged")
-    for p in onnx_dir.glob("model.onnx*"):
-        p.unlink()
-    for p in qdir.iterdir():
-        p.rename(onnx_dir / p.name)
-    qdir.rmdir()
-    return g
+    return gate_then_swap(onnx_dir, q, judge)
 
 
 def inspect_bundle(path: str | Path) -> str:

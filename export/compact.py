@@ -248,7 +248,7 @@ def compact_file(path) -> str:
     """Rewrite an optimum Llama export at `path` as a compact graph; "compact", or "optimum" when
     the graph is not one this module reads (left as it is)."""
     import onnx
-    from edge_genarm.export.split import save_model
+    from edge_genarm.export.onnx_io import save_model
 
     try:
         w = read_llama(onnx.load(str(path)))

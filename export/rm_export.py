@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from edge_genarm.export.bundle_write import file_record
+from edge_genarm.export.bundle_write import add_graph
 from edge_genarm.export.commands import source_fingerprint
 from edge_genarm.export.parity import PROMPTS, exported_logits, reference_logits
 from edge_genarm.export.train_rm import RM_INFO, load_rm
@@ -30,8 +30,8 @@ from edge_genarm.export.train_rm import RM_INFO, load_rm
 from edge_genarm.baselines import RM_SECTION
 from edge_genarm.errors import BundleError, ConfigError
 from edge_genarm.gguf import read_gguf
-from edge_genarm.manifest import MANIFEST, read_manifest, write_manifest
-from edge_genarm.tokens import check_token_ids, find_arm_tokens, load_arm_tokens
+from edge_genarm.manifest import MANIFEST, read_manifest
+from edge_genarm.tokens import check_token_ids
 
 PARITY_REPLY = " Thanks, that sounds lovely! I will write back soon."
 MAX_PARITY_DIFF = 1e-3  # fp32: max |r_onnx - r_torch| over every position, relative to max(1, max |r|)
@@ -165,79 +165,53 @@ def _quantize_gated(
     out: Path, name: str, onnx_dir: Path, kind: str, block_size, accuracy_level, spec
 ) -> dict:
     """Quantize onnx_dir/model.onnx in place when it keeps the held-out preference accuracy."""
-    import onnx
-    from edge_genarm.export.gate import heldout_pairs, max_drop_text, within_gate
-    from edge_genarm.export.quantize import quantize_model
-    from edge_genarm.export.split import save_model
+    import functools
 
-    from edge_genarm.backends.onnx_arm import OnnxARM
+    import onnx
+    from edge_genarm.export.gate import heldout_pairs
+    from edge_genarm.export.onnx_io import gate_then_swap
+    from edge_genarm.export.quantize import quantize_model
 
     seqs = heldout_pairs(out, spec["data"], spec["max_len"], spec["eval_frac"], spec["seed"])
     if not seqs:
         raise ConfigError(
             f"reward model '{name}' has no held-out pairs to gate quantization: train with --eval-frac > 0"
         )
-    src = onnx_dir / "model.onnx"
-    qdir = onnx_dir.with_name(onnx_dir.name + "-q")
-    qdir.mkdir()
-    save_model(quantize_model(onnx.load(str(src)), kind, block_size, accuracy_level, f"reward model '{name}'"),
-               qdir / "model.onnx")  # fmt: skip
-    graphs = {"fp32": OnnxARM(src, name, threads=2, cache=False),
-              "quantized": OnnxARM(qdir / "model.onnx", name, threads=2, cache=False)}  # fmt: skip
+    q = quantize_model(onnx.load(str(onnx_dir / "model.onnx")), kind, block_size, accuracy_level,
+                       f"reward model '{name}'")  # fmt: skip
+    judge = functools.partial(_accuracy_gate, name, seqs, dict(type=kind, block_size=block_size,
+                                                               accuracy_level=accuracy_level))  # fmt: skip
+    return gate_then_swap(onnx_dir, q, judge)
+
+
+def _accuracy_gate(name: str, seqs: list, record: dict, fp32: Path, quantized: Path) -> dict:
+    """The held-out preference accuracy of the quantized reward model against the fp32 one:
+    the gate record, or BundleError when it loses more than the gate allows."""
+    from edge_genarm.export.gate import max_drop_text, within_gate
+
+    from edge_genarm.backends.onnx_arm import OnnxARM
+
+    graphs = {"fp32": OnnxARM(fp32, name, threads=2, cache=False),
+              "quantized": OnnxARM(quantized, name, threads=2, cache=False)}  # fmt: skip
     r = {k: np.array([[g.sequence_logits(p + y)[-1, 0] for y in (w, lo)] for p, w, lo in seqs])
          for k, g in graphs.items()}  # fmt: skip
     acc = {k: float(np.mean(v[:, 0] > v[:, 1])) for k, v in r.items()}
-    g = {"type": kind, "block_size": block_size, "accuracy_level": accuracy_level, "pairs": len(seqs),
+    g = {**record, "pairs": len(seqs),
          "accuracy_fp32": acc["fp32"], "accuracy_quantized": acc["quantized"],
          "accuracy_drop": acc["fp32"] - acc["quantized"],
          "score_correlation": float(np.corrcoef(r["fp32"].ravel(), r["quantized"].ravel())[0, 1])}  # fmt: skip
     g["passed"] = within_gate(g["accuracy_drop"], len(seqs))
-    line = (f"gate reward model '{name}' ({kind}): held-out accuracy {acc['fp32']:.3f} fp32 -> "
+    line = (f"gate reward model '{name}' ({record['type']}): held-out accuracy {acc['fp32']:.3f} fp32 -> "
             f"{acc['quantized']:.3f} on {len(seqs)} pairs ({max_drop_text()}), score correlation "
             f"{g['score_correlation']:.4f}: {'passed' if g['passed'] else 'REFUSED'}")  # fmt: skip
     print(line, file=sys.stderr)
     if not g["passed"]:
         raise BundleError(f"{line}: reward model '{name}' not added, the bundle is unchanged")
-    for p in onnx_dir.glob("model.onnx*"):
-        p.unlink()
-    for p in qdir.iterdir():
-        p.rename(onnx_dir / p.name)
-    qdir.rmdir()
     return g
 
 
 def add_reward_model(root: str | Path, onnx_dir: str | Path, name: str, extra: dict | None = None) -> dict:
     """Copy an exported reward-model folder (model.onnx [+ data], tokens.json) into the bundle's
     `reward_models/NAME/` and record it in the manifest (after the tokenizer check)."""
-    root, src = Path(root), Path(onnx_dir)
-    m = read_manifest(root)
-    if "base" not in m:
-        raise BundleError(f"bundle '{root}' has no base model yet: run `edge-genarm export base` first")
-    base = m["base"]["file"]
-    check_token_ids(
-        name, load_arm_tokens(find_arm_tokens(src / "model.onnx"), name), read_gguf(root / base).tokens, base,
-        kind="reward model",
-    )  # fmt: skip
-    rel_dir = Path(RM_SECTION) / name
-    dst, tmp = root / rel_dir, root / RM_SECTION / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = [p for p in src.iterdir() if p.name.startswith("model.onnx") or p.name == "tokens.json"]
-    for p in files:
-        shutil.copyfile(p, tmp / p.name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    recs = m.setdefault("files", {})
-    for k in [k for k in recs if k.startswith(f"{rel_dir}/")]:
-        del recs[k]
-    for p in files:
-        recs[f"{rel_dir}/{p.name}"] = file_record(dst / p.name)
-    m.setdefault(RM_SECTION, {})[name] = {
-        "kind": "rm",
-        "file": f"{rel_dir}/model.onnx",
-        "tokens": f"{rel_dir}/tokens.json",
-        "output": "logits[..., 0]: the reward of the sequence up to each position",
-        **(extra or {}),
-    }
-    write_manifest(root, m)
-    return m
+    entry = {"kind": "rm", "output": "logits[..., 0]: the reward of the sequence up to each position", **(extra or {})}
+    return add_graph(root, onnx_dir, RM_SECTION, name, entry, kind="reward model")

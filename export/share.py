@@ -36,8 +36,8 @@ class PairSpec:
 
 def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, embed_kind=None) -> None:
     import onnx
+    from edge_genarm.export.onnx_io import save_model
     from edge_genarm.export.quantize import quantize_model
-    from edge_genarm.export.split import save_model
 
     model = quantize_model(
         onnx.load(str(path)), kind, block_size, accuracy_level, f"'{path.name}'", embed_kind

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_genarm.export.onnx_io import save_model
+
 from edge_genarm.errors import BundleError
 
 _LAYER = re.compile(r"(?:^|/)(?:model/)?layers\.(\d+)(?:/|$)")
@@ -269,23 +271,6 @@ def _stamp(model, **meta) -> None:
 
     del model.metadata_props[:]
     helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
-
-
-def save_model(model, path: Path) -> None:
-    """Write atomically; weights over 64 MB go to a data file beside it (faster session creation)."""
-    import onnx
-
-    tmp = path.with_name(path.name + ".partial")
-    big = sum(len(i.raw_data) for i in model.graph.initializer) > (64 << 20)
-    # onnx appends to an existing data file: a model re-saved over itself (quantized in place)
-    # would keep its old weights in it. `model` is in memory, so the old file can go.
-    Path(str(path) + "_data").unlink(missing_ok=True)
-    if big:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + "_data", size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(model, str(tmp))
-    tmp.replace(path)
 
 
 def split_siblings(
