@@ -122,7 +122,7 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
 )
 def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
-    from edge_genarm.export.train_loop import train_arm
+    from edge_genarm.export.train_arm import train_arm
 
     try:
         info = train_arm(lora_r=None if full else lora_r, **o)

@@ -272,7 +272,7 @@ def build_pack_quietly(
 def _build_arm(root: Path, bundle: Path, gguf: Path, recipe: dict, arm: str, spec: dict, log, retrain: bool):
     """One ARM of the recipe: the base + its committed adapter (or trained), exported into the bundle."""
     from edge_genarm.export.commands import export_arm
-    from edge_genarm.export.train_loop import ARM_INFO, apply_adapter, train_arm
+    from edge_genarm.export.train_arm import ARM_INFO, apply_adapter, train_arm
 
     work = root / "train" / arm
     if not (work / ARM_INFO).is_file():

@@ -187,7 +187,7 @@ def _training_record(source: Path) -> dict | None:
     """The train-arm record in an ARM source folder, when it has one."""
     import json
 
-    from edge_genarm.export.train_loop import ARM_INFO
+    from edge_genarm.export.train_arm import ARM_INFO
 
     p = source / ARM_INFO if source.is_dir() else None
     return json.loads(p.read_text()) if p is not None and p.is_file() else None

@@ -8,7 +8,8 @@ The reward of a response is its summed log-prob under the ARM (prompt masked):
 no reference model, no length normalisation (ALGORITHMS.md section 1). Prompts
 go through the chat template the runtime applies; a response is its tokens + EOS
 (no EOS when the pair file marks it cut at max_tokens: "finish": "length").
-The loop (LoRA or full, checkpoints, held-out accuracy) is in `export.train_loop`.
+The run is `export.train_arm`; the loop (LoRA or full, checkpoints, held-out accuracy) is
+`export.train_loop`, shared with reward-model training.
 """
 
 from __future__ import annotations
@@ -219,6 +220,25 @@ def reference_offsets(enc: list[tuple], device):
     import torch
 
     return torch.tensor([e[3] if len(e) > 3 else 0.0 for e in enc], dtype=torch.float32, device=device)
+
+
+def with_reference(model, enc: list[tuple], pad_id: int, device, micro: int) -> list[tuple]:
+    """Each pair + the init model's margin r_ref(y_w) - r_ref(y_l) (LoRA adapters off), so the
+    loss scores r - r_ref: DPO's reference term. For a judge the init already agrees with (it
+    gives shorter replies a higher summed log-prob), the plain loss starts saturated and has
+    nothing to learn; relative to the init it starts at log 2 on every pair."""
+    import torch
+
+    out = []
+    was = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        for i in range(0, len(enc), micro):
+            part = enc[i : i + micro]
+            r_w, r_l = pair_rewards(model, part, pad_id, device)
+            out += [(*e[:3], float(m)) for e, m in zip(part, (r_w - r_l).tolist())]
+    model.train(was)
+    return out
 
 
 def check_options(beta_r: float, max_len: int, eval_frac: float, on_long: str, on_error: str) -> None:

@@ -1,10 +1,15 @@
-"""The ARM training loop: LoRA or full fine-tune, checkpoints, held-out preference accuracy.
+"""One training loop for ARMs and reward models: LoRA or full fine-tune, checkpoints, held-out accuracy.
 
-Steps are planned up front from the seed (a permutation per epoch, cut into
-batches), so a run resumed from `OUT/checkpoint` sees exactly the batches it
-would have seen. A batch is accumulated over micro-batches; each micro-batch is
-one forward of its chosen and rejected sequences. The result is a plain Hugging
-Face folder (LoRA merged) plus `edge_genarm_arm.json`.
+Both learn from preference pairs and differ only in how a micro-batch of pairs is scored (an
+`Objective`): an ARM by its summed reply log-probs and the GenARM loss (export/train.py), a
+reward model by its score head and the Bradley-Terry loss (export/train_rm.py). The rest is
+here, once: the output and tokenizer checks, the seeded held-out split, the step plan, AdamW
+with a cosine schedule and checkpoints, held-out evaluation, and the record's figures.
+
+Steps are planned up front from the seed (a permutation per epoch, cut into batches), so a
+run resumed from `OUT/checkpoint` sees exactly the batches it would have seen. A batch is
+accumulated over micro-batches; each micro-batch is one forward of its chosen and rejected
+sequences. The trainers: export/train_arm.py and export/train_rm.py.
 """
 
 from __future__ import annotations
@@ -12,29 +17,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from edge_genarm.export.train import (
-    check_options,
-    encode_pairs,
-    genarm_loss,
-    load_pairs,
-    pair_rewards,
-    reference_offsets,
-)
+from edge_genarm.export.train import encode_pairs, load_pairs
 
 from edge_genarm.errors import ConfigError
-from edge_genarm.paths import atomic_write_json
 
-ARM_INFO = "edge_genarm_arm.json"
 LORA_TARGETS = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],  # the GenARM reference recipe
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+
+
+@dataclass
+class Objective:
+    """How one kind of model scores a micro-batch of encoded pairs: the only thing ARM and
+    reward-model training do differently."""
+
+    loss: Callable  # pairs -> (per-pair loss tensor, per-pair r_w > r_l), with gradients
+    margin: Callable  # pairs -> per-pair held-out margin tensor; > 0 is a pair ranked right
 
 
 def check_base_tokens(weights: str | Path, tok, name: str) -> None:
@@ -116,9 +122,9 @@ def step_plan(n: int, batch: int, epochs: int, seed: int) -> list[list[int]]:
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-def evaluate(model, enc: list[tuple], pad_id: int, device, micro: int) -> dict:
-    """Held-out preference accuracy (share of r_w > r_l) and mean margin r_w - r_l (nats);
-    with a reference (relative pairs), the margin beyond the reference's."""
+def evaluate(model, enc: list[tuple], margin: Callable, micro: int) -> dict:
+    """Held-out preference accuracy (share of pairs whose `margin` is > 0) and mean margin, e.g.
+    r_w - r_l in nats (an ARM trained relative to its init: beyond the init's margin)."""
     import torch
 
     if not enc:
@@ -128,32 +134,11 @@ def evaluate(model, enc: list[tuple], pad_id: int, device, micro: int) -> dict:
     wins, margins = 0, []
     with torch.no_grad():
         for i in range(0, len(enc), micro):
-            part = enc[i : i + micro]
-            r_w, r_l = pair_rewards(model, part, pad_id, device)
-            m = r_w - r_l - reference_offsets(part, device)
+            m = margin(enc[i : i + micro])
             wins += int((m > 0).sum())
             margins += m.tolist()
     model.train(was)
     return {"n": len(enc), "accuracy": wins / len(enc), "margin": sum(margins) / len(margins)}
-
-
-def with_reference(model, enc: list[tuple], pad_id: int, device, micro: int) -> list[tuple]:
-    """Each pair + the init model's margin r_ref(y_w) - r_ref(y_l) (LoRA adapters off), so the
-    loss scores r - r_ref: DPO's reference term. For a judge the init already agrees with (it
-    gives shorter replies a higher summed log-prob), the plain loss starts saturated and has
-    nothing to learn; relative to the init it starts at log 2 on every pair."""
-    import torch
-
-    out = []
-    was = model.training
-    model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        for i in range(0, len(enc), micro):
-            part = enc[i : i + micro]
-            r_w, r_l = pair_rewards(model, part, pad_id, device)
-            out += [(*e[:3], float(m)) for e, m in zip(part, (r_w - r_l).tolist())]
-    model.train(was)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +187,7 @@ def load_checkpoint(out: Path, model, opt, sched, key: str) -> tuple[int, dict]:
 
 
 # ---------------------------------------------------------------------------
-# the run
+# the run: start, fit, record
 # ---------------------------------------------------------------------------
 
 
@@ -210,100 +195,74 @@ def data_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def train_arm(
-    data: str | Path,
-    init: str | Path,
-    out: str | Path,
-    beta_r: float = 0.05,
-    lora_r: int | None = 8,
-    layers: int | None = None,
-    lr: float | None = None,
-    epochs: int = 1,
-    batch_size: int = 16,
-    micro_batch: int = 4,
-    max_len: int = 512,
-    on_long: str = "truncate",
-    on_error: str = "stop",
-    eval_frac: float = 0.1,
-    seed: int = 0,
-    save_every: int = 50,
-    weights: str | Path | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    force: bool = False,
-    lora_targets: str = "attn",
-    lora_layers: int | None = None,
-    reference: bool = False,
-) -> dict:
-    """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records.
+@dataclass
+class Run:
+    """One training run's pair file, output folder and device, and the counts its record reports."""
 
-    `reference`: score each reply relative to the init (r - r_init, see `with_reference`)."""
+    data: Path
+    out: Path
+    device: object  # a torch.device
+    pairs: list
+    stats: dict  # bad lines, truncated and skipped pairs, as load_pairs and encode_pairs count them
+    t0: float = 0.0  # set when training starts: the record's "seconds"
+
+    def encode(self, tok, weights, max_len: int, on_long: str) -> tuple[list[tuple], int]:
+        """(encoded pairs, pad id); first, with `weights` (a bundle), refuse an init whose
+        tokenizer differs from the bundle's base."""
+        if weights:
+            check_base_tokens(weights, tok, self.out.name)
+        enc = encode_pairs(tok, self.pairs, max_len, on_long, self.stats)
+        return enc, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def record(self, **extra) -> dict:
+        """The end of a run's record: what encoding dropped, `extra`, time taken and device."""
+        return {
+            "truncated": self.stats.get("truncated", 0), "skipped_long": self.stats.get("skipped_long", 0),
+            **extra,
+            "bad_lines": self.stats.get("bad_lines", 0), "seconds": round(time.time() - self.t0, 1),
+            "device": str(self.device),
+        }  # fmt: skip
+
+
+def start_run(data, out, info_file: str, what: str, force: bool, device: str | None, on_error: str) -> Run:
+    """Refuse an `out` that holds a finished run (`info_file`) unless `force`; pick the device; read the pairs."""
     import torch
 
-    check_options(beta_r, max_len, eval_frac, on_long, on_error)
-    if reference and not lora_r:
-        raise ConfigError(
-            "--reference needs LoRA (the init with its adapters off is the reference): drop --full"
-        )
     data, out = Path(data), Path(out)
-    if (out / ARM_INFO).is_file() and not force:
-        raise ConfigError(f"'{out}' already holds a trained ARM: choose another -o, or --force to retrain")
-    lr = lr if lr is not None else (5e-4 if lora_r else 1e-5)
+    if (out / info_file).is_file() and not force:
+        raise ConfigError(f"'{out}' already holds a trained {what}: choose another -o, or --force to retrain")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stats: dict = {}
-    pairs = load_pairs(data, on_error, stats)
-    torch.manual_seed(seed)
-    model, tok = prepare_model(init, layers, lora_r, device, lora_targets, lora_layers)
-    if weights:
-        check_base_tokens(weights, tok, out.name)
-    enc = encode_pairs(tok, pairs, max_len, on_long, stats)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if reference:
-        enc = with_reference(model, enc, pad, device, micro_batch)
+    return Run(data, out, device, load_pairs(data, on_error, stats), stats)
+
+
+def fit(
+    run: Run, model, enc, objective: Objective, settings: dict, *, lr, epochs, batch_size, micro, eval_frac,
+    seed, save_every, progress, desc,
+) -> tuple[dict, list[tuple]]:  # fmt: skip
+    """Train `model` on the seeded train part of `enc`, evaluating the held-out part before, at each
+    epoch's end and after. Returns (the record's figures, n_pairs to epochs; the held-out pairs)."""
     tr, ho = split(len(enc), eval_frac, seed)
     train_enc, eval_enc = [enc[i] for i in tr], [enc[i] for i in ho]
-    settings = dict(data=data_digest(data), init=str(Path(init).resolve()), beta_r=beta_r, lora_r=lora_r)
-    settings.update(
-        lora_targets=lora_targets,
-        lora_layers=lora_layers,
-        layers=layers,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_len=max_len,
-    )
-    settings.update(on_long=on_long, eval_frac=eval_frac, seed=seed, n=len(enc))
-    if reference:  # only when set: checkpoints of earlier runs keep their key
-        settings["reference"] = True
     plan = step_plan(len(train_enc), batch_size, epochs, seed)
-    t0 = time.time()
-    before = evaluate(model, eval_enc, pad, device, micro_batch)
+    run.t0 = time.time()
+    before = evaluate(model, eval_enc, objective.margin, micro)
     curve: list[dict] = []  # held-out {step, accuracy, margin} at each epoch's end
     losses = run_steps(
-        model, train_enc, plan, pad, device, out, settings, beta_r, lr, micro_batch, save_every, progress,
+        objective.loss, model, train_enc, plan, run.out, settings, lr, micro, save_every, progress, desc,
         eval_at={round(len(plan) * (e + 1) / epochs) for e in range(epochs - 1)},
-        on_eval=lambda step: _log_eval(curve, step, evaluate(model, eval_enc, pad, device, micro_batch)),
+        on_eval=lambda step: _log_eval(curve, step, evaluate(model, eval_enc, objective.margin, micro)),
     )  # fmt: skip
-    after = evaluate(model, eval_enc, pad, device, micro_batch)
-    info = {
-        "beta_r": beta_r, "data": str(data.resolve()), "init": str(Path(init).resolve()),
-        "reward": "relative to the init" if reference else "summed log-prob", "lora_layers": lora_layers,
+    after = evaluate(model, eval_enc, objective.margin, micro)
+    figures = {
         "n_pairs": len(enc), "n_train": len(train_enc), "n_heldout": len(eval_enc),
         "heldout_accuracy": after["accuracy"], "heldout_margin": after["margin"],
         "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
         "heldout_curve": curve,
         "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None,
-        "steps": len(plan), "epochs": epochs, "layers": model.config.num_hidden_layers,
-        "method": (
-            f"lora r={lora_r} ({lora_targets}{f', last {lora_layers} layers' if lora_layers else ''})"
-            if lora_r else "full"
-        ), "lr": lr, "max_len": max_len,
-        "truncated": stats.get("truncated", 0), "skipped_long": stats.get("skipped_long", 0),
-        **({"heldout_reference_margins": [e[3] for e in eval_enc]} if reference else {}),
-        "bad_lines": stats.get("bad_lines", 0), "seconds": round(time.time() - t0, 1), "device": str(device),
+        "steps": len(plan), "epochs": epochs,
     }  # fmt: skip
-    save_arm(model, tok, out, info, bool(lora_r))
-    return info
+    return figures, eval_enc
 
 
 def _log_eval(curve: list, step: int, ev: dict) -> None:
@@ -316,10 +275,11 @@ def _log_eval(curve: list, step: int, ev: dict) -> None:
 
 
 def run_steps(
-    model, enc, plan, pad, device, out, settings, beta_r, lr, micro, save_every, progress,
-    eval_at=(), on_eval=None,
-):  # fmt: skip
-    """AdamW + cosine schedule over `plan`; checkpoints every `save_every` steps; resumes.
+    loss_fn, model, enc, plan, out, settings, lr, micro, save_every, progress, desc="train", eval_at=(),
+    on_eval=None,
+) -> list[float]:  # fmt: skip
+    """AdamW + cosine schedule over `plan`, each batch's loss from `loss_fn` (see `accumulate`);
+    checkpoints every `save_every` steps; resumes from a checkpoint of the same `settings`.
 
     `on_eval(step)` runs after each step number in `eval_at` (held-out accuracy per epoch).
 
@@ -338,10 +298,9 @@ def run_steps(
     loss_ema = running.get("loss_ema")
     model.train()
     losses = []
-    bar = tqdm(range(start, len(plan)), desc="train-arm", unit="step", file=sys.stderr, disable=not progress)
+    bar = tqdm(range(start, len(plan)), desc=desc, unit="step", file=sys.stderr, disable=not progress)
     for step in bar:
-        batch = [enc[i] for i in plan[step]]
-        loss, batch_wins = accumulate(model, batch, pad, device, beta_r, micro)
+        loss, batch_wins = accumulate(loss_fn, [enc[i] for i in plan[step]], micro)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -358,85 +317,14 @@ def run_steps(
     return losses
 
 
-def accumulate(model, batch, pad, device, beta_r, micro) -> tuple[float, list[bool]]:
-    """Gradients of the batch-mean loss, accumulated over micro-batches; (loss, r_w > r_l per pair)."""
+def accumulate(loss_fn, batch, micro) -> tuple[float, list[bool]]:
+    """Gradients of the batch-mean loss, accumulated over micro-batches; (loss, r_w > r_l per pair).
+    `loss_fn(pairs)` gives each pair's loss and whether the model ranks it right."""
     total, wins = 0.0, []
     for i in range(0, len(batch), micro):
-        part = batch[i : i + micro]
-        r_w, r_l = pair_rewards(model, part, pad, device)
-        r_w = r_w - reference_offsets(part, device)
-        loss = genarm_loss(r_w, r_l, beta_r).sum() / len(batch)
+        per_pair, right = loss_fn(batch[i : i + micro])
+        loss = per_pair.sum() / len(batch)
         loss.backward()
         total += loss.item()
-        wins += (r_w > r_l).tolist()
+        wins += right.tolist()
     return total, wins
-
-
-ADAPTER = "adapter"
-
-
-def save_adapter(model, dst: Path) -> None:
-    """The LoRA adapter alone, in float16 (a few MB: small enough to commit with a recipe)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    part = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").half().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, part / "adapter_model.safetensors")
-    cfg = model.peft_config["default"]
-    cfg.base_model_name_or_path = Path(str(cfg.base_model_name_or_path or "")).name  # no local paths
-    cfg.save_pretrained(part)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(part, dst)
-
-
-def apply_adapter(init: str | Path, adapter: str | Path, out: str | Path, layers: int | None = None) -> Path:
-    """The ARM a saved adapter describes: `init` (cut to `layers`) + the adapter, merged, as a HF folder."""
-    import torch
-    from peft import PeftModel
-
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json): retrain it")
-    model, tok = prepare_model(init, layers, None, "cpu")
-    with torch.no_grad():
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.config.use_cache = True
-    out = Path(out)
-    part = out.with_name(out.name + ".partial")
-    shutil.rmtree(part, ignore_errors=True)
-    model.save_pretrained(part, safe_serialization=True)
-    tok.save_pretrained(part)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(part, out)
-    return out
-
-
-def save_arm(model, tok, out: Path, info: dict, merge: bool) -> None:
-    """Merge LoRA, save the HF folder beside the checkpoint, then the info file last (completion mark).
-
-    A LoRA run also keeps its adapter in OUT/adapter (float16), which `apply_adapter` turns back
-    into the same ARM: the default pack ships adapters made this way.
-    """
-    if merge:
-        save_adapter(model, out / ADAPTER)
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    part = out / ".model.partial"
-    shutil.rmtree(part, ignore_errors=True)
-    model.to("cpu").save_pretrained(part, safe_serialization=True)
-    tok.save_pretrained(part)
-    for f in part.iterdir():
-        os.replace(f, out / f.name)
-    part.rmdir()
-    atomic_write_json(out / ARM_INFO, info)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    acc = info["heldout_accuracy"]
-    print(
-        f"ARM saved to {out}: {info['steps']} steps, held-out accuracy "
-        f"{'n/a' if acc is None else f'{acc:.3f}'} (before {info['heldout_accuracy_before']}) "
-        f"on {info['n_heldout']} pairs, margin {info['heldout_margin']}",
-        file=sys.stderr,
-    )

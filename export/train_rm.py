@@ -11,8 +11,8 @@ causal LM whose logits [batch, seq, 1] are the reward of every prefix: export/rm
 turns it into optimum's text-generation-with-past graph, which the runtime runs with the ARM
 backend's KV cache. On disk the result is a standard Hugging Face sequence classifier
 (`*ForSequenceClassification`, num_labels 1, `score.weight`) plus `edge_genarm_rm.json`.
-Pairs, chat template and tokenization are train-arm's (export/train.py); so are the seeded
-held-out split and the checkpoints (export/train_loop.py).
+Pairs, chat template and tokenization are train-arm's (export/train.py); so is the training
+loop: the seeded held-out split, the checkpoints, the held-out figures (export/train_loop.py).
 """
 
 from __future__ import annotations
@@ -20,21 +20,10 @@ from __future__ import annotations
 import copy
 import shutil
 import sys
-import time
-from collections import deque
 from pathlib import Path
 
-from edge_genarm.export.train import check_options, encode_pairs, load_pairs
-from edge_genarm.export.train_loop import (
-    check_base_tokens,
-    data_digest,
-    load_checkpoint,
-    prepare_model,
-    save_checkpoint,
-    settings_key,
-    split,
-    step_plan,
-)
+from edge_genarm.export.train import check_options
+from edge_genarm.export.train_loop import Objective, data_digest, fit, prepare_model, start_run
 
 from edge_genarm.errors import ConfigError
 from edge_genarm.paths import atomic_write_json
@@ -95,22 +84,18 @@ def bt_loss(r_w, r_l):
     return -F.logsigmoid(r_w - r_l)
 
 
-def evaluate_rm(model, enc: list[tuple], pad_id: int, device, micro: int) -> dict:
-    """Held-out accuracy (share of pairs with r_w > r_l) and mean margin r_w - r_l."""
-    import torch
+def rm_objective(model, pad: int, device) -> Objective:
+    """The Bradley-Terry loss on the score head's rewards; the held-out margin is r_w - r_l."""
 
-    if not enc:
-        return {"n": 0, "accuracy": None, "margin": None}
-    was = model.training
-    model.eval()
-    wins, margins = 0, []
-    with torch.no_grad():
-        for i in range(0, len(enc), micro):
-            r_w, r_l = pair_scores(model, enc[i : i + micro], pad_id, device)
-            wins += int((r_w > r_l).sum())
-            margins += (r_w - r_l).tolist()
-    model.train(was)
-    return {"n": len(enc), "accuracy": wins / len(enc), "margin": sum(margins) / len(margins)}
+    def loss(part):
+        r_w, r_l = pair_scores(model, part, pad, device)
+        return bt_loss(r_w, r_l), r_w > r_l
+
+    def margin(part):
+        r_w, r_l = pair_scores(model, part, pad, device)
+        return r_w - r_l
+
+    return Objective(loss, margin)
 
 
 # ---------------------------------------------------------------------------
@@ -154,96 +139,28 @@ def train_rm(
 
     check_options(1.0, max_len, eval_frac, on_long, on_error)
     check_rm_options(lora_r, lora_layers, epochs, batch_size, micro_batch)
-    data, out = Path(data), Path(out)
-    if (out / RM_INFO).is_file() and not force:
-        raise ConfigError(f"'{out}' already holds a trained reward model: choose another -o, or --force")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stats: dict = {}
-    pairs = load_pairs(data, on_error, stats)
+    run = start_run(data, out, RM_INFO, "reward model", force, device, on_error)
     torch.manual_seed(seed)
-    model, lm, tok = prepare_rm(init, lora_r, device, lora_targets, lora_layers, seed)
-    if weights:
-        check_base_tokens(weights, tok, out.name)
-    enc = encode_pairs(tok, pairs, max_len, on_long, stats)
-    tr, ho = split(len(enc), eval_frac, seed)
-    train_enc, eval_enc = [enc[i] for i in tr], [enc[i] for i in ho]
-    settings = dict(kind="rm", data=data_digest(data), init=str(Path(init).resolve()), lora_r=lora_r)
-    settings.update(lora_targets=lora_targets, lora_layers=lora_layers, lr=lr, epochs=epochs)
-    settings.update(batch_size=batch_size, max_len=max_len, on_long=on_long, eval_frac=eval_frac)
-    settings.update(seed=seed, n=len(enc))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    plan = step_plan(len(train_enc), batch_size, epochs, seed)
-    t0 = time.time()
-    before = evaluate_rm(model, eval_enc, pad, device, micro_batch)
-    curve: list[dict] = []
-
-    def on_eval(step):
-        ev = evaluate_rm(model, eval_enc, pad, device, micro_batch)
-        curve.append({"step": step, "accuracy": ev["accuracy"], "margin": ev["margin"]})
-        if ev["n"]:
-            print(f"\nstep {step}: held-out accuracy {ev['accuracy']:.3f}", file=sys.stderr)
-
-    losses = run_rm_steps(
-        model, train_enc, plan, pad, device, out, settings, lr, micro_batch, save_every, progress,
-        eval_at={round(len(plan) * (e + 1) / epochs) for e in range(epochs - 1)}, on_eval=on_eval,
-    )  # fmt: skip
-    after = evaluate_rm(model, eval_enc, pad, device, micro_batch)
+    model, lm, tok = prepare_rm(init, lora_r, run.device, lora_targets, lora_layers, seed)
+    enc, pad = run.encode(tok, weights, max_len, on_long)
+    settings = dict(kind="rm", data=data_digest(run.data), init=str(Path(init).resolve()), lora_r=lora_r,
+                    lora_targets=lora_targets, lora_layers=lora_layers, lr=lr, epochs=epochs,
+                    batch_size=batch_size, max_len=max_len, on_long=on_long, eval_frac=eval_frac, seed=seed,
+                    n=len(enc))  # fmt: skip
+    figures, _ = fit(run, model, enc, rm_objective(model, pad, run.device), settings, lr=lr, epochs=epochs,
+                     batch_size=batch_size, micro=micro_batch, eval_frac=eval_frac, seed=seed,
+                     save_every=save_every, progress=progress, desc="train-rm")  # fmt: skip
     info = {
-        "kind": "rm", "data": str(data.resolve()), "init": str(Path(init).resolve()),
-        "n_pairs": len(enc), "n_train": len(train_enc), "n_heldout": len(eval_enc),
-        "heldout_accuracy": after["accuracy"], "heldout_margin": after["margin"],
-        "heldout_accuracy_before": before["accuracy"], "heldout_margin_before": before["margin"],
-        "heldout_curve": curve,
-        "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None,
-        "steps": len(plan), "epochs": epochs, "batch_size": batch_size, "layers": lm.config.num_hidden_layers,
+        "kind": "rm", "data": str(run.data.resolve()), "init": str(Path(init).resolve()),
+        **figures,
+        "batch_size": batch_size, "layers": lm.config.num_hidden_layers,
         "method": f"lora r={lora_r} ({lora_targets}{f', last {lora_layers} layers' if lora_layers else ''})"
                   " + score head",
         "lr": lr, "max_len": max_len, "eval_frac": eval_frac, "seed": seed,
-        "truncated": stats.get("truncated", 0), "skipped_long": stats.get("skipped_long", 0),
-        "bad_lines": stats.get("bad_lines", 0), "seconds": round(time.time() - t0, 1), "device": str(device),
+        **run.record(),
     }  # fmt: skip
-    save_rm(model.merge_and_unload(), tok, out, info, pad)
+    save_rm(model.merge_and_unload(), tok, run.out, info, pad)
     return info
-
-
-def run_rm_steps(model, enc, plan, pad, device, out, settings, lr, micro, save_every, progress,
-                 eval_at=(), on_eval=None) -> list[float]:  # fmt: skip
-    """AdamW + cosine schedule over `plan` (train-arm's), checkpoints every `save_every` steps, resumes.
-    Returns the batch loss of each step run here."""
-    import torch
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, max(0, len(plan) // 20), len(plan))
-    key = settings_key(settings)
-    start, running = load_checkpoint(out, model, opt, sched, key)
-    wins = deque(running.get("wins", []), maxlen=64)
-    model.train()
-    losses = []
-    bar = tqdm(range(start, len(plan)), desc="train-rm", unit="step", file=sys.stderr, disable=not progress)
-    for step in bar:
-        batch = [enc[i] for i in plan[step]]
-        total = 0.0
-        for i in range(0, len(batch), micro):
-            r_w, r_l = pair_scores(model, batch[i : i + micro], pad, device)
-            loss = bt_loss(r_w, r_l).sum() / len(batch)
-            loss.backward()
-            total += loss.item()
-            wins.extend((r_w > r_l).tolist())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}", acc=f"{sum(wins) / len(wins):.2f}")
-        if on_eval and step + 1 in eval_at:
-            on_eval(step + 1)
-        if save_every and (step + 1) % save_every == 0 and step + 1 < len(plan):
-            save_checkpoint(out, model, opt, sched, step + 1, key, {"wins": list(wins)})
-    bar.close()
-    return losses
 
 
 # ---------------------------------------------------------------------------

@@ -31,12 +31,13 @@ def main() -> None:
     import tomllib
     import torch
     from edge_genarm.export.sources import load_source
-    from edge_genarm.export.tiny import smollm2_gguf
-    from edge_genarm.export.train import encode_pairs, load_pairs
-    from edge_genarm.export.train_loop import evaluate, split, with_reference
+    from edge_genarm.export.train import encode_pairs, load_pairs, with_reference
+    from edge_genarm.export.train_arm import arm_objective
+    from edge_genarm.export.train_loop import evaluate, split
     from peft import PeftModel
 
     from edge_genarm.paths import atomic_write_json
+    from tests.tiny import smollm2_gguf  # the checkout's test fixtures: ROOT is on sys.path
 
     torch.set_num_threads(1)
     spec = tomllib.loads((a.pack / "recipe.toml").read_text())["arms"][a.arm]
@@ -51,7 +52,8 @@ def main() -> None:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     micro = spec.get("micro_batch", 4)
     rel = with_reference(model, held, pad, "cpu", micro)  # the adapters off: the init's margins
-    acc = evaluate(model, rel, pad, "cpu", micro)["accuracy"]  # beyond them, as train-arm measured it
+    margin = arm_objective(model, pad, "cpu", beta_r=1.0).margin  # beta_r scales the loss, not the margin
+    acc = evaluate(model, rel, margin, micro)["accuracy"]  # beyond them, as train-arm measured it
     print(f"{len(rel)} held-out pairs; accuracy beyond the init {acc:.3f} (recorded {record['heldout_accuracy']:.3f})")
     if len(rel) != record["n_heldout"] or abs(acc - record["heldout_accuracy"]) > 1e-9:
         raise SystemExit("the recomputation does not match the record: not written")

@@ -53,12 +53,12 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
     assert [p["state"] for p in pack.list_packs()] == ["partial"]
     trained = pack.packs_root() / "tiny" / "train" / "yes" / "edge_genarm_arm.json"
     assert trained.is_file()
-    import edge_genarm.export.train_loop as train_loop
+    import edge_genarm.export.train_arm as arm_training
 
     def no_training(*a, **k):
         raise AssertionError("the finished training must not be redone")
 
-    monkeypatch.setattr(train_loop, "train_arm", no_training)
+    monkeypatch.setattr(arm_training, "train_arm", no_training)
     monkeypatch.setattr(commands, "export_arm", real)
     bundle = pack.build_pack("tiny", log=lambda m: None)
     assert not trained.exists()  # a built pack keeps only what it runs
@@ -72,10 +72,10 @@ def test_interrupted_build_resumes_and_finishes(recipe, monkeypatch):
 def test_committed_adapter_is_applied_without_training(recipe, monkeypatch, tiny_root, tmp_path):
     import shutil
 
-    import edge_genarm.export.train_loop as train_loop
+    import edge_genarm.export.train_arm as arm_training
 
     work = tmp_path / "trained"
-    train_loop.train_arm(recipe / "pairs.jsonl", tiny_root / "bundle" / "base.gguf", work, beta_r=0.5, lora_r=4,
+    arm_training.train_arm(recipe / "pairs.jsonl", tiny_root / "bundle" / "base.gguf", work, beta_r=0.5, lora_r=4,
                          lr=5e-2, batch_size=8, eval_frac=0, progress=False)  # fmt: skip
     shutil.copytree(work / "adapter", recipe / "adapters" / "yes")
     text = (
@@ -86,7 +86,7 @@ def test_committed_adapter_is_applied_without_training(recipe, monkeypatch, tiny
     def no_training(*a, **k):
         raise AssertionError("a committed adapter must not be retrained")
 
-    monkeypatch.setattr(train_loop, "train_arm", no_training)
+    monkeypatch.setattr(arm_training, "train_arm", no_training)
     bundle = pack.build_pack("tiny", log=lambda m: None)
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["arms"]["yes"]["parity"]["passed"]

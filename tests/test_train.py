@@ -20,7 +20,8 @@ from edge_genarm.export.train import (
     prompt_ids,
     response_ids,
 )
-from edge_genarm.export.train_loop import ARM_INFO, prepare_model, train_arm
+from edge_genarm.export.train_arm import ARM_INFO, train_arm
+from edge_genarm.export.train_loop import prepare_model
 
 from edge_genarm.errors import ConfigError, TokenizerMismatchError
 
@@ -117,7 +118,7 @@ def test_lora_on_the_last_layers_only(tiny_hf):
 
 def test_adapter_reproduces_the_trained_arm(tiny_hf, tmp_path):
     import torch
-    from edge_genarm.export.train_loop import apply_adapter
+    from edge_genarm.export.train_arm import apply_adapter
     from transformers import AutoModelForCausalLM
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=8)
@@ -190,7 +191,8 @@ def test_reference_scores_replies_relative_to_the_init(tiny_hf, bundle_copy, tmp
     from edge_genarm.export import commands
     from edge_genarm.export.gate import RELATIVE, gate, heldout_pairs
     from edge_genarm.export.share import PairSpec
-    from edge_genarm.export.train_loop import split, with_reference
+    from edge_genarm.export.train import with_reference
+    from edge_genarm.export.train_loop import split
 
     from edge_genarm.backends.onnx_arm import OnnxARM
 
@@ -332,7 +334,7 @@ def test_cli_train_arm_reports_bad_data(tmp_path):
 
 
 def test_adapter_folder_without_config_is_named(tiny_hf, tmp_path):
-    from edge_genarm.export.train_loop import apply_adapter
+    from edge_genarm.export.train_arm import apply_adapter
 
     (tmp_path / "adapter").mkdir()
     with pytest.raises(ConfigError, match="is not a LoRA adapter folder .*retrain it"):
