@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the checkout's test fixtures (tests/tiny.py) find the SmolLM2 GGUF
 
 
 def load_models(arms: dict[str, float]):
     import torch
     from edge_genarm.export.sources import load_source
-    from edge_genarm.export.tiny import smollm2_gguf
     from peft import PeftModel
+
+    from tests.tiny import smollm2_gguf
 
     base, tok = load_source(smollm2_gguf())
     out = {}

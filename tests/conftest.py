@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 BUILDERS = [
-    "export/tiny.py",
+    "tests/tiny.py",
     "export/gguf_tokenizer.py",
     "export/converter.py",
     "export/onnx_export.py",
     "export/bundle_write.py",
+    "edge_genarm/manifest.py",
 ]
 
 
@@ -35,9 +36,9 @@ def _fixture_key() -> str:
 def tiny_root() -> Path:
     import fcntl
 
-    from edge_genarm.export.tiny import build_tiny_bundle
-
     from edge_genarm.paths import cache_dir
+
+    from .tiny import build_tiny_bundle
 
     root = cache_dir() / "fixtures" / f"tiny-{_fixture_key()}"
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ def engine(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from edge_genarm.export.tiny import smollm2_gguf
+    from .tiny import smollm2_gguf
 
     return smollm2_gguf()
 

@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch")
 def _sibling_hf(root, name, seed):
     """A 3-layer tiny LM, and a sibling: the same weights but layer 2's projections moved
     (what a LoRA adapter on the last layer does)."""
-    from edge_genarm.export.tiny import build_tiny_hf
     from transformers import AutoModelForCausalLM
+
+    from .tiny import build_tiny_hf
 
     base = root / "hf_init"
     if not base.exists():

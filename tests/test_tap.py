@@ -129,9 +129,10 @@ def test_a_base_of_another_init_fails_the_gate_or_is_refused(tapped, tmp_path, t
     from edge_genarm.export.base_tap import base_tap
     from edge_genarm.export.bundle_write import file_record
     from edge_genarm.export.converter import convert_hf_to_gguf
-    from edge_genarm.export.tiny import build_tiny_hf
 
     from edge_genarm.manifest import read_manifest, write_manifest
+
+    from .tiny import build_tiny_hf
 
     def with_base(gguf, name):
         dst = tmp_path / name

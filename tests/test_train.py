@@ -30,7 +30,7 @@ WORDS = "apple river cloud stone lamp music garden window paper bridge".split()
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from edge_genarm.export.tiny import build_tiny_hf
+    from .tiny import build_tiny_hf
 
     return build_tiny_hf(tmp_path_factory.mktemp("train") / "hf", seed=3)
 

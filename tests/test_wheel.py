@@ -65,6 +65,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tiny_bundle, tmp_path):
             assert f"{pack}/adapters/{arm}/{f}" in names
         assert f"{pack}/pairs-{arm}.jsonl" in names
     assert f"{pack}/recipe.toml" in names and "edge_genarm/export/commands.py" in names
+    fixtures = {p.name for p in (ROOT / "tests").glob("*.py")} - {"__init__.py"} | {"tiny.py"}  # tiny.py: it lived in export/
+    shipped = sorted(n for n in names if n.rsplit("/", 1)[-1] in fixtures)
+    assert not shipped, f"test fixture modules ship in the wheel: {shipped}"
     t_build = time.monotonic() - t0
 
     venv = tmp_path / "venv"
