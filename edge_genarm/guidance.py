@@ -124,6 +124,7 @@ class SamplingParams:
         if self.dry_multiplier is not None:
             _check_number("dry_multiplier", self.dry_multiplier, lo=0.0, fix="use 0 to disable it")
         _check_number("dry_base", self.dry_base, lo=1.0, fix="llama.cpp's default is 1.75")
+        check_sampling_limits(self)  # ranges the float32 sampler cannot overflow (end of this file)
 
     @property
     def greedy(self) -> bool:
@@ -317,3 +318,25 @@ def check_weight(name: str, w) -> float:
         raise ConfigError(f"ARM weight for '{name}' is {v:g}: weights must lie in [-{MAX_WEIGHT:g}, "
                           f"{MAX_WEIGHT:g}] (beyond that the ARM swamps the base in float32; 0-3 is usual)")  # fmt: skip
     return v
+
+
+# Sampling settings the float32 sampler cannot overflow (scores stay within ~1e7 in magnitude
+# with |w| <= MAX_WEIGHT): a temperature under 1e-6 rounds to 0 in float32 and divides by it;
+# a repeat penalty outside [1e-4, 1e4] turns a score into inf (inf - inf is NaN: no candidates);
+# dry_base ** 62 (DRY_MAX_MATCH) must stay a float64 number, so dry_base <= 100.
+MIN_TEMPERATURE = 1e-6
+REPEAT_PENALTY_RANGE = (1e-4, 1e4)
+MAX_DRY_BASE = 100.0
+
+
+def check_sampling_limits(p: SamplingParams) -> None:
+    """A ConfigError naming the setting when it is inside its type's range but past the sampler's."""
+    if 0.0 < p.temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"temperature {p.temperature:g} is too small to divide by in float32 "
+                          f"(at least {MIN_TEMPERATURE:g}): use 0 for greedy")  # fmt: skip
+    lo, hi = REPEAT_PENALTY_RANGE
+    if not lo <= p.repeat_penalty <= hi:
+        raise ConfigError(f"repeat_penalty {p.repeat_penalty:g} is outside [{lo:g}, {hi:g}]: 1.0 disables it, "
+                          "1.1 is usual")  # fmt: skip
+    if p.dry_base > MAX_DRY_BASE:
+        raise ConfigError(f"dry_base {p.dry_base:g} is over {MAX_DRY_BASE:g}: llama.cpp's default is 1.75")
