@@ -339,7 +339,8 @@ def test_malformed_bodies_get_4xx_error_objects(server):
         assert r.status_code == status, (path, body[:80], r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and msg in err["message"], (body[:80], err)
-    r = httpx.post(url + "/api/chat", content=b'{"model": "tiny", "messages": 3}', timeout=30)
+    r = httpx.post(url + "/api/chat", content=b'{"model": "tiny", "messages": 3}', timeout=30,
+                   headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == 400 and "'messages' must be an array" in r.json()["error"]  # Ollama's shape
     r = httpx.get(url + "/v1/chat/completions", timeout=30)
     assert r.status_code == 405 and r.json()["error"]["message"]
@@ -402,7 +403,7 @@ def _raw_request(server, body: dict) -> socket.socket:
     host, port = server.url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)))
     data = json.dumps(body).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(data) + data)  # fmt: skip
     return s
 

@@ -26,7 +26,15 @@ def serve_command(model_options, load_engine) -> click.Command:
         help="Requests that may wait while one generates; past it: 503 with Retry-After.",
     )
     @click.option("--model-name", help="The model id clients see (default: from the GGUF, e.g. smollm2).")
-    def serve(host, port, api_key, max_queue, model_name, **o):
+    @click.option(
+        "--allow-origin",
+        "allow_origins",
+        multiple=True,
+        metavar="ORIGIN",
+        help="A web origin (e.g. http://localhost:3000) whose pages may call the server; repeatable, "
+        "'*' for any. Also $EDGE_GENARM_ORIGINS (comma-separated). Default: only the server's own page.",
+    )
+    def serve(host, port, api_key, max_queue, model_name, allow_origins, **o):
         """OpenAI- and Ollama-compatible server with per-request ARM weights, and a chat page at /."""
         try:
             import fastapi  # noqa: F401
@@ -49,7 +57,7 @@ def serve_command(model_options, load_engine) -> click.Command:
         except EdgeGenarmError as e:
             raise click.ClickException(str(e)) from None
         app = create_app(engine, name=model_name, api_key=api_key, max_queue=max_queue,
-                         guidance=not o["no_guidance"])  # fmt: skip
+                         guidance=not o["no_guidance"], allow_origins=allow_origins)  # fmt: skip
         ids = ", ".join(p.id for p in app.state.models.presets)
         click.echo(
             f"serving {ids} on http://{host}:{port}/  (OpenAI: /v1, Ollama: /api, chat page: /)", err=True

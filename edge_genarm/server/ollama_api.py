@@ -17,7 +17,7 @@ from fastapi import Request
 
 from .. import __version__
 from . import params as P
-from .app import JobResponse, State, dumps, read_body
+from .common import JobResponse, State, dumps, read_body
 from .openai_api import content_text
 from .render import explain_item, genarm_summary, logprob_entry
 from .worker import Job
@@ -101,7 +101,11 @@ def chat_messages(v) -> list[dict]:
     out = []
     for i, m in enumerate(v):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or m["role"] not in ("system", "user", "assistant")
+        ):
             raise P.bad(f"'{where}' must be an object with 'role' system, user or assistant", f"{where}.role")
         P.refuse_unless(
             not m.get("images"), "images are not supported: this model reads text", f"{where}.images"

@@ -16,7 +16,7 @@ import time
 from fastapi import Request
 
 from . import params as P
-from .app import JobResponse, State, dumps, read_body
+from .common import JobResponse, State, dumps, read_body
 from .render import explain_item, genarm_summary, logprob_entry, usage
 from .worker import Job
 
@@ -77,7 +77,7 @@ def messages(v) -> list[dict]:
         if not isinstance(m, dict):
             raise P.bad(f"'{where}' must be an object with 'role' and 'content'", where)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise P.bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}"
                         + (" (tools are not supported)" if role in ("tool", "function") else ""), f"{where}.role")  # fmt: skip
         P.refuse_unless(not m.get("tool_calls"), "tool calls are not supported", f"{where}.tool_calls")

@@ -44,8 +44,12 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
     return ApiError(400, message, param, code)
 
 
+MAX_DEPTH = 32  # nesting of arrays/objects: a chat request needs 4 (body, messages, message, parts)
+
+
 def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object, or a 400 saying what is wrong with it."""
+    """The body as a JSON object, or a 400 saying what is wrong with it: not UTF-8, not JSON,
+    nested deeper than MAX_DEPTH, an unpaired surrogate escape (\\ud800), an integer too long."""
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -54,9 +58,47 @@ def parse_json(raw: bytes) -> dict:
         raise bad(
             f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
+    except RecursionError:
+        raise bad(f"the request body is nested too deeply: at most {MAX_DEPTH} levels of arrays and objects"
+                  ) from None  # fmt: skip
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise bad(f"the request body has a number this server cannot read ({str(e)[:80]})") from None
     if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise bad(f"the request body must be a JSON object, got {_name(body)}")
+    check_tree(body)
     return body
+
+
+def check_tree(body) -> None:
+    """Walk the parsed body once (iteratively): depth, and text that UTF-8 can carry."""
+    stack = [(body, 1, ())]
+    while stack:
+        v, depth, path = stack.pop()
+        if isinstance(v, str):
+            _check_text(v, path)
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise bad(f"the request body is nested too deeply at '{_where(path)}': at most {MAX_DEPTH} "
+                          "levels of arrays and objects", _where(path))  # fmt: skip
+            for k, x in v.items() if isinstance(v, dict) else enumerate(v):
+                if isinstance(k, str):
+                    _check_text(k, path)
+                if isinstance(x, (str, dict, list)):
+                    stack.append((x, depth + 1, (*path, k)))
+
+
+def _where(path: tuple) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+
+
+def _check_text(s: str, path: tuple) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        at = _where(path) or "the request body"
+        raise bad(f"'{at}' holds an unpaired surrogate escape (\\u{ord(s[e.start]):04x}) at character "
+                  f"{e.start}: send valid Unicode (a pair like \\ud83d\\ude00, or the character itself)",
+                  _where(path) or None) from None  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -85,9 +127,19 @@ def get_number(body: dict, key: str, param: str | None = None) -> float | None:
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(f"'{param or key}' must be a finite number, got {_name(v)} {json.dumps(v)}", param or key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(_float(v)):
+        shown = json.dumps(v)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise bad(f"'{param or key}' must be a finite number, got {_name(v)} {shown}", param or key)
     return v
+
+
+def _float(v) -> float:
+    """float(v), inf for an integer past float64's range (JSON integers have any length)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
 
 
 def get_bool(body: dict, key: str, default: bool = False, param: str | None = None) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .app import finite
+from .common import finite
 from .params import Spec
 from .worker import Job, Piece
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import guidance as G
 from ..engine import Generation, StepRecord
+from . import memory
 
 
 class QueueFull(Exception):
@@ -94,6 +95,7 @@ class Scheduler:
         self.running: Job | None = None
         self.history: deque[Job] = deque(maxlen=256)  # finished jobs, newest last
         self.dropped = 0  # requests cancelled while waiting
+        self.started = 0  # generations started (a job that got the engine)
         self.served = 0  # jobs that ran (done, cancelled or failed)
         self._lock = asyncio.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -122,6 +124,7 @@ class Scheduler:
         job.queue_s = time.perf_counter() - t0
         try:
             job.status, self.running = "running", job
+            self.started += 1
             loop = asyncio.get_running_loop()
             q: asyncio.Queue = asyncio.Queue()
             fut = loop.run_in_executor(self._pool, self._work, job, lambda item: loop.call_soon_threadsafe(
@@ -169,6 +172,7 @@ class Scheduler:
             if hasattr(it, "close"):
                 it.close()  # a stopped generation lets go of its arrays now, not when the job is forgotten
             job._dist = None
+            memory.trim()  # what this request's context grew is handed back before the next one
             emit(("end", None))
 
     def close(self) -> None:

@@ -1,0 +1,41 @@
+"""Giving memory back to the system after a request.
+
+A long prompt makes glibc's malloc, numpy and onnxruntime grow their heaps; freed blocks stay
+in the process (RSS) until something returns them. After each job the worker calls `trim()`:
+glibc's `malloc_trim(0)` releases free pages at the top of every arena and unmapped holes
+inside them (Linux/glibc only; elsewhere a no-op). It costs about a millisecond between jobs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+trims = 0  # times memory was handed back (for /health)
+_malloc_trim = None
+
+
+def _load():
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                _malloc_trim = fn
+            except (OSError, AttributeError):  # musl and others have no malloc_trim
+                pass
+    return _malloc_trim
+
+
+def trim() -> bool:
+    """Return freed heap pages to the system; True when the C library could."""
+    global trims
+    fn = _load()
+    if not fn:
+        return False
+    fn(0)
+    trims += 1
+    return True
