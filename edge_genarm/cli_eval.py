@@ -81,11 +81,11 @@ def default_methods(engine, has_nudges: bool) -> list[str]:
     return out
 
 
-
 def _recorded_weights(o: dict) -> str:
     """The models an eval folder records (a rerun over other models is refused, not mixed)."""
     weights = str(Path(o["weights"]).resolve()) if o["weights"] else "default"
     return weights if not o.get("base") else f"{weights} --base {Path(o['base']).resolve()}"
+
 
 @click.command()
 @model_options

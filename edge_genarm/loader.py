@@ -179,4 +179,3 @@ def _load_arms(entries, device: str, threads: int, tapped: str | None = None) ->
         for out in pool.map(lambda j: j[0](j[1]), jobs):
             loaded.update(out)
     return {e.name: loaded[e.name] for e in entries}
-

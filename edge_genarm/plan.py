@@ -90,6 +90,7 @@ def make_plan(
     nudges = bundle.manifest.get("nudges")
     nudge_path = bundle.root / nudges["file"] if nudges else None
     placement = bundle.manifest.get("placement", {}).get(",".join(sorted(e.name for e, _ in entries)))
+    own = base is None  # the placement and the base-tap gate were measured on the bundle's own base
     return LoadPlan(
         root=bundle.root,
         base=base_path,
@@ -99,10 +100,9 @@ def make_plan(
         n_base_tokens=len(info.tokens),
         chat_template=template,
         nudges=nudge_path,
-        # the placement and the base-tap gate were measured on the bundle's own base
-        measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) and base is None else None,
-        taps=base_taps(bundle, [e for e, _ in entries]) if base is None else {},
-        own_base=base is None,
+        measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) and own else None,
+        taps=base_taps(bundle, [e for e, _ in entries]) if own else {},
+        own_base=own,
         nudge_table=NudgeTable.load(nudge_path, info.tokens) if nudge_path else None,
     )
 
