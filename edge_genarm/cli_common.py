@@ -182,10 +182,14 @@ def load_options(o: dict, portable: bool = False):
 
 
 def load_engine(o: dict):
-    """The engine of the model options `o` (the chat template file is read and checked by load)."""
+    """The engine of the model options `o` (the chat template file is read and checked by load);
+    says so when the GGUF has no chat template and none was given (prompts then go raw)."""
     from .loader import load
 
-    return load(load_options(o))
+    engine = load(load_options(o))
+    if getattr(engine, "prompt_format", "template") == "raw":
+        _log(f"no chat template in {engine.base.path}: prompting raw (give one with --chat-template FILE)")
+    return engine
 
 
 def sampling_params(o: dict) -> SamplingParams:
