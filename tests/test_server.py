@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -475,15 +474,11 @@ def test_api_key(tiny_bundle):
 # the page, in a real browser
 # ---------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-def test_page_in_chromium(server, tmp_path):
+def test_page_in_chromium(server, tmp_path, chromium):
     from playwright.sync_api import sync_playwright
 
-    assert Path(CHROMIUM).exists(), "Debian's Chromium is missing: apt-get install -y chromium (.ci/run does)"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 620})
             page.goto(server.url + "/")

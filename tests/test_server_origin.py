@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import os
-import shutil
 import threading
 
 import httpx
@@ -49,19 +47,6 @@ async function attempt(kind, target) {
   }
 }
 </script>"""
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """The browser's path, or a skip naming how to install it (a failure with
-    EDGE_GENARM_REQUIRE_BROWSER=1, as in CI)."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        why = "Chromium is not installed: apt-get install -y chromium"
-        if os.environ.get("EDGE_GENARM_REQUIRE_BROWSER") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return path
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
