@@ -70,6 +70,17 @@ def built_bundle(name: str = "default") -> Path | None:
     return root / "bundle" if (root / MARKER).is_file() else None
 
 
+def _why_not_lean(recipe: dict, retrain: bool = False) -> str | None:
+    """None when the pack builds without torch (export/lean_pack.py); else why not."""
+    from edge_genarm.export.lean_pack import why_not_lean
+
+    return why_not_lean(recipe, retrain)
+
+
+def _can_build(recipe: dict) -> bool:
+    return _why_not_lean(recipe) is None or _has_train_extra()
+
+
 def _has_train_extra() -> bool:
     """A pack build trains or applies LoRA adapters: it needs the train extra (peft, torch)."""
     import importlib.util
@@ -83,7 +94,7 @@ def default_bundle(log=print) -> Path:
     bundle = built_bundle("default")
     if bundle is not None:
         return bundle
-    if not _has_train_extra():
+    if not _can_build(load_recipe("default")):
         log(
             "note: the default pack needs the train extra to build (pip install "
             "'edge-genarm[train]'); using the bare SmolLM2 base without ARMs"
@@ -103,8 +114,8 @@ def pack_bundle(name: str, log=print) -> Path:
     bundle = built_bundle(name)
     if bundle is not None:
         return bundle
-    load_recipe(name)  # an unknown name is named here, with the packs there are
-    if not _has_train_extra():
+    recipe = load_recipe(name)  # an unknown name is named here, with the packs there are
+    if not _can_build(recipe):
         raise EdgeGenarmError(
             f"pack '{name}' is not built, and building it needs the train extra: pip install 'edge-genarm[train]'"
         )
@@ -202,6 +213,43 @@ def build_pack(
     with stage("base model"):
         gguf = fetch_base(recipe["base"], log)
         export_base(gguf, bundle)
+    why = _why_not_lean(recipe, retrain)
+    if why is None:  # numpy, onnx and onnxruntime: export/lean_pack.py
+        from edge_genarm.export.lean_pack import build_stages
+
+        build_stages(root, bundle, gguf, recipe, stage, log)
+    elif not _has_train_extra():
+        raise EdgeGenarmError(
+            f"pack '{name}' cannot be built without torch ({why}), and the train extra is not "
+            "installed: pip install 'edge-genarm[train]'"
+        )
+    else:
+        _build_with_torch(root, bundle, gguf, recipe, stage, log, retrain)
+    info = json.loads((bundle / "manifest.json").read_text())
+    if recipe["arms"]:
+        with stage("placement"):
+            if "placement" not in info:
+                from .bench import measure_placement
+
+                rec = measure_placement(bundle)
+                log(
+                    f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
+                )
+                info = json.loads((bundle / "manifest.json").read_text())
+    from edge_genarm.export.bundle_write import tidy_bundle
+
+    for p in tidy_bundle(bundle):
+        log(f"removed '{p}', left by an interrupted build")
+    atomic_write_json(
+        root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
+    )
+    for work in ("train", "lean"):  # checkpoints, fp32 heads: the pack keeps only what it runs
+        shutil.rmtree(root / work, ignore_errors=True)
+    return bundle
+
+
+def _build_with_torch(root: Path, bundle: Path, gguf: Path, recipe: dict, stage, log, retrain: bool) -> None:
+    """The stages after the base through transformers, peft and optimum (training, --retrain)."""
     for arm, spec in recipe["arms"].items():
         with stage(f"ARM '{arm}'"):
             _build_arm(root, bundle, gguf, recipe, arm, spec, log, retrain)
@@ -222,25 +270,6 @@ def build_pack(
 
                     base_tap(bundle, pair_specs(recipe), log=log)
                     info = json.loads((bundle / "manifest.json").read_text())
-    if recipe["arms"]:
-        with stage("placement"):
-            if "placement" not in info:
-                from .bench import measure_placement
-
-                rec = measure_placement(bundle)
-                log(
-                    f"placement: {'overlapped' if rec['parallel'] else 'sequential'} forwards are faster here ({rec})"
-                )
-                info = json.loads((bundle / "manifest.json").read_text())
-    from edge_genarm.export.bundle_write import tidy_bundle
-
-    for p in tidy_bundle(bundle):
-        log(f"removed '{p}', left by an interrupted build")
-    atomic_write_json(
-        root / MARKER, {"name": name, "recipe": str(recipe_path(name)), "arms": list(info.get("arms", {}))}
-    )
-    shutil.rmtree(root / "train", ignore_errors=True)  # checkpoints: the pack keeps only what it runs
-    return bundle
 
 
 def build_pack_quietly(

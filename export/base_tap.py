@@ -93,11 +93,15 @@ def base_tap(
     trunk_key: str | None = None,
     threads: int | None = None,
     log=lambda s: print(s, file=sys.stderr),
+    seqs: dict | None = None,
+    probe: list | None = None,
 ) -> dict:
     """Gate and record the base tap for `trunk_key` (default: the bundle's only trunk).
     `pairs`: {ARM name: share.PairSpec}; an ARM without pairs is measured on the parity
     prompts (KL and top-1 only, passing at top-1 >= 0.9). `threads`: for the base and the graphs
-    (default: the runtime's, `default_threads()`). Returns the record."""
+    (default: the runtime's, `default_threads()`). `seqs` ({ARM: held-out pairs as token ids}) and
+    `probe` (the parity prompts' ids) replace tokenizing them (the torch-free build recorded
+    them). Returns the record."""
     from edge_genarm.export.gate import heldout_pairs, within_gate
     from edge_genarm.export.share import probe_sequences
 
@@ -136,14 +140,14 @@ def base_tap(
     for n in heads:
         spec = (pairs or {}).get(n)
         training = m["arms"][n].get("training")
-        seqs = (
+        given = (seqs or {}).get(n)
+        held = (
             heldout_pairs(bundle, spec.data, spec.max_len, spec.eval_frac, spec.seed, training)
-            if spec
-            else None
+            if spec and given is None
+            else given
         )
-        seqs = seqs or probe_sequences(bundle)
-        g = _gate(n, graph, on_base, seqs, (m["arms"][n].get("gate") or {}))
-        if spec:
+        g = _gate(n, graph, on_base, held or probe or probe_sequences(bundle), (m["arms"][n].get("gate") or {}))
+        if held:
             g["accuracy_drop"] = g["accuracy_fp32"] - g["accuracy_base_tap"]
             g["passed"] = within_gate(g["accuracy_drop"], g["pairs"])
         else:
@@ -152,7 +156,7 @@ def base_tap(
         log(_format(n, g))
     if not heads:
         raise BundleError(f"no ARM of '{bundle}' is a head on trunk '{trunk_key}'")
-    record.update(_hidden_drift(base, graph.trunk, probe_sequences(bundle)))  # the graph group's own trunk
+    record.update(_hidden_drift(base, graph.trunk, probe or probe_sequences(bundle)))  # the graph group's own trunk
     record["gates"] = gates
     record["passed"] = all(g["passed"] for g in gates.values())
     log(

@@ -40,7 +40,7 @@ def _quantize_file(path: Path, kind: str, block_size: int, accuracy_level: int, 
     from edge_genarm.export.quantize import quantize_model
 
     model = quantize_model(
-        onnx.load(str(path)), kind, block_size, accuracy_level, f"'{path.name}'", embed_kind
+        onnx.load(str(path)), kind, block_size, accuracy_level, f"'{path.name}'", embed_kind, copy=False
     )
     save_model(model, path)
 

@@ -1,0 +1,140 @@
+"""What a pack recipe records of its own build, so that users' builds need not measure it again.
+
+    models/NAME-pack/recorded.json   the sha256 of every file the build wrote, the quantization the
+                                     shared trunk kept, the gate figures and the base-tap record
+                                     measured then, and the versions that wrote them
+    models/NAME-pack/heldout.json    each ARM's held-out pairs (and probe prompts) as token ids, so
+                                     the gates run without a tokenizer library
+    models/NAME-pack/nudges.npz      the nudge table (reward gradients need torch: computed once)
+
+`python -m edge_genarm.export.pack_record NAME` writes them from the pack built in the cache
+(`edge-genarm pack build NAME`); it needs the export extra (the held-out pairs are tokenized
+as training tokenized them). A build compares its files with the record (lean_pack.py): the
+same bytes skip the gates and copy the figures, marked "recorded": true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from edge_genarm.errors import EdgeGenarmError
+from edge_genarm.paths import atomic_write_json
+
+RECORD, HELDOUT, NUDGES = "recorded.json", "heldout.json", "nudges.npz"
+VERSIONED = ("numpy", "onnx", "onnxruntime", "gguf")  # what writes or judges the files
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def load_record(recipe: dict) -> dict | None:
+    p = Path(recipe["_dir"]) / RECORD
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pair_source(recipe: dict, arm: str) -> dict:
+    """What an ARM's held-out split depends on: the pair file's sha256 and the split settings."""
+    s = recipe["arms"][arm]
+    return {
+        "data_sha256": _file_sha(Path(recipe["_dir"]) / s["data"]),
+        "max_len": s.get("max_len", 256),
+        "eval_frac": s.get("eval_frac", 0.1),
+        "seed": s.get("seed", 0),
+    }
+
+
+def heldout_seqs(recipe: dict, arm: str, bundle: Path, training: dict | None) -> list[tuple]:
+    """ARM `arm`'s held-out pairs as the gates score them: the recorded token ids when they were
+    recorded from the same pair file and split, else tokenized now (needs transformers)."""
+    from edge_genarm.export.gate import heldout_pairs, reference_margins
+
+    p = Path(recipe["_dir"]) / HELDOUT
+    rec = json.loads(p.read_text()).get("arms", {}).get(arm) if p.is_file() else None
+    if rec is not None and rec["source"] == pair_source(recipe, arm):
+        held = [tuple(list(x) for x in e) for e in rec["pairs"]]
+        margins = reference_margins(training, len(held))
+        return [(*e, m) for e, m in zip(held, margins)] if margins is not None else held
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        why = "records no held-out token ids" if rec is None else "records token ids of another pair file or split"
+        raise EdgeGenarmError(
+            f"the recipe {p.parent.name} {why} for ARM '{arm}' ({p}), and tokenizing the pairs needs "
+            "the export extra: pip install 'edge-genarm[export]', or record them "
+            f"(python -m edge_genarm.export.pack_record {p.parent.name[: -len('-pack')]})"
+        ) from None
+    s = recipe["arms"][arm]
+    data = Path(recipe["_dir"]) / s["data"]
+    return heldout_pairs(bundle, data, s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0), training)
+
+
+def probe_seqs(recipe: dict, bundle: Path) -> list[tuple]:
+    """The parity prompts as (first 2 ids, rest, rest): recorded, else tokenized (share.probe_sequences)."""
+    p = Path(recipe["_dir"]) / HELDOUT
+    if p.is_file() and "probe" in json.loads(p.read_text()):
+        return [tuple(list(x) for x in e) for e in json.loads(p.read_text())["probe"]]
+    from edge_genarm.export.share import probe_sequences
+
+    return probe_sequences(bundle)
+
+
+def record_pack(name: str) -> Path:
+    """Write NAME's recorded.json (+ heldout.json, nudges.npz) from its built pack in the cache."""
+    import shutil
+
+    from edge_genarm.export.gate import heldout_pairs
+    from edge_genarm.export.share import probe_sequences
+
+    from edge_genarm.pack import built_bundle, load_recipe
+
+    recipe = load_recipe(name)
+    bundle = built_bundle(name)
+    if bundle is None:
+        raise EdgeGenarmError(f"pack '{name}' is not built: `edge-genarm pack build {name}` first")
+    m = json.loads((bundle / "manifest.json").read_text())
+    d = Path(recipe["_dir"])
+    held = {"arms": {}, "probe": [list(map(list, e)) for e in probe_sequences(bundle)]}
+    for arm, s in recipe["arms"].items():
+        pairs = heldout_pairs(bundle, d / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0))
+        held["arms"][arm] = {"source": pair_source(recipe, arm), "pairs": [list(map(list, e)) for e in pairs]}
+    atomic_write_json(d / HELDOUT, held)
+    if "nudges" in m:
+        shutil.copyfile(bundle / m["nudges"]["file"], d / NUDGES)
+    (trunk,) = m.get("trunks", {}).values() or [{}]
+    record = {
+        "note": "written by `python -m edge_genarm.export.pack_record`: a build whose files hash the same "
+        "copies these figures instead of measuring them (export/lean_pack.py)",
+        "versions": versions(),
+        "files": {rel: r["sha256"] for rel, r in m["files"].items()},
+        "share": {k: trunk.get(k) for k in ("quantize", "heads_quantize", "lm_head_quantize", "embedding_quantize")},
+        "gates": {arm: a.get("gate") for arm, a in m["arms"].items()},
+        "parity": {arm: a.get("parity") for arm, a in m["arms"].items()},
+        "base_tap": trunk.get("base_tap"),
+        "nudges": {k: v for k, v in m.get("nudges", {}).items() if k != "reward_source"} or None,
+    }
+    atomic_write_json(d / RECORD, record)
+    return d / RECORD
+
+
+if __name__ == "__main__":
+    print(record_pack(sys.argv[1] if len(sys.argv) > 1 else "default"))
