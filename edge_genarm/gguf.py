@@ -208,7 +208,29 @@ def _parse(head, path: Path, size: int) -> GGUFInfo:
             f"GGUF file '{path}' is truncated: tensors need {data_start + end} bytes, file has "
             f"{size}: re-download or re-export it"
         )
+    _check_special_ids(meta, path)
     return GGUFInfo(path=path, version=version, metadata=meta, n_tensors=n_tensors)
+
+
+SPECIAL_IDS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+
+
+def _check_special_ids(meta: dict, path: Path) -> None:
+    """BOS and EOS, when given, must be token ids inside the vocabulary: an EOS outside it
+    would never be sampled, so generation would never stop at the end of a reply."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        return  # no vocabulary to check against (the loader refuses such a base on its own)
+    for key in SPECIAL_IDS:
+        v = meta.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens):
+            raise ModelFileError(
+                f"GGUF file '{path}' has {key} = {v!r}, outside its vocabulary of {len(tokens)} tokens "
+                f"(0..{len(tokens) - 1}): the tokenizer metadata is wrong; re-convert the model or fix the "
+                "field (gguf's gguf_set_metadata.py)"
+            )
 
 
 def vocab_fingerprint(tokens: list[str], n: int | None = None) -> str:

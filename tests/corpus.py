@@ -201,10 +201,8 @@ def _gguf_cases(tiny: Path) -> list[Case]:
     bare("gguf-vocab", "dropped", meta(tokenizer__ggml__tokens=None))
     bad_utf8 = toks[:300] + [b"\xff\xfe\xc0"] + toks[301:]
     bare("gguf-vocab", "bad-utf8", meta(tokenizer__ggml__tokens=(ARRAY, (STRING, bad_utf8))), may_run=True)
-    bare("gguf-vocab", "bos-out-of-range", meta(tokenizer__ggml__bos_token_id=(U32, 10**9)), may_run=True)
-    bare(
-        "gguf-vocab", "eos-out-of-range", meta(tokenizer__ggml__eos_token_id=(U32, 0xFFFFFFFF)), may_run=True
-    )
+    bare("gguf-vocab", "bos-out-of-range", meta(tokenizer__ggml__bos_token_id=(U32, 10**9)))
+    bare("gguf-vocab", "eos-out-of-range", meta(tokenizer__ggml__eos_token_id=(U32, 0xFFFFFFFF)))
     bare("gguf-vocab", "model-unknown", meta(tokenizer__ggml__model=(STRING, "zzzz")))
     bare(
         "gguf-vocab",

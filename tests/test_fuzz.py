@@ -22,7 +22,7 @@ from edge_genarm.manifest import FORMAT, validate_manifest
 from edge_genarm.records import DataError, read_prompts
 from edge_genarm.tokens import load_arm_tokens
 
-from .gguf_edit import ARRAY, F32, GGUF, KV, STRING, U32, Tensor, encode
+from .gguf_edit import ARRAY, F32, GGUF, KV, STRING, U32, Tensor, encode, parse
 
 # 150 examples a test in CI (seconds); FUZZ_EXAMPLES=5000 for a longer hunt
 FUZZ = settings(
@@ -121,6 +121,42 @@ def test_any_header_count_is_read_or_refused(field, value, tmp_path):
         read_gguf(p)
     except ModelFileError as e:
         _one_line(e)
+
+
+@FUZZ
+@given(
+    key=st.sampled_from(["bos", "eos"]),
+    n_vocab=st.integers(1, 40),
+    value=st.one_of(st.integers(0, 60), st.integers(0, 2**32 - 1)),
+)
+def test_bos_and_eos_must_be_in_the_vocabulary(key, n_vocab, value, tmp_path):
+    field = f"tokenizer.ggml.{key}_token_id"
+    meta = {"tokenizer.ggml.tokens": (ARRAY, (STRING, [f"t{i}" for i in range(n_vocab)])), field: (U32, value)}
+    p = tmp_path / "ids.gguf"
+    p.write_bytes(small_gguf(meta))
+    if value < n_vocab:
+        assert read_gguf(p).get(field) == value
+        return
+    with pytest.raises(ModelFileError) as e:
+        read_gguf(p)
+    _one_line(e.value)
+    assert field in str(e.value) and f"= {value}" in str(e.value) and f"{n_vocab} tokens" in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_a_real_gguf_with_eos_outside_its_vocabulary_is_refused(tiny_bundle, tmp_path):
+    from edge_genarm import load
+
+    src = next(Path(tiny_bundle).glob("*.gguf"))
+    g = parse(src.read_bytes())
+    n = len(read_gguf(src).tokens)
+    g.set("tokenizer.ggml.eos_token_id", U32, n + 7)
+    bad = tmp_path / "eos.gguf"
+    bad.write_bytes(g.to_bytes())
+    with pytest.raises(ModelFileError, match=rf"tokenizer\.ggml\.eos_token_id = {n + 7}, outside its vocabulary"):
+        read_gguf(bad)
+    with pytest.raises(ModelFileError, match="eos_token_id"):
+        load(str(bad))
 
 
 # ---------------------------------------------------------------------------
