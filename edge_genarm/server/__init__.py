@@ -29,4 +29,11 @@ Choices, written down:
   a 500 (or an error event mid-stream) and the server goes on.
 - Only loopback by default; `--api-key` requires a bearer key on /v1 and /api (the page at `/`
   asks for it). No CDN: the page is plain HTML/JS/CSS shipped in the package.
+- A web page cannot drive it (gate.py): on loopback, a Host that is not a loopback name is 403
+  (DNS rebinding); an Origin other than the server's own (or one given with `--allow-origin` /
+  $EDGE_GENARM_ORIGINS) is 403; a POST to /v1 or /api that is not `application/json` is 415.
+- Every body is checked before it is queued (params.py): nesting depth, valid Unicode, numbers
+  in range (ARM weights within +-guidance.MAX_WEIGHT, sampling within what float32 can carry).
+- Memory comes back: after each job the worker returns freed heap pages (memory.py, glibc's
+  malloc_trim); `scripts/soak.py` measures RSS over a long mixed run.
 """
