@@ -32,16 +32,21 @@ def _pre_tokenizer(pre: str):
 
 
 def build_tokenizer(gguf: GGUFInfo | str | Path):
-    """A transformers PreTrainedTokenizerFast with the GGUF's exact token ids."""
+    """A transformers PreTrainedTokenizerFast with the GGUF's exact token ids (SentencePiece
+    vocabularies: checked token for token against llama.cpp, refused where they differ)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     info = gguf if isinstance(gguf, GGUFInfo) else read_gguf(gguf)
     kind = info.get("tokenizer.ggml.model")
+    if kind == "llama":  # SentencePiece: rebuilt and checked against llama.cpp (gguf_spm.py)
+        from edge_genarm.export.gguf_spm import build_spm_fast
+
+        return build_spm_fast(info)
     if kind != "gpt2":
         raise ModelFileError(
-            f"'{info.path}' has a '{kind}' tokenizer; only byte-level BPE ('gpt2') GGUF "
-            "vocabularies can be rebuilt: start from the Hugging Face checkpoint instead"
+            f"'{info.path}' has a '{kind}' tokenizer; only byte-level BPE ('gpt2') and SentencePiece "
+            "('llama') GGUF vocabularies can be rebuilt: start from the Hugging Face checkpoint instead"
         )
     tokens = info.tokens
     types = info.get("tokenizer.ggml.token_type", [1] * len(tokens))

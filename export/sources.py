@@ -62,12 +62,23 @@ def check_hf_dir(path: str | Path) -> dict:
     return cfg
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A .gguf file, or any file that starts with the GGUF magic (an Ollama blob has no suffix)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    if p.suffix == ".gguf":
+        return True
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_source(source: str | Path, layers: int | None = None):
     """(model, tokenizer) in float32 from a HF folder or a GGUF file; optionally cut to `layers`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(source)
-    if src.suffix == ".gguf":
+    if is_gguf(src):
         from edge_genarm.export.gguf_tokenizer import build_tokenizer
 
         tok = build_tokenizer(src)  # transformers' own GGUF tokenizer gets EOS/add_bos wrong
