@@ -20,8 +20,9 @@ from .server.command import serve_command
 
 @click.group()
 @click.version_option(package_name="edge-genarm")
+@click.option("-v", "--verbose", is_flag=True, help="Show the log on stderr, llama.cpp's own lines included.")
 @click.pass_context
-def main(ctx):
+def main(ctx, verbose):
     """edge-genarm: steer a local LLM with autoregressive reward models, offline.
 
     Settings: command line > EDGE_GENARM_<KEY> environment > config file
@@ -30,6 +31,10 @@ def main(ctx):
     from .config import default_map, effective
 
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if verbose:
+        from .backends.llama_log import show_log
+
+        show_log()
     if ctx.invoked_subcommand == "config":
         return  # `config show` reports problems itself
     try:

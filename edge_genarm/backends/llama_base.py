@@ -57,6 +57,9 @@ class LlamaBase:
         heads that run on the base's own trunk (backends.capture)."""
         import llama_cpp
 
+        from .llama_log import route_llama_log
+
+        route_llama_log()  # llama.cpp's own lines go to logging ("edge_genarm.llama"), not the terminal
         self.path = Path(path)
         # the header read (and checked) in Python before llama.cpp can abort; `info`: already read
         self.info = info if info is not None else read_gguf(self.path)
