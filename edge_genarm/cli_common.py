@@ -55,9 +55,18 @@ def _pack_weights(name: str) -> str:
     return str(pack_bundle(name, log=_log))
 
 
+def _ollama_weights(name: str) -> str:
+    from .ollama import resolve
+
+    return str(resolve(name))  # the model's GGUF blob in the Ollama store, read in place
+
+
 # A --weights (or --base) value that starts with one of these names a model by another scheme:
 # prefix -> the function that turns the rest into a local path.
-WEIGHTS_SCHEMES = {"pack:": _pack_weights}  # pack:NAME: pack NAME's bundle (built on first use)
+WEIGHTS_SCHEMES = {  # pack:NAME: pack NAME's bundle (built on first use); ollama:NAME[:TAG]: an Ollama model
+    "pack:": _pack_weights,
+    "ollama:": _ollama_weights,
+}
 
 
 def resolve_weights(spec: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import fail, load_engine, model_options, options
+from .cli_common import fail, load_engine, model_options, options, resolve_weights
 from .config import DEFAULTS
 from .errors import EdgeGenarmError
 from .records import read_prompts
@@ -21,15 +21,19 @@ def export_group():
 
 
 @export_group.command("base")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")  # a path, or ollama:NAME[:TAG] (resolve_weights)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--quant", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
 @click.option("--force", is_flag=True, help="Redo / replace an existing export.")
 def export_base_cmd(source, out, quant, force):
-    """SOURCE: a Hugging Face folder (converted by llama.cpp's converter) or a .gguf (adopted)."""
+    """SOURCE: a Hugging Face folder (converted by llama.cpp's converter), a .gguf (adopted) or
+    ollama:NAME[:TAG] (the model's GGUF in the Ollama store, adopted)."""
     from edge_genarm.export.commands import export_base
 
     try:
+        source = resolve_weights(source)
+        if not Path(source).exists():
+            raise EdgeGenarmError(f"'{source}' does not exist: give a Hugging Face folder, a .gguf or ollama:NAME")
         export_base(source, out, quant, force)
     except EdgeGenarmError as e:
         fail(e)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge_genarm.export.bundle_write import add_arm, add_base, clean_scratch, scratch_dir
 from edge_genarm.export.parity import format_parity, run_parity
-from edge_genarm.export.sources import load_source, save_hf
+from edge_genarm.export.sources import is_gguf, load_source, save_hf
 
 from edge_genarm.errors import BundleError
 from edge_genarm.manifest import MANIFEST, read_manifest
@@ -86,7 +86,7 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
     clean_scratch(out.parent)  # what a killed run left
     if _check_output(out, "base", fp, force, "base"):
         return read_manifest(out)
-    if source.suffix == ".gguf":  # adopt as is: no source to compare against
+    if is_gguf(source):  # adopt as is (an Ollama blob has no .gguf suffix): no source to compare against
         src = {"path": str(source.resolve()), "fingerprint": fp, "kind": "gguf"}
         return add_base(out, source, extra={"source": src, "parity": {"type": "adopted", "passed": True}})
     stages = _stages(["load", "convert", "parity", "write"], "export base")
