@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import guidance as G
-from .backends.onnx_arm import OnnxARM, _common_prefix
+from .backends.onnx_arm import OnnxARM
+from .backends.units import reusable
 from .errors import ConfigError, ModelFileError
 from .text import TextStream
 
@@ -70,7 +71,7 @@ class RewardModel:
         """r(tokens): the output at the last position, evaluating only what the cache lacks
         (the first `n_prompt` tokens are the prompt, for the bookkeeping)."""
         tokens = list(tokens)
-        self.graph.truncate(min(_common_prefix(self.graph.tokens, tokens), len(tokens) - 1))
+        self.graph.truncate(reusable(self.graph.tokens, tokens))
         self.prompt_evaluated += max(0, n_prompt - len(self.graph.tokens))
         return float(self._feed(tokens[len(self.graph.tokens) :])[-1])
 
@@ -138,13 +139,8 @@ class ArmScorer:
         seq, n_p = list(prompt_ids) + list(reply_ids), len(prompt_ids)
         if not reply_ids:
             return 0.0
-        group = getattr(self.arm, "group", None)
-        if group is not None:  # a head on a shared trunk: every position of the whole sequence
-            rows, first = group.sequence_logits(self.name, seq), 0
-        else:  # keep the cached prompt up to the position that predicts the first reply token
-            self.arm.truncate(min(_common_prefix(self.arm.tokens, seq), n_p - 1))
-            first = len(self.arm.tokens)
-            rows = self.arm.feed(seq[first:])
+        # the cached prompt is reused up to the position that predicts the first reply token
+        first, rows = self.arm.logits_from(seq, n_p - 1)
         self.forwards += 1
         self.tokens_evaluated += len(seq) - first
         self.prompt_evaluated += max(0, n_p - first)

@@ -1,14 +1,51 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with edge-genarm and everything its tests need.
-#   VENV=.venv  EXTRAS=cpu,export,train,serve,ray,eval,test  EDGE_GENARM_CMAKE_ARGS="-DGGML_CUDA=on" for CUDA
+# Set up a virtual environment with edge-genarm.
+#
+#   bash scripts/setup.sh            the runtime, the server and what building the packs needs
+#   bash scripts/setup.sh --test     + everything the tests need (training, export, Ray, plots,
+#                                    pytest, Playwright) and Debian's Chromium where it can (root)
+#   EXTRAS=cpu,serve,pack,ray bash scripts/setup.sh     exactly these extras (see pyproject.toml)
+#
+#   VENV=.venv   EDGE_GENARM_CMAKE_ARGS="-DGGML_CUDA=on" for CUDA (then EXTRAS=gpu,...)
 # llama-cpp-python is sdist-only on Linux and pip's wheel cache ignores CMAKE_ARGS, so
 # the wheel we build is kept in a folder keyed by version + build flags + machine and
 # installed from there with --find-links (seconds instead of minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The default: generate, chat, serve, and build the packs on first use. The packs apply their
+# committed LoRA adapters with torch + peft (the train extra) until the pack build is
+# torch-free (issue 23): then `train` leaves this list.
+DEFAULT_EXTRAS=cpu,serve,pack,train
+TEST_EXTRAS=serve,pack,export,train,ray,eval,test  # + cpu, unless EXTRAS has gpu
+# name: what it is for (printed at the end, so a user knows what else there is)
+OPTIONAL="test: pytest, Playwright and the test models (--test)
+train: edge-genarm prefs / train-arm / train-rm (torch, peft)
+export: edge-genarm export from a Hugging Face checkpoint (torch, transformers, optimum)
+ray: --ray on batch, prefs, compare and eval
+eval: edge-genarm eval plots (matplotlib)
+gpu: onnxruntime-gpu, in place of cpu (never both: EXTRAS=gpu,serve,pack,...)"
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+TEST=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --test) TEST=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "setup.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}
+if [ "$TEST" = 1 ]; then EXTRAS=$EXTRAS,$TEST_EXTRAS; fi
+EXTRAS=$(printf '%s' "$EXTRAS" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)  # each once, in order
+has() { case ",$EXTRAS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+# onnxruntime from exactly one of cpu and gpu: both install into one folder, the last one wins
+if has cpu && has gpu; then echo "setup.sh: EXTRAS has both cpu and gpu: choose one" >&2; exit 2; fi
+has cpu || has gpu || EXTRAS=cpu,$EXTRAS
+
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-cpu,export,train,serve,ray,eval,test}
 CACHE=${EDGE_GENARM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-genarm}
 LLAMA_VERSION=0.3.36
 # Portable by default (-march=native wheels crash on other CPUs): about 10% slower.
@@ -25,9 +62,23 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
   rm -rf "$WHEELS" && mv "$WHEELS.partial" "$WHEELS"
 fi
 $PIP install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
-case ",$EXTRAS," in
-  # torch first, pinned: otherwise a dependency pulls a multi-GB CUDA build (FACTS.md)
-  *,export,*|*,train,*) $PIP install -q "torch==2.13.0" ;;
-esac
+# torch first, pinned: otherwise a dependency pulls a multi-GB CUDA build (FACTS.md)
+if has export || has train; then $PIP install -q "torch==2.13.0"; fi
 $PIP install -q -e ".[$EXTRAS]"
+
+# The browser test (tests/test_server.py) drives Debian's Chromium; without one it is skipped
+# (EDGE_GENARM_REQUIRE_BROWSER=1, as in CI, makes that a failure).
+if [ "$TEST" = 1 ] && ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's Chromium for the browser test (about a minute)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "warning: Chromium did not install: the browser test will be skipped" >&2
+  else
+    echo "note: no Chromium, and no root + apt-get to install it: the browser test will be skipped" >&2
+  fi
+fi
+
+echo "installed extras: $EXTRAS" >&2
+echo "other extras (EXTRAS=$EXTRAS,NAME bash scripts/setup.sh):" >&2
+printf '%s\n' "$OPTIONAL" | while IFS= read -r line; do has "${line%%:*}" || echo "  $line" >&2; done
 echo "ready: $VENV/bin/edge-genarm" >&2

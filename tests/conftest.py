@@ -7,12 +7,16 @@ exporters rebuilds it; everything else reuses it (building takes ~30 s).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# .ci/run sets it to 1: there a missing browser fails the browser test instead of skipping it
+REQUIRE_BROWSER = "EDGE_GENARM_REQUIRE_BROWSER"
 
 
 BUILDERS = [
@@ -76,16 +80,48 @@ def smollm2_gguf() -> Path:
     return smollm2_gguf()
 
 
+def find_chromium() -> tuple[str | None, str]:
+    """(a Chromium that Playwright can drive, or None; and why not). Debian's package is
+    /usr/bin/chromium; `scripts/setup.sh --test` installs it where it runs as root with apt-get."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return None, "Playwright is not installed: bash scripts/setup.sh --test installs it"
+    candidates = ["/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")]
+    if sys.platform == "darwin":
+        candidates.append("/Applications/Chromium.app/Contents/MacOS/Chromium")
+    for path in filter(None, candidates):
+        if os.access(path, os.X_OK):
+            return path, ""
+    how = (
+        "bash scripts/setup.sh --test installs it here (root, apt-get)"
+        if os.geteuid() == 0 and shutil.which("apt-get")
+        else "install Chromium (Debian: apt-get install chromium, as root) to run it"
+    )
+    return None, f"no Chromium found (looked for /usr/bin/chromium, chromium and chromium-browser on PATH): {how}"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a Chromium for the browser tests; without one they skip, saying why, unless
+    EDGE_GENARM_REQUIRE_BROWSER=1 (CI), where they fail."""
+    path, why = find_chromium()
+    if path:
+        return path
+    if os.environ.get(REQUIRE_BROWSER) == "1":
+        pytest.fail(f"{why} ({REQUIRE_BROWSER}=1: the browser test must run here)", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture(autouse=True)
 def _no_user_config(monkeypatch, tmp_path_factory):
     """Tests never read the developer's own config file or EDGE_GENARM_* settings."""
-    import os
-
     for var in list(os.environ):
         if var.startswith("EDGE_GENARM_") and var not in (
             "EDGE_GENARM_CACHE",
             "EDGE_GENARM_LLAMA_SRC",
             "EDGE_GENARM_RECIPES",
+            REQUIRE_BROWSER,
         ):
             monkeypatch.delenv(var)
     monkeypatch.setenv("EDGE_GENARM_CONFIG", str(tmp_path_factory.getbasetemp() / "no-config.toml"))

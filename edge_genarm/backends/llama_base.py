@@ -17,7 +17,7 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import ContextOverflowError, ModelFileError
 from ..gguf import GGUFInfo, read_gguf
-from .onnx_arm import _common_prefix
+from .units import reusable
 
 
 def default_threads() -> int:
@@ -164,7 +164,7 @@ class LlamaBase:
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Evaluate `tokens`, reusing the KV cache for the prefix shared with the last call."""
-        keep = min(_common_prefix(self.tokens, tokens), len(tokens) - 1)
+        keep = reusable(self.tokens, tokens)
         self._truncate(keep)
         self.last_prefill_evaluated = len(tokens) - keep
         return self._decode(list(tokens[keep:]))
@@ -175,7 +175,7 @@ class LlamaBase:
         `tokens`, positions decoded one token at a time (llama.cpp's one-token path rounds
         differently from its batched one, up to ~1 nat on a Q4 model; batches of any size >= 2
         agree exactly), and enough that at least two tokens are evaluated."""
-        self._truncate(min(_common_prefix(self.tokens, tokens), self.n_exact, max(0, len(tokens) - 2)))
+        self._truncate(reusable(self.tokens, tokens, self.n_exact))
 
     def _truncate(self, keep: int) -> None:
         if keep < len(self.tokens):

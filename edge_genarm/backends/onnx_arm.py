@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, ModelFileError
+from .units import ArmUnit, reusable
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class KVGraph(OnnxGraph):
     def exact_keep(self, tokens: list[int]) -> int:
         """The cached positions a cold prefill of `tokens` would compute bit for bit: shared, fed
         in batches (onnxruntime's one-position kernels round differently), >= 2 left to feed."""
-        return min(_common_prefix(self.tokens, tokens), self.n_exact, max(0, len(tokens) - 2))
+        return reusable(self.tokens, tokens, self.n_exact)
 
     def feed(self, new: list[int], value: np.ndarray | None = None) -> np.ndarray:
         """One forward with IOBinding over the positions of token ids `new` (fed as `value`
@@ -302,11 +303,16 @@ class KVGraph(OnnxGraph):
 
 
 class OnnxARM(KVGraph):
-    """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits."""
+    """One ARM: `prefill(tokens)` then `step(token)`, each returning last-position logits.
+    `unit` is the ARM as the engine runs it (backends.units)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.unit = ArmUnit(self)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Evaluate `tokens`, reusing the cached prefix they share with the last call."""
-        self.truncate(min(_common_prefix(self.tokens, tokens), len(tokens) - 1))  # evaluate >= 1 token
+        self.truncate(reusable(self.tokens, tokens))
         return self.feed(list(tokens[len(self.tokens) :]))[-1]
 
     def trim_for(self, tokens: list[int]) -> None:
@@ -321,10 +327,9 @@ class OnnxARM(KVGraph):
         self.reset()
         return self.feed(list(tokens))
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    def logits_from(self, tokens: list[int], start: int) -> tuple[int, np.ndarray]:
+        """(first, logits at positions first.. of `tokens`), first <= `start`: the positions before
+        `first` come from the KV cache (scoring a reply after a cached prompt)."""
+        self.truncate(reusable(self.tokens, tokens[: start + 1]))
+        first = len(self.tokens)
+        return first, self.feed(list(tokens[first:]))

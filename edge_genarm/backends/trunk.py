@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFileError
-from .onnx_arm import KVGraph, OnnxGraph, _common_prefix
+from .onnx_arm import KVGraph, OnnxGraph
+from .units import reusable
 
 
 class _Trunk(KVGraph):
@@ -36,8 +37,9 @@ def _trunk_id(graph: OnnxGraph) -> str | None:
 
 
 class TrunkGroup:
-    """One trunk, the heads on it, and the shared LM head. `run(kind, arg, names)` returns
-    {name: last-position logits} for the named heads."""
+    """One trunk, the heads on it, and the shared LM head: a forward unit (backends.units) whose
+    `prefill(tokens, names)` / `step(token, names)` return {name: last-position logits} for the
+    named heads, running the trunk once for all of them."""
 
     def __init__(
         self,
@@ -57,6 +59,7 @@ class TrunkGroup:
         from concurrent.futures import ThreadPoolExecutor
 
         self.tap, self.on_base = None, on_base
+        self.after_base = on_base  # the heads read the base's own layer: they wait for its forward
         kw = dict(device=device, threads=threads, cache=cache)
         with ThreadPoolExecutor(max_workers=2) as pool:  # sessions are created side by side (warm start)
             t = pool.submit(_Trunk, trunk, f"{label} trunk", **kw) if not on_base else None
@@ -65,6 +68,7 @@ class TrunkGroup:
             self.trunk = t.result() if t else None
             self.heads, self.lm = {n: f.result() for n, f in hs.items()}, lm.result()
         self.threads = threads
+        self.names = tuple(heads)
         first = self.trunk or self.lm
         want = _trunk_id(first)
         for graph in [*self.heads.values(), self.lm]:
@@ -95,11 +99,6 @@ class TrunkGroup:
         """The trunk's output at every cached position, (positions, hidden)."""
         return self.tap.hidden if self.tap is not None else self._buf[: self._n]
 
-    @property
-    def after_base(self) -> bool:
-        """The heads read the base's own layer output: run them after the base's decode."""
-        return self.on_base
-
     def attach(self, base) -> None:
         if getattr(base, "capture", None) is None:
             raise ValueError("the base was loaded without a tap")
@@ -116,7 +115,7 @@ class TrunkGroup:
         self._n = need
 
     def _advance_trunk(self, tokens: list[int]) -> None:
-        keep = min(_common_prefix(self.trunk.tokens, tokens), len(tokens) - 1)
+        keep = reusable(self.trunk.tokens, tokens)
         self.trunk.truncate(keep)
         self._append(keep, self.trunk.feed(list(tokens[keep:])))
 
@@ -141,7 +140,7 @@ class TrunkGroup:
         normed = []
         for n in names:
             head = self.heads[n]
-            keep = min(_common_prefix(head.tokens, tokens), len(tokens) - 1)
+            keep = reusable(head.tokens, tokens)
             head.truncate(keep)
             normed.append(head.feed(tokens[keep:], hidden[None, keep : len(tokens)])[-1])
             head.n_exact = min(head.n_exact, exact)  # exact only on exact hidden states
@@ -151,10 +150,20 @@ class TrunkGroup:
             raise self.lm.run_error(e) from None
         return {n: logits[i, -1] for i, n in enumerate(names)}
 
+    def prefill(self, tokens: list[int], names) -> dict[str, np.ndarray]:
+        return self.run("prefill", tokens, names)
+
+    def step(self, token: int, names) -> dict[str, np.ndarray]:
+        return self.run("step", token, names)
+
+    @property
+    def graphs(self) -> list:
+        return [g for g in (self.trunk, self.lm, *self.heads.values()) if g is not None]
+
     def trim_for(self, tokens: list[int], names: list[str]) -> None:
         """As LlamaBase.trim_for, for the trunk and the named heads."""
         if self.tap is not None:  # the engine trims the base itself
-            keep = min(_common_prefix(self.tap.tokens, tokens), self.tap.n_exact, max(0, len(tokens) - 2))
+            keep = reusable(self.tap.tokens, tokens, self.tap.n_exact)
         else:
             keep = self.trunk.exact_keep(tokens)
             self.trunk.truncate(keep)
@@ -175,11 +184,12 @@ class TrunkGroup:
 
 
 class HeadARM:
-    """One ARM of a TrunkGroup, usable wherever an OnnxARM is (`prefill`/`step`); the engine
-    sees `group` and runs the heads of one group in a single call."""
+    """One ARM of a TrunkGroup, usable wherever an OnnxARM is (`prefill`/`step`); its `unit` is
+    the group, which the engine runs once per step for all of the group's active heads."""
 
     def __init__(self, group: TrunkGroup, name: str):
         self.group, self.name = group, name
+        self.unit = group
         self.path = group.heads[name].path
         self.threads = group.threads
         self.vocab_size = group.vocab_size
@@ -195,3 +205,7 @@ class HeadARM:
 
     def trim_for(self, tokens: list[int]) -> None:
         self.group.trim_for(tokens, [self.name])
+
+    def logits_from(self, tokens: list[int], start: int) -> tuple[int, np.ndarray]:
+        """As OnnxARM.logits_from; a head evaluates every position afresh (first = 0)."""
+        return 0, self.group.sequence_logits(self.name, tokens)
