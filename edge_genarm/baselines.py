@@ -25,6 +25,7 @@ from . import guidance as G
 from .backends.onnx_arm import OnnxARM
 from .backends.units import reusable
 from .errors import ConfigError, ModelFileError
+from .generation import after_token
 from .text import TextStream
 
 RM_SECTION = "reward_models"  # the manifest section export/rm_export.py writes
@@ -295,38 +296,33 @@ def args_decode(engine, prompt, rm: RewardModel, k: int = 5, w: float = 1.0, see
             "ARGS scores candidates by log p_base + w * r only: set repeat_penalty=1 and dry_multiplier=0"
         )
     base = engine.base
-    ids = (
-        list(prompt)
-        if _is_tokens(prompt)
-        else engine.tokenize_prompt(engine.format_prompt(prompt, raw, system))
-    )
-    budget = engine._budget(len(ids), max_tokens)
+    ids = engine.prompt_ids(prompt, raw, system)
+    budget = engine.budget(len(ids), max_tokens)
     rng, text, c, t0 = np.random.default_rng(seed), TextStream(stop), Compute(), time.perf_counter()
     f0, k0, p0 = rm.forwards, rm.tokens_evaluated, rm.prompt_evaluated
-    logits = base.prefill(ids)
-    c.base_forwards = 1
-    c.base_tokens = c.base_prompt_tokens = base.last_prefill_evaluated
-    rm.score(ids, len(ids))
     steps, reply, out, finish = [], [], [], "length"
-    for i in range(budget):
-        lp = G.log_softmax(logits)
-        cands = top_candidates(lp, k)
-        rewards, states = rm.branch(cands)
-        scores = lp[cands] + np.float32(w) * rewards
-        j = G.sample_u(scores, params, rng.random())
-        tok = int(cands[j])
-        steps.append(ArgsStep(cands, lp[cands], rewards, scores, tok))
-        rm.adopt(states[j])
-        c.sampled += 1
-        if tok in base.eos_ids:
-            finish = "stop"
-            break
-        reply.append(tok)
-        out.append(text.push(base.token_bytes(tok)))
-        if text.stopped:
-            finish = "stop"
-            break
-        if i < budget - 1:
+    with engine.hold():  # the base's KV cache, as a Generation's
+        logits = base.prefill(ids)
+        c.base_forwards = 1
+        c.base_tokens = c.base_prompt_tokens = base.last_prefill_evaluated
+        rm.score(ids, len(ids))
+        for i in range(budget):
+            lp = G.log_softmax(logits)
+            cands = top_candidates(lp, k)
+            rewards, states = rm.branch(cands)
+            scores = lp[cands] + np.float32(w) * rewards
+            j = G.sample_u(scores, params, rng.random())
+            tok = int(cands[j])
+            steps.append(ArgsStep(cands, lp[cands], rewards, scores, tok))
+            rm.adopt(states[j])
+            c.sampled += 1
+            piece, finish = after_token(tok, base.eos_ids, text, base.token_bytes, i == budget - 1)
+            if piece is None:  # EOS
+                break
+            reply.append(tok)
+            out.append(piece)
+            if finish is not None:
+                break
             logits = base.step(tok)
             c.base_forwards, c.base_tokens = c.base_forwards + 1, c.base_tokens + 1
     out.append(text.flush())
@@ -334,7 +330,3 @@ def args_decode(engine, prompt, rm: RewardModel, k: int = 5, w: float = 1.0, see
     c.scorer_prompt_tokens = rm.prompt_evaluated - p0
     c.seconds = time.perf_counter() - t0
     return ArgsResult("".join(out), reply, finish, steps, len(ids), c)
-
-
-def _is_tokens(x) -> bool:
-    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(i, (int, np.integer)) for i in x)

@@ -168,10 +168,8 @@ def disk_usage(engine) -> dict:
 def _graphs(engine):
     """Every ONNX session file the engine loaded (whole ARMs, or trunk + heads + LM head)."""
     seen = {}
-    for arm in engine.arms.values():
-        group = getattr(arm, "group", None)
-        graphs = [g for g in (group.trunk, group.lm, *group.heads.values()) if g is not None] if group else [arm]
-        for g in graphs:
+    for unit in engine.units:
+        for g in unit.graphs:
             seen[str(g.path)] = g
     return list(seen.values())
 

@@ -186,6 +186,17 @@ class NudgeReport:
     rollouts: list[tuple[int, list[tuple[int, float]]]] = field(default_factory=list)
     rollout_tokens: int = 0  # forwards spent on rollouts (each: base + every ARM)
 
+    def note(self, step: int, site: bool, sampled: int, chosen: int, rollouts=None, forwards: int = 0) -> None:
+        """Record one step: whether it was a site, a changed pick, a site's rollouts and their forwards."""
+        self.steps += 1
+        if site:
+            self.sites.append(step)
+        if rollouts is not None:
+            self.rollouts.append((step, rollouts))
+            self.rollout_tokens += forwards
+        if chosen != sampled:
+            self.changes.append((step, sampled, chosen))
+
     def summary(self) -> dict:
         return {
             "steps": self.steps,
@@ -219,19 +230,23 @@ def candidate_scores(
     return ids, pick, z
 
 
-def apply_site(base_lp, scores, cfg: NudgeConfig, nudge: np.ndarray | None, ranked: list | None = None):
-    """Force mode: (forced token, None). Bias mode: (None, scores with the bias added).
+@dataclass
+class SiteDecision:
+    """What nudging decided at a site: in force mode the token (`forced`), in bias mode the scores
+    to sample from (`biased`); `ranked` holds the candidate ids best first (by pick score in force
+    mode, by biased score in bias mode): the ones rollouts verify."""
 
-    `ranked`, when given, receives the candidate ids best first (by pick score in force
-    mode, by biased score in bias mode): the ones rollouts verify.
-    """
+    forced: int | None
+    biased: np.ndarray | None
+    ranked: list[int]
+
+
+def apply_site(base_lp, scores, cfg: NudgeConfig, nudge: np.ndarray | None) -> SiteDecision:
+    """The nudge's decision at a site (`scores`: the combined scores the sampler would draw from)."""
     ids, pick, z = candidate_scores(base_lp, scores, cfg.top_k, nudge, cfg.strength)
     if cfg.mode == "force":
-        if ranked is not None:
-            ranked.extend(int(i) for i in ids[np.argsort(-pick, kind="stable")])
-        return int(ids[int(np.argmax(pick))]), None
+        ranked = [int(i) for i in ids[np.argsort(-pick, kind="stable")]]
+        return SiteDecision(int(ids[int(np.argmax(pick))]), None, ranked)
     biased = scores.copy()
     biased[ids] += np.float32(cfg.strength) * z.astype(np.float32)
-    if ranked is not None:
-        ranked.extend(int(i) for i in ids[np.argsort(-biased[ids], kind="stable")])
-    return None, biased
+    return SiteDecision(None, biased, [int(i) for i in ids[np.argsort(-biased[ids], kind="stable")]])

@@ -93,18 +93,19 @@ def test_force_mode_picks_the_best_mixed_score():
     scores = base + arm_part
     nudge = np.array([0.0, 0.0, 10.0, 0.0, 0.0], dtype=np.float32)  # reward direction likes token 2
     cfg = NudgeConfig(top_k=3, strength=0.0)
-    assert apply_site(base, scores, cfg, nudge)[0] == 1  # no nudge: the ARM decides
+    assert apply_site(base, scores, cfg, nudge).forced == 1  # no nudge: the ARM decides
     cfg = NudgeConfig(top_k=3, strength=5.0)
-    assert apply_site(base, scores, cfg, nudge)[0] == 2
+    assert apply_site(base, scores, cfg, nudge).forced == 2
     cfg = NudgeConfig(top_k=2, strength=5.0)  # token 2 is not among the base top-2
-    assert apply_site(base, scores, cfg, nudge)[0] == 1
+    assert apply_site(base, scores, cfg, nudge).forced == 1
 
 
 def test_bias_mode_adds_the_standardised_score_to_the_candidates_only():
     base = ref_log_softmax([2.0, 1.0, 0.5, 0.0]).astype(np.float32)
     nudge = np.array([1.0, 3.0, 2.0, 100.0], dtype=np.float32)
     cfg = NudgeConfig(top_k=3, mode="bias", strength=0.5)
-    forced, biased = apply_site(base, base, cfg, nudge)
+    site = apply_site(base, base, cfg, nudge)
+    forced, biased = site.forced, site.biased
     assert forced is None
     raw = np.array([1.0, 3.0, 2.0])
     z = (raw - raw.mean()) / raw.std()
