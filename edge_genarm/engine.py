@@ -21,7 +21,7 @@ import numpy as np
 
 from . import guidance as G
 from .backends.llama_base import LlamaBase
-from .chat import CHATML, render
+from .chat import check_messages, render
 from .config import DEFAULTS
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
 from .generation import Completion, Generation, StepRecord, Timings
@@ -76,15 +76,30 @@ class Engine:
         self.weights = self.check_weights(weights)
 
     # -- prompts ------------------------------------------------------------
+    @property
+    def prompt_format(self) -> str:
+        """How prompts are written: "template" (the chat template) or "raw" (none: format_prompt)."""
+        return "template" if self.chat_template else "raw"
+
     def format_prompt(self, prompt: str | list[dict], raw: bool = False, system: str | None = None) -> str:
-        """Messages (or a string, as one user message) through the chat template."""
-        if isinstance(prompt, str) and raw:
+        """The text a prompt is sent as.
+
+        With a chat template (`prompt_format` "template"): messages, or a string as one user
+        message, through the template; `raw=True` sends a string as is. Without one ("raw": the
+        GGUF has none and none was given), a string is sent as is (with `system`, both become
+        messages) and messages become a plain transcript, one "System: ...", "User: ..." or
+        "Assistant: ..." line each, ending with "Assistant:". No chat format (ChatML or another)
+        is assumed for a model that may not have been trained on one.
+        """
+        if isinstance(prompt, str) and (raw or not self.chat_template and system is None):
             return prompt
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}] + [
                 m for m in messages if m.get("role") != "system"
             ]
+        if not self.chat_template:
+            return _transcript(messages)
         info = self.base.info
         toks = info.tokens
 
@@ -92,7 +107,7 @@ class Engine:
             i = info.get(f"tokenizer.ggml.{key}_token_id")
             return toks[i] if i is not None and 0 <= i < len(toks) else ""
 
-        return render(self.chat_template or CHATML, messages, bos_token=tok("bos"), eos_token=tok("eos"))
+        return render(self.chat_template, messages, bos_token=tok("bos"), eos_token=tok("eos"))
 
     def tokenize_prompt(self, text: str) -> list[int]:
         ids = self.base.tokenize(text)
@@ -291,6 +306,12 @@ def _run(unit, kind: str, arg, names) -> tuple[dict, float]:
     t0 = time.perf_counter()
     out = getattr(unit, kind)(arg, names)
     return out, time.perf_counter() - t0
+
+
+def _transcript(messages: list[dict]) -> str:
+    """Messages as a plain transcript for a model without a chat template."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in check_messages(messages)]
+    return "\n".join([*lines, "Assistant:"])
 
 
 def _is_token_list(x) -> bool:

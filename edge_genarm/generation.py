@@ -174,13 +174,14 @@ class Generation:
         [(candidate, score)], forwards spent).
 
         Each candidate c is fed, then followed greedily (argmax of the combined scores) until the
-        rollout holds `rollout_len` tokens or ends in EOS; its score is the sum
+        rollout holds `rollout_len` tokens, ends in EOS, or fills the context; its score is the sum
         of sum_i w_i log p_arm_i over those tokens. Every rollout has the same horizon, so the sums
         compare like with like. The models are put back on `seq` afterwards (their KV caches keep
         the shared prefix; one token is re-evaluated).
         """
         engine, active, t = self.engine, self.active, self.timings
-        horizon = self.nudge_cfg.rollout_len
+        # a rollout of h tokens feeds h - 1 of them after seq: never past the context
+        horizon = min(self.nudge_cfg.rollout_len, engine.base.n_ctx - len(seq) + 1)
         results, forwards = [], 0
         for c in cands:
             score, tok = sc.arm_term(c, active), c

@@ -1,4 +1,5 @@
-"""The Generation: one at a time per engine, released however it ends; the forward-unit contract."""
+"""The Generation: one at a time per engine, released however it ends; the forward-unit contract;
+rollouts at the end of the context; prompts for a model without a chat template."""
 
 import gc
 
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 
 from edge_genarm import guidance as G
+from edge_genarm import load
 from edge_genarm.backends.units import reusable
 from edge_genarm.engine import Engine
 from edge_genarm.errors import EdgeGenarmError
+from edge_genarm.nudge import NudgeConfig
 
 KW = dict(seed=1, sampling=G.SamplingParams(1.0, 0, 1.0, 0.0))
 
@@ -125,3 +128,34 @@ def test_any_unit_that_keeps_the_contract_guides(engine, parallel):
     for r in c.records:
         assert r.arm_contrib["const"] == pytest.approx(-np.log(2.0), abs=1e-5)
     assert list(c.timings.arm_s) == ["const"]
+
+
+def test_rollouts_at_the_end_of_the_context_stop_at_the_budget(tiny_bundle):
+    e = load(str(tiny_bundle), ["alpha=1.0"], n_ctx=40)
+    try:
+        ids = e.prompt_ids("Hi")
+        cfg = NudgeConfig(tau=0.0, min_gap=1, top_k=4, rollouts=3, rollout_len=4)
+        c = e.generate("Hi", max_tokens=None, nudge=cfg, ignore_eos=True, **KW)
+    finally:
+        e.close()
+    assert c.finish_reason == "length" and len(ids) + len(c.tokens) == 40
+    assert c.nudge.sites == list(range(len(c.tokens)))  # every step a verified site, the last ones too
+    assert [s for s, _ in c.nudge.rollouts] == c.nudge.sites
+
+
+def test_no_template_sends_strings_raw_and_messages_as_a_transcript(engine):
+    saved = engine.chat_template
+    try:
+        assert engine.prompt_format == "template"
+        engine.chat_template = None
+        assert engine.prompt_format == "raw"
+        assert engine.format_prompt("Once upon a time") == "Once upon a time"
+        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Tell me more."}]  # fmt: skip
+        assert engine.format_prompt(msgs, system="Be brief.") == (
+            "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Tell me more.\nAssistant:"
+        )
+        assert engine.format_prompt("Hi", system="Be brief.") == "System: Be brief.\nUser: Hi\nAssistant:"
+        assert "<|im_start|>" not in engine.format_prompt(msgs)  # no ChatML assumed
+    finally:
+        engine.chat_template = saved
