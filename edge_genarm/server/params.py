@@ -45,6 +45,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 
 MAX_DEPTH = 32  # nesting of arrays/objects: a chat request needs 4 (body, messages, message, parts)
+MAX_INT = 10**100  # past it float(x) overflows somewhere; seeds (taken mod 2**64) need less
 
 
 def parse_json(raw: bytes) -> dict:
@@ -85,6 +86,10 @@ def check_tree(body) -> None:
                     _check_text(k, path)
                 if isinstance(x, (str, dict, list)):
                     stack.append((x, depth + 1, (*path, k)))
+                elif isinstance(x, int) and not -MAX_INT <= x <= MAX_INT:
+                    at = _where((*path, k))
+                    raise bad(f"'{at}' is an integer of {len(str(abs(x)))} digits: no setting takes one "
+                              "past 1e100 (a float would overflow)", at)  # fmt: skip
 
 
 def _where(path: tuple) -> str:
@@ -265,8 +270,8 @@ def nudge_from(v, param: str) -> NudgeConfig | None:
                   f"{param}.{unknown[0]}")  # fmt: skip
     try:
         return NudgeConfig(**v)
-    except (ConfigError, TypeError) as e:
-        raise bad(str(e), param) from None
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
+        raise bad(f"'{param}': {e}", param) from None
 
 
 def logprobs_from(want: bool, top) -> int | None:
