@@ -24,6 +24,7 @@ from .backends.llama_base import LlamaBase
 from .chat import check_messages, render
 from .config import DEFAULTS
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
+from .fastmode import gate_tau
 from .generation import Completion, Generation, StepRecord, Timings
 from .nudge import NudgeConfig, NudgeTable
 
@@ -164,6 +165,7 @@ class Engine:
         ignore_eos: bool = False,
         nudge: NudgeConfig | None = None,
         explain: bool = False,
+        exact: bool | None = None,
         **sampling_kw,
     ) -> Generation:
         """A Generation: iterate it for one StepRecord per generated token.
@@ -172,7 +174,9 @@ class Engine:
         `guidance=False` runs the base alone. `nudge` turns on entropy-triggered nudging
         (nudge.py) with the bundle's nudge table when it has one. `on_step(i, scores, params)`
         sees each step's scores (what the sampler draws from). `explain` records in each
-        StepRecord the token the base alone would have drawn (`base_pick`). Bad arguments
+        StepRecord the token the base alone would have drawn (`base_pick`). `exact` (default:
+        fastmode.DEFAULT_EXACT) runs every ARM at every step; `exact=False` skips the ARMs where
+        the base is confident (fastmode.py) and records which steps were guided. Bad arguments
         raise here, before any model runs. One Generation runs at a time: iterate it to the
         end, or `close()` it, before iterating the next.
         """
@@ -191,11 +195,12 @@ class Engine:
                 "nudge rollouts are scored by the ARMs, and none is active: give an ARM a weight "
                 "(--arm NAME=W), or set rollouts to 0"
             )
+        fast_tau = gate_tau(exact, bool(active))
         ids = self.prompt_ids(prompt, raw, system)
         return Generation(
             self, ids, self.budget(len(ids), max_tokens), params=params, seed=seed, weights=w,
             active=active, runs=self.units_for(active), stop=stop, on_step=on_step,
-            eos=set() if ignore_eos else self.base.eos_ids, nudge=nudge, explain=explain,
+            eos=set() if ignore_eos else self.base.eos_ids, nudge=nudge, explain=explain, fast_tau=fast_tau,
         )  # fmt: skip
 
     @contextmanager
@@ -247,15 +252,23 @@ class Engine:
             arm_logits.update(out)
             if t is not None:
                 t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
-        for label, unit, names in late:
-            out, dt = _run(unit, kind, arg, names)
-            arm_logits.update(out)
-            if t is not None:
-                t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
+        arm_logits.update(self.forward_units(kind, arg, late, t))
         if t is not None:
             t.base_s += base_s
             t.forward_s += time.perf_counter() - t0
         return base_logits, arm_logits
+
+    def forward_units(self, kind: str, arg, run: list, t: Timings | None = None) -> dict:
+        """`kind` on the units of `run` alone, one after another (the base is not touched):
+        {name: ARM logits}. Fast mode's catch-up is `forward_units("prefill", seq, ...)`: each
+        unit evaluates the positions it skipped, in one batch (units.reusable)."""
+        arm_logits = {}
+        for label, unit, names in run:
+            out, dt = _run(unit, kind, arg, names)
+            arm_logits.update(out)
+            if t is not None:
+                t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
+        return arm_logits
 
     def trim_for(self, seq: list[int], runs: Runs) -> None:
         """Start a seeded request from cache entries that a cold prefill would compute bit for bit

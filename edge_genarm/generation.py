@@ -42,6 +42,7 @@ class StepRecord:
     site: bool = False  # a nudge site (entropy trigger fired)
     nudged_from: int | None = None  # the token sampling chose before the nudge changed it
     base_pick: int | None = None  # explain only: the base's own scores, same sampler and uniform, chose this
+    guided: bool = True  # the active ARMs ran at this step (fast mode skips confident steps)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Timings:
     arm_s: dict[str, float] = field(default_factory=dict)  # per ARM unit (an ARM, or heads sharing a trunk)
     forward_s: float = 0.0  # wall time of the (overlapped) forward section
     total_s: float = 0.0  # wall time of the decode steps
+    guided: int = 0  # steps at which the active ARMs ran (all of them in the exact mode)
 
     def summary(self) -> dict:
         n = max(1, self.steps)
@@ -65,6 +67,7 @@ class Timings:
             "base_ms": 1e3 * self.base_s / n,
             "arm_ms": {k: 1e3 * v / n for k, v in self.arm_s.items()},
             "python_ms": 1e3 * other / n,
+            "guided_fraction": self.guided / n if self.steps else 0.0,
         }
 
 
@@ -113,7 +116,7 @@ class Generation:
     early and lets the engine go."""
 
     def __init__(self, engine: Engine, ids: list[int], budget: int, *, params, seed, weights, active, runs,
-                 stop, on_step, eos, nudge, explain=False):  # fmt: skip
+                 stop, on_step, eos, nudge, explain=False, fast_tau=None):  # fmt: skip
         self.engine, self.ids, self.budget = engine, list(ids), budget
         self.params: G.SamplingParams = params
         self.rng = _rng(seed)
@@ -127,6 +130,7 @@ class Generation:
         self.nudge_cfg: NudgeConfig | None = nudge
         self.nudge: NudgeReport | None = NudgeReport() if nudge is not None else None
         self.explain = explain  # fill StepRecord.base_pick
+        self.fast_tau: float | None = fast_tau  # fast mode: skip the ARMs below this base entropy (fastmode.py)
         self.timings = Timings(prompt_tokens=len(ids))
         self.finish_reason: str | None = None
         self._steps: Iterator[StepRecord] | None = None
@@ -212,10 +216,11 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
             engine.trim_for(seq, runs)
         logits = engine.forward("prefill", seq, runs)
         t.prompt_s = time.perf_counter() - t0
-        g.finish_reason, last_site = "length", None
+        g.finish_reason, last_site, guided, base = "length", None, True, None
         for i in range(budget):
             t1 = time.perf_counter()
-            sc = combine(logits, active, engine.base.path.name)
+            sc = combine(logits, active if guided else {}, engine.base.path.name, base)
+            t.guided += guided and bool(active)
             scores = penalize(sc.scores, sc.base_lp, seq, p, engine.dry_breakers)
             if on_step is not None:
                 on_step(i, scores, p)
@@ -233,7 +238,10 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
                 break
             t.steps += 1
             if finish is None:  # the next step's forwards run before this token is handed out
-                logits = engine.forward("step", tok, runs, t)
+                if g.fast_tau is None:
+                    logits = engine.forward("step", tok, runs, t)
+                else:
+                    logits, base, guided = fast_forward(engine, tok, seq, runs, g.fast_tau, t)
             t.total_s += time.perf_counter() - t1
             yield record(tok, text, sc, scores, active, pick)
             if finish is not None:
@@ -243,14 +251,32 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
             yield StepRecord(-1, tail, 0.0, 0.0, 0.0)
 
 
-def combine(logits, active: dict[str, float], base_name: str) -> Scores:
+NO_UNITS = ([], [])
+
+
+def fast_forward(engine, tok: int, seq: list[int], runs, tau: float, t: Timings):
+    """Fast mode's forwards for the next step: the base first; the ARM units only when the base's
+    entropy reaches `tau`, catching up every position they skipped in one batch. Returns
+    (logits, the base's (log-probs, entropy) for `combine`, guided)."""
+    base_logits, _ = engine.forward("step", tok, NO_UNITS, t)
+    base = G.log_softmax_entropy(base_logits)
+    if base[1] < tau:
+        return (base_logits, {}), base, False
+    t0 = time.perf_counter()
+    arm = engine.forward_units("prefill", seq, runs[0] + runs[1], t)
+    t.forward_s += time.perf_counter() - t0
+    return (base_logits, arm), base, True
+
+
+def combine(logits, active: dict[str, float], base_name: str, base=None) -> Scores:
     """scores = log p_base + sum_i w_i (z_i - logZ_i), z_i the ARM's raw logits.
 
     Only logZ_i is computed for each ARM (not its whole log-softmax): the
-    sum of w_i * logZ_i is one scalar subtracted at the end.
+    sum of w_i * logZ_i is one scalar subtracted at the end. `base`: the base's
+    (log-probs, entropy) when already computed (fast mode).
     """
     base_logits, arm_logits = logits
-    base_lp, h = G.log_softmax_entropy(base_logits)
+    base_lp, h = base if base is not None else G.log_softmax_entropy(base_logits)
     if h != h:  # NaN entropy <=> a NaN or +inf among the logits
         raise EdgeGenarmError(
             f"the base model '{base_name}' produced NaN/inf logits: the GGUF may be "
@@ -314,6 +340,7 @@ def record(
         tok, text, base, (float(scores[tok]) - G.logsumexp(scores)) if sc.arm else base, sc.entropy,
         {n: active[n] * (float(z[tok]) - lse) if tok < z.size else float("-inf") for n, (z, lse) in sc.arm.items()},
         sc.fallback, pick.site, pick.sampled if pick.token != pick.sampled else None, pick.base_pick,
+        bool(sc.arm) or not active or bool(sc.fallback),
     )  # fmt: skip
 
 

@@ -1,0 +1,30 @@
+"""Fast guidance: run the ARMs only where the base is unsure (issue 21, "steer only where it matters").
+
+At a step whose base next-token entropy is below `FAST_TAU` nats the ARMs are skipped and the
+base's own (penalised) log-probs are sampled; at the next step above it every active unit
+catches up on the positions it skipped, in one batch, from its cache (never a hole: the
+units' `prefill` feeds exactly the missing tokens). The exact mode (`exact=True`) runs every
+ARM at every step and is bit for bit the reference; each approximation lives here and is off
+in it.
+
+Why entropy: at weight w an ARM moves a token's score by w * log p_arm, which can change the
+pick only where the base leaves room. The measured share of steps below the threshold, how
+often the pick then differs from the exact mode's, and the speed are in docs/speed.md.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+FAST_TAU = 0.5  # nats: below this base entropy a step is decoded without the ARMs
+DEFAULT_EXACT = True  # the fast mode becomes the default only once it keeps the gain (docs/speed.md)
+
+
+def gate_tau(exact, guided: bool) -> float | None:
+    """The entropy threshold this request decodes with: None (every step guided) in the exact
+    mode or when no ARM is active. `exact` None means the default; anything but a bool is refused."""
+    if exact is None:
+        exact = DEFAULT_EXACT
+    if not isinstance(exact, bool):
+        raise ConfigError(f"exact must be true or false, got {exact!r}")
+    return None if exact or not guided else FAST_TAU

@@ -1,0 +1,78 @@
+"""Fast guidance (fastmode.py): ARMs skipped at confident steps, caught up without holes.
+
+Checked against independent computations on the tiny bundle: at a guided step the sampled
+distribution is base + ARMs computed by llama.cpp and PyTorch over the whole sequence (so the
+ARM's cache, caught up in batches, holds every position), at a skipped step the base's alone.
+"""
+
+import numpy as np
+import pytest
+
+from edge_genarm import fastmode
+from edge_genarm import guidance as G
+from edge_genarm.errors import ConfigError
+
+from .reference import ref_distribution, ref_log_softmax
+from .test_engine import reference  # noqa: F401  (the fixture: llama.cpp + PyTorch on the same weights)
+
+torch = pytest.importorskip("torch")
+
+PARAMS = (0.9, 0, 1.0, 0.0)
+W = {"alpha": 1.5, "beta": -0.4}
+
+
+def _run(engine, exact, **kw):
+    seen = []
+    c = engine.generate("Tell me a story.", max_tokens=24, seed=4, weights=W, exact=exact,
+                        sampling=G.SamplingParams(*PARAMS, dry_multiplier=0.0),
+                        on_step=lambda i, s, p: seen.append(s.copy()), **kw)  # fmt: skip
+    return c, seen
+
+
+def test_fast_mode_samples_base_plus_arms_where_guided_and_the_base_elsewhere(engine, reference, monkeypatch):  # noqa: F811
+    base_logits, arm_logits = reference
+    exact, _ = _run(engine, True)
+    tau = float(np.median([r.entropy for r in exact.records[1:]]))
+    monkeypatch.setattr(fastmode, "FAST_TAU", tau)
+    c, seen = _run(engine, False)
+    guided = [r.guided for r in c.records]
+    assert guided[0] and any(guided[1:]) and not all(guided[1:])  # both kinds of step happened
+    assert c.timings.guided == sum(guided)
+    assert c.timings.summary()["guided_fraction"] == pytest.approx(sum(guided) / len(guided))
+    prompt = engine.tokenize_prompt(engine.format_prompt("Tell me a story."))
+    seq = prompt + c.tokens
+    b = base_logits(seq)
+    arm = {k: arm_logits(k, seq) for k in W}
+    for i, r in enumerate(c.records):
+        pos = len(prompt) - 1 + i
+        scores = ref_log_softmax(b[pos])
+        assert (r.entropy < tau) == (not r.guided) or i == 0
+        if r.guided:
+            for k, w in W.items():
+                scores = scores + w * ref_log_softmax(arm[k][pos])
+            assert set(r.arm_contrib) == set(W)
+        else:
+            assert r.arm_contrib == {}
+        got = G.sampling_distribution(seen[i], G.SamplingParams(*PARAMS))
+        np.testing.assert_allclose(got, ref_distribution(scores, *PARAMS), rtol=2e-3, atol=1e-7,
+                                   err_msg=f"step {i} guided={r.guided}")  # fmt: skip
+
+
+def test_every_step_guided_is_the_exact_mode(engine, monkeypatch):
+    monkeypatch.setattr(fastmode, "FAST_TAU", -1.0)
+    exact, _ = _run(engine, True)
+    fast, _ = _run(engine, False)
+    assert fast.tokens == exact.tokens and fast.text == exact.text
+    assert all(r.guided for r in fast.records) and fast.timings.guided == len(fast.records)
+
+
+def test_the_exact_mode_is_the_default_and_exact_must_be_a_boolean(engine):
+    a, _ = _run(engine, None)
+    b, _ = _run(engine, True)
+    assert a.tokens == b.tokens and fastmode.DEFAULT_EXACT
+    for bad in ("yes", 1, None.__class__):
+        with pytest.raises(ConfigError, match="exact must be true or false"):
+            engine.stream("Hi", weights=W, exact=bad)
+    # no ARM active: nothing to skip, the request is unguided whatever `exact` says
+    assert fastmode.gate_tau(False, guided=False) is None
+    assert fastmode.gate_tau(False, guided=True) == fastmode.FAST_TAU
