@@ -114,7 +114,31 @@ def build_spm_tokenizer(info: GGUFInfo):
             if ty in (CONTROL, UNKNOWN)
         ]
     )
+    tok.post_processor = _post_processor(info)
     return tok
+
+
+def _post_processor(info: GGUFInfo):
+    """BOS/EOS added as llama.cpp adds them (add_bos_token, default on for SentencePiece; add_eos_token)."""
+    from tokenizers import processors
+
+    tokens, ends = info.tokens, []
+    for key, default in (("bos", True), ("eos", False)):
+        i = info.get(f"tokenizer.ggml.{key}_token_id")
+        on = bool(info.get(f"tokenizer.ggml.add_{key}_token", default))
+        ends.append((tokens[i], i) if on and isinstance(i, int) and 0 <= i < len(tokens) else None)
+    bos, eos = ends
+
+    def seq(piece: str, part: int) -> list[str]:
+        return (
+            ([f"{bos[0]}:{part}"] if bos else [])
+            + [f"{piece}:{part}"]
+            + ([f"{eos[0]}:{part}"] if eos else [])
+        )
+
+    return processors.TemplateProcessing(
+        single=seq("$A", 0), pair=seq("$A", 0) + seq("$B", 1), special_tokens=[e for e in ends if e]
+    )
 
 
 # ---------------------------------------------------------------------------

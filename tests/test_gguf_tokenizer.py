@@ -124,6 +124,7 @@ def test_build_tokenizer_gives_a_checked_fast_tokenizer(tmp_path):
     assert fast.init_kwargs["add_bos_token"] is True
     ref = llama_token_ids(path, ["hello world"])[0][0]
     assert fast("hello world", add_special_tokens=False).input_ids == ref
+    assert fast("hello world").input_ids == [1] + ref  # add_bos_token: BOS added as llama.cpp adds it
     assert fast.decode(ref) == "hello world"  # the space prefix is stripped again
     assert fast.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
 
