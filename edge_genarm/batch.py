@@ -185,6 +185,7 @@ class BatchWork:
     nudge: NudgeConfig | None = None
     stop: tuple[str, ...] = ()
     system: str | None = None
+    exact: bool | None = None  # None: the default mode (fastmode.DEFAULT_EXACT)
     _judges: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -225,7 +226,7 @@ class BatchWork:
         return run_record(
             engine, i, task["prompt"], setting, seed=record_seed(self.seed, i, j), sample=j,
             max_tokens=self.max_tokens, judges=self._judges, nudge=self.nudge, sampling=self.sampling,
-            stop=list(self.stop), system=self.system,
+            stop=list(self.stop), system=self.system, exact=self.exact,
         )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def batch_cmd(prompts_file, out, settings, k, judges, skip, limit, on_error, no_
         work = BatchWork(
             seed=o["seed"] or 0, k=k, max_tokens=o["max_tokens"], judges=tuple(judges),
             sampling=sampling_params(o), nudge=nudge_params(o),
-            stop=tuple(o["stop"]), system=o["system"],
+            stop=tuple(o["stop"]), system=o["system"], exact=o.get("exact"),
         )  # fmt: skip
         stats = run_batch(partial(load, spec), items, parsed, out, work=work, runner=runner, progress=not no_progress)
     except EdgeGenarmError as e:

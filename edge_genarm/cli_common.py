@@ -148,6 +148,9 @@ sampling_options = options(
                  help="Tokens to generate at most."),
     click.option("--stop", multiple=True, help="Stop string, repeatable."),
     click.option("--system", "-s", help="System prompt."),
+    click.option("--exact/--fast", "exact", default=None,
+                 help="--fast skips the ARMs where the base is confident (fastmode.py); --exact (the "
+                 "default) runs them at every step."),
 )  # fmt: skip
 
 nudge_options = options(
@@ -221,4 +224,5 @@ def gen_kwargs(o: dict) -> dict:
     return dict(
         sampling=sampling_params(o), seed=o["seed"], max_tokens=o["max_tokens"], stop=list(o["stop"]),
         guidance=not o["no_guidance"], system=o["system"], nudge=nudge_params(o) if o.get("nudge") else None,
+        exact=o.get("exact"),
     )  # fmt: skip

@@ -55,16 +55,22 @@ def generate(prompt, raw, as_json, no_stream, explain, **o):
 
 
 def explain_text(engine, c) -> str:
-    """The reply with nudged tokens marked «new|was», then the nudge summary."""
+    """The reply with nudged tokens marked «new|was» and, in the fast mode, tokens decoded without
+    the ARMs (a confident step) marked ‹token›; then the nudge and fast-mode summaries."""
     piece = engine.base.token_bytes
     parts = []
     for r in c.records:
         if r.nudged_from is not None:
             was = piece(r.nudged_from).decode("utf-8", "replace")
             parts.append(f"«{r.text}|{was}»")
+        elif not r.guided:
+            parts.append(f"‹{r.text}›")
         else:
             parts.append(r.text)
     out = "".join(parts)
+    skipped = sum(not r.guided for r in c.records)
+    if skipped:
+        out += f"\n[fast: {len(c.records) - skipped} of {len(c.records)} steps guided; ‹skipped›]"
     if c.nudge is not None:
         s = c.nudge.summary()
         out += (
@@ -76,7 +82,7 @@ def explain_text(engine, c) -> str:
 
 RECORD_FIELDS = (
     "token", "text", "base_logprob", "combined_logprob", "entropy", "arm_contrib", "fallback", "site",
-    "nudged_from",
+    "nudged_from", "guided",
 )  # fmt: skip
 
 

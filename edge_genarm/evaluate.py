@@ -126,7 +126,8 @@ def parse_method(spec: str, arms: list[str], has_nudges: bool = False, has_rm: b
 
 
 def parse_sampling(text: str, where: str) -> dict:
-    """`KEY=V[,KEY=V]` over SamplingParams fields, checked by SamplingParams itself."""
+    """`KEY=V[,KEY=V]` over SamplingParams fields, checked by SamplingParams itself, and `exact`
+    (1: every ARM at every step, 0: the fast mode, fastmode.py)."""
     from .guidance import SamplingParams
 
     names = {f.name: f for f in fields(SamplingParams)}
@@ -134,14 +135,17 @@ def parse_sampling(text: str, where: str) -> dict:
     for part in text.split(","):
         key, eq, val = part.partition("=")
         key = key.strip()
+        if key == "exact" and val.strip() in ("0", "1"):
+            out["exact"] = val.strip() == "1"
+            continue
         if not eq or key not in names:
             raise ConfigError(
                 f"method {where!r}: {part!r} is not a sampling setting: use KEY=V with KEY one of "
-                f"{', '.join(names)}"
+                f"{', '.join(names)}, or exact=0|1"
             )
         num = _number(val, where)
         out[key] = int(num) if names[key].type in ("int", int) and num == int(num) else num
-    SamplingParams(**out)  # a bad value is refused here, with the setting's own message
+    SamplingParams(**{k: v for k, v in out.items() if k != "exact"})  # a bad value is refused with its own message
     return out
 
 

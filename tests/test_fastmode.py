@@ -76,3 +76,29 @@ def test_the_exact_mode_is_the_default_and_exact_must_be_a_boolean(engine):
     # no ARM active: nothing to skip, the request is unguided whatever `exact` says
     assert fastmode.gate_tau(False, guided=False) is None
     assert fastmode.gate_tau(False, guided=True) == fastmode.FAST_TAU
+
+
+def test_exact_reaches_the_engine_from_the_cli_the_server_and_eval(engine, tiny_bundle, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_genarm.cli import main
+    from edge_genarm.evaluate import parse_method
+    from edge_genarm.server.params import ApiError, Spec, apply_genarm
+
+    monkeypatch.setattr(fastmode, "FAST_TAU", 1e9)  # every step after the first skips the ARMs
+    r = CliRunner().invoke(main, ["generate", "--weights", str(tiny_bundle), "--arm", "alpha=1", "--fast",
+                                  "--explain", "-n", "6", "--seed", "1", "--temperature", "0", "Hi"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "[fast: 1 of " in r.output and "‹" in r.output
+    r = CliRunner().invoke(main, ["generate", "--weights", str(tiny_bundle), "--arm", "alpha=1", "--exact",
+                                  "--explain", "-n", "6", "--seed", "1", "--temperature", "0", "Hi"])  # fmt: skip
+    assert r.exit_code == 0 and "[fast:" not in r.output
+    spec = Spec("m", "Hi")
+    apply_genarm(spec, {"genarm": {"exact": False}}, engine)
+    assert spec.exact is False and spec.stream_kwargs()["exact"] is False
+    with pytest.raises(ApiError) as e:
+        apply_genarm(Spec("m", "Hi"), {"genarm": {"exact": "no"}}, engine)
+    assert e.value.status == 400 and e.value.param == "genarm.exact" and "true or false" in e.value.message
+    assert parse_method("alpha=1@exact=0", ["alpha", "beta"]).sampling == {"exact": False}
+    with pytest.raises(ConfigError, match="exact=0|1"):
+        parse_method("alpha=1@exact=2", ["alpha", "beta"])

@@ -19,7 +19,7 @@ from ..nudge import NudgeConfig
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 INT_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.type == "int"}
 NUDGE_FIELDS = tuple(f.name for f in dataclasses.fields(NudgeConfig))
-GENARM_KEYS = ("weights", "guidance", "nudge", "explain")
+GENARM_KEYS = ("weights", "guidance", "nudge", "explain", "exact")
 MAX_TOP_LOGPROBS = 20
 
 
@@ -200,6 +200,7 @@ class Spec:
     guidance: bool = True
     nudge: NudgeConfig | None = None
     explain: bool = False
+    exact: bool | None = None  # None: the default mode (fastmode.DEFAULT_EXACT)
     top_logprobs: int | None = None  # None: no log-probs
     stream: bool = False
     include_usage: bool = False
@@ -208,7 +209,7 @@ class Spec:
     def stream_kwargs(self) -> dict:
         return dict(max_tokens=self.max_tokens, sampling=self.sampling, seed=self.seed, stop=self.stop,
                     weights=self.weights, guidance=self.guidance, raw=self.raw, system=self.system,
-                    nudge=self.nudge, explain=self.explain)  # fmt: skip
+                    nudge=self.nudge, explain=self.explain, exact=self.exact)  # fmt: skip
 
 
 def sampling_from(values: dict, where: str = "") -> SamplingParams:
@@ -233,7 +234,8 @@ def seed_from(v, param: str = "seed") -> int | None:
 
 
 def apply_genarm(spec: Spec, body: dict, engine, param: str = "genarm") -> None:
-    """The namespaced extension: {"weights": {...}, "guidance": bool, "nudge": bool|{...}, "explain": bool}."""
+    """The namespaced extension: {"weights": {...}, "guidance": bool, "nudge": bool|{...}, "explain": bool,
+    "exact": bool}."""
     g = body.get("genarm")
     if g is None:
         return
@@ -254,6 +256,8 @@ def apply_genarm(spec: Spec, body: dict, engine, param: str = "genarm") -> None:
         spec.weights = {**spec.weights, **{k: float(v) for k, v in w.items()}}
     spec.guidance = get_bool(g, "guidance", spec.guidance, f"{param}.guidance")
     spec.explain = get_bool(g, "explain", False, f"{param}.explain")
+    if g.get("exact") is not None:
+        spec.exact = get_bool(g, "exact", True, f"{param}.exact")
     spec.nudge = nudge_from(g.get("nudge"), f"{param}.nudge")
 
 
