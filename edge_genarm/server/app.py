@@ -92,7 +92,8 @@ def _pages(app, state: State) -> None:
         s = state.scheduler
         return {"status": "ok", "model": state.models.name, "running": s.running is not None,
                 "waiting": s.waiting, "max_queue": s.max_queue, "started": s.started, "served": s.served,
-                "dropped": s.dropped, "rss_mb": rss_mb(), "trimmed": memory.trims}  # fmt: skip
+                "dropped": s.dropped, "rss_mb": rss_mb(), "trims": memory.trims,
+                "trim_ms": round(memory.last_ms, 2)}  # fmt: skip
 
 
 def rss_mb() -> float | None:

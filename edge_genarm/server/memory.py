@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+import time
 
 trims = 0  # times memory was handed back (for /health)
+last_ms = 0.0  # what the last trim took
 _malloc_trim = None
 
 
@@ -32,10 +34,11 @@ def _load():
 
 def trim() -> bool:
     """Return freed heap pages to the system; True when the C library could."""
-    global trims
+    global trims, last_ms
     fn = _load()
     if not fn:
         return False
+    t0 = time.perf_counter()
     fn(0)
-    trims += 1
+    trims, last_ms = trims + 1, 1e3 * (time.perf_counter() - t0)
     return True
