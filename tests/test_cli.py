@@ -86,6 +86,23 @@ def test_bad_values_are_named(tiny_bundle):
     assert r.exit_code != 0 and "does not exist" in r.output
 
 
+def test_a_gguf_without_a_chat_template_is_prompted_raw_and_says_so(tiny_bundle, tmp_path):
+    from tests.gguf_edit import parse
+
+    bare = tmp_path / "no-template.gguf"
+    bare.write_bytes(parse((tiny_bundle / "base.gguf").read_bytes()).drop("tokenizer.chat_template").to_bytes())
+    args = ["generate", "--seed", "2", "-n", "4", "--json", "Hello"]
+    r = run([*args, "--weights", str(bare)])
+    assert r.exit_code == 0, r.output
+    assert f"no chat template in {bare}: prompting raw (give one with --chat-template FILE)" in r.stderr
+    assert json.loads(r.stdout)["tokens"]
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    for given in (["--weights", str(bare), "--chat-template", str(template)], ["--weights", str(tiny_bundle)]):
+        r = run([*args, *given])
+        assert r.exit_code == 0 and "no chat template" not in r.stderr, r.output
+
+
 def test_stop_string_from_the_cli(tiny_bundle):
     base = ["generate", "--weights", str(tiny_bundle), "--seed", "9", "-n", "30", "--json", "Hi"]
     full = json.loads(run(base).output)["text"]
