@@ -117,6 +117,9 @@ def request_mix(n: int, arms: list[str], model: str, max_tokens: int) -> list[di
         ("/v1/chat/completions", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}'),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}'),
         ("/api/chat", b'{"model": "x", "messages": 3}'),
+        ("/v1/chat/completions", b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),  # nested too deeply
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'),  # unpaired surrogate
+        ("/v1/chat/completions", nan.replace(b"NaN", b"1e30")),  # an ARM weight past the range
     ]
     reqs = []
     for i in range(n):
