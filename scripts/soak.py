@@ -235,7 +235,10 @@ def main() -> int:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # stuck in a long prefill: a job cannot stop mid-call
+                proc.kill()
     if a.json:
         a.json.write_text(json.dumps({k: r[k] for k in ("warm", "series", "fails", "counts", "wall")}))
     return 0 if verdict(r, a) else 1
