@@ -29,6 +29,15 @@ SUPPORTED = {
 }
 
 
+# A GGUF without a chat template is prompted raw at runtime (Engine.format_prompt): a string as
+# is, messages as a "Role: content" transcript ending in "Assistant:". Training renders the same.
+RAW_TEMPLATE = (
+    "{%- if messages|length == 1 and messages[0].role == 'user' -%}{{ messages[0].content }}"
+    "{%- else -%}{%- for m in messages -%}{{ m.role|capitalize }}: {{ m.content }}\n{% endfor -%}"
+    "Assistant:{%- endif -%}"
+)
+
+
 class SourceError(EdgeGenarmError):
     """A source model folder or file that cannot be exported."""
 
@@ -82,7 +91,10 @@ def load_source(source: str | Path, layers: int | None = None):
         from edge_genarm.export.gguf_tokenizer import build_tokenizer
 
         tok = build_tokenizer(src)  # transformers' own GGUF tokenizer gets EOS/add_bos wrong
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")
+        if not tok.chat_template:
+            tok.chat_template = RAW_TEMPLATE  # train on the text the runtime sends this model
+        extra = gguf_config_overrides(src)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32", **extra)
     else:
         check_hf_dir(src)
         tok = AutoTokenizer.from_pretrained(src)
@@ -90,6 +102,26 @@ def load_source(source: str | Path, layers: int | None = None):
     if layers is not None:
         truncate_layers(model, layers)
     return model.eval(), tok
+
+
+def gguf_config_overrides(path: str | Path) -> dict:
+    """Config values transformers 4.57's GGUF loader leaves at their defaults but llama.cpp reads.
+
+    Gemma 3: the attention scale is 1/sqrt(head_dim) in llama.cpp (1/sqrt(hidden/heads) for the
+    62-layer 27B), while transformers' query_pre_attn_scalar defaults to 256 (right for 270M and
+    1B only); linear RoPE scaling (4B and larger) is in the GGUF but not mapped."""
+    from edge_genarm.gguf import read_gguf
+
+    info = read_gguf(path)
+    if info.architecture != "gemma3":
+        return {}
+    heads, hidden = info.arch_get("attention.head_count"), info.arch_get("embedding_length")
+    head_dim = info.arch_get("attention.key_length") or hidden // heads
+    out = {"query_pre_attn_scalar": hidden // heads if info.arch_get("block_count") == 62 else head_dim}
+    factor = info.arch_get("rope.scaling.factor")
+    if info.arch_get("rope.scaling.type") == "linear" and factor:
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    return out
 
 
 def truncate_layers(model, n: int) -> None:
