@@ -81,14 +81,23 @@ def cut_layer(recipe: dict, n_layers: int) -> int:
     return layer or first
 
 
-def trunk_sha(gguf: Path, k: int, n_layers: int) -> str:
-    """Identifies the trunk's weights: the base's stored tensors below layer k (the adapters change
-    none of them), the embedding, final norm and LM head, and the cut."""
-    from edge_genarm.export.numpy_build import _GGUF_LAYER, tensor_digest
+def trunk_sha(w, k: int) -> str:
+    """Identifies the trunk's weights, exactly as split.plan_split names a trunk cut from the torch
+    build's compact graphs: per initializer that a node below layer k reads (compact.build's names),
+    sha256 of its bytes and shape; their hashes in name order, hashed. Same weights, same name."""
+    from edge_genarm.export.compact import MAX_POSITIONS
 
-    names = ["token_embd.weight", "output_norm.weight", "output.weight"]
-    names += [f"blk.{i}.{g}.weight" for i in range(k) for g in _GGUF_LAYER]
-    return hashlib.sha256(f"{tensor_digest(gguf, names)}|{k}|{n_layers}".encode()).hexdigest()[:16]
+    pos = np.arange(MAX_POSITIONS, dtype=np.float32)[:, None] * w.inv_freq[None, :]
+    arrays = {"embed_tokens": w.embed, "one_i64": np.array([1], dtype=np.int64), "norm": w.norm,
+              "scalar_shape": np.array([], dtype=np.int64), "cos_cache": np.cos(pos), "sin_cache": np.sin(pos),
+              "lm_head": w.lm_head}  # fmt: skip
+    for i in range(k):
+        arrays.update({f"l{i}.{key}": a for key, a in w.layers[i].items()})
+    one = [
+        hashlib.sha256(np.ascontiguousarray(arrays[n]).tobytes() + str(arrays[n].shape).encode()).hexdigest()
+        for n in sorted(arrays)
+    ]
+    return hashlib.sha256("".join(one).encode()).hexdigest()[:16]
 
 
 def _meta(sha: str, k: int, **more) -> dict:
@@ -120,7 +129,7 @@ def arm_stage(root: Path, gguf: Path, recipe: dict, arm: str, log=print) -> Path
     k = cut_layer(recipe, len(base.layers))
     w = merge_adapter(base, adapter, f"the base '{Path(gguf).name}'")
     out.mkdir(parents=True, exist_ok=True)
-    sha = trunk_sha(gguf, k, len(w.layers))
+    sha = trunk_sha(base, k)
     head = build(w, k, len(w.layers), False, "normed", _meta(sha, k, part="head", arm=arm))
     save_model(head, out / "head.onnx")
     (out / "tokens.json").write_text(json.dumps(read_gguf(gguf).tokens, ensure_ascii=False))
@@ -142,7 +151,7 @@ def trunk_pieces(gguf: Path, recipe: dict, out: Path) -> tuple[str, int, int]:
     w = gguf_weights(gguf, lazy=True)
     n_layers = len(w.layers)
     k = cut_layer(recipe, n_layers)
-    sha = trunk_sha(gguf, k, n_layers)
+    sha = trunk_sha(w, k)
     out.mkdir(parents=True, exist_ok=True)
     save_model(lm_head_graph(w, _meta(sha, k, part="lm_head")), out / "lmhead.onnx")
     w = dataclasses.replace(w, layers=w.layers[:k], lm_head=w.lm_head[:, :1])  # the trunk reads no LM head

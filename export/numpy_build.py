@@ -4,9 +4,9 @@
 
 The base comes out of the GGUF as transformers would load it (`gguf.quants.dequantize`, the
 same function transformers calls, then llama.cpp's Q/K row permutation undone), in the
-layout export/compact.py builds graphs from: projections as (in, out). The merge is computed
-in float64 and rounded once to float32, so it does not depend on the BLAS kernels of the
-machine (peft's fp32 matmul may differ from it in the last bit).
+layout export/compact.py builds graphs from: projections as (in, out). The merge is float32
+in peft's order of operations, summed without BLAS: on the default pack's adapters every merged
+weight equals the one the torch build exported, bit for bit, and no CPU's kernels change it.
 """
 
 from __future__ import annotations
@@ -271,6 +271,17 @@ def lora_scale(cfg: dict) -> float:
     return alpha / (r**0.5 if cfg.get("use_rslora") else r)
 
 
+def lora_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """B @ A (out, in) in float32, summed over the rank in order, one rounding per term: what
+    torch's matmul gives for these ranks (products of float16 weights are exact in float32), so
+    the merged weights equal peft's bit for bit, on any CPU (no BLAS kernel is involved)."""
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    delta = np.zeros((b.shape[0], a.shape[1]), dtype=np.float32)
+    for j in range(a.shape[0]):
+        delta += np.outer(b32[:, j], a32[j])
+    return delta
+
+
 def merge_adapter(base: LlamaWeights, adapter: str | Path, base_name: str = "the base") -> LlamaWeights:
     """A new LlamaWeights: `base` with the adapter merged in (only the adapted arrays are new)."""
     cfg, lora = read_adapter(adapter)
@@ -291,8 +302,7 @@ def merge_adapter(base: LlamaWeights, adapter: str | Path, base_name: str = "the
                 f"{tuple(b.shape)}, {base_name}'s weight is {w.shape[1]} x {w.shape[0]} (out x in): "
                 "the adapter was trained on another base; retrain it (pack build --retrain)"
             )
-        delta = a.T.astype(np.float64) @ b.T.astype(np.float64)  # (in, out); exact-ish, BLAS-independent
-        layers[i][key] = (w.astype(np.float64) + scale * delta).astype(np.float32)
+        layers[i][key] = np.ascontiguousarray((w.T + lora_delta(a, b) * np.float32(scale)).T)
     return LlamaWeights(base.embed, layers, base.norm, base.lm_head, base.inv_freq, base.eps, base.n_heads, base.n_kv)
 
 

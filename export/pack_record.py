@@ -98,12 +98,24 @@ def probe_seqs(recipe: dict, bundle: Path) -> list[tuple]:
     return probe_sequences(bundle)
 
 
+def record_heldout(recipe: dict, bundle: Path) -> Path:
+    """heldout.json: each ARM's held-out pairs and the probe prompts as token ids (any bundle with
+    the recipe's base will do: only its tokenizer is read)."""
+    from edge_genarm.export.gate import heldout_pairs
+    from edge_genarm.export.share import probe_sequences
+
+    d = Path(recipe["_dir"])
+    held = {"arms": {}, "probe": [list(map(list, e)) for e in probe_sequences(bundle)]}
+    for arm, s in recipe["arms"].items():
+        pairs = heldout_pairs(bundle, d / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0))
+        held["arms"][arm] = {"source": pair_source(recipe, arm), "pairs": [list(map(list, e)) for e in pairs]}
+    atomic_write_json(d / HELDOUT, held)
+    return d / HELDOUT
+
+
 def record_pack(name: str) -> Path:
     """Write NAME's recorded.json (+ heldout.json, nudges.npz) from its built pack in the cache."""
     import shutil
-
-    from edge_genarm.export.gate import heldout_pairs
-    from edge_genarm.export.share import probe_sequences
 
     from edge_genarm.pack import built_bundle, load_recipe
 
@@ -113,11 +125,7 @@ def record_pack(name: str) -> Path:
         raise EdgeGenarmError(f"pack '{name}' is not built: `edge-genarm pack build {name}` first")
     m = json.loads((bundle / "manifest.json").read_text())
     d = Path(recipe["_dir"])
-    held = {"arms": {}, "probe": [list(map(list, e)) for e in probe_sequences(bundle)]}
-    for arm, s in recipe["arms"].items():
-        pairs = heldout_pairs(bundle, d / s["data"], s.get("max_len", 256), s.get("eval_frac", 0.1), s.get("seed", 0))
-        held["arms"][arm] = {"source": pair_source(recipe, arm), "pairs": [list(map(list, e)) for e in pairs]}
-    atomic_write_json(d / HELDOUT, held)
+    record_heldout(recipe, bundle)
     if "nudges" in m:
         shutil.copyfile(bundle / m["nudges"]["file"], d / NUDGES)
     (trunk,) = m.get("trunks", {}).values() or [{}]
