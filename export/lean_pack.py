@@ -100,6 +100,18 @@ def trunk_sha(w, k: int) -> str:
     return hashlib.sha256("".join(one).encode()).hexdigest()[:16]
 
 
+def cached_trunk_sha(root: Path, w, k: int) -> str:
+    """trunk_sha, computed once per build (it reads every trunk weight): kept in lean/trunk.json."""
+    from edge_genarm.paths import atomic_write_json
+
+    p = root / "lean" / "trunk.json"
+    rec = json.loads(p.read_text()) if p.is_file() else {}
+    if rec.get("layer") != k:
+        rec = {"layer": k, "sha": trunk_sha(w, k)}
+        atomic_write_json(p, rec)
+    return rec["sha"]
+
+
 def _meta(sha: str, k: int, **more) -> dict:
     return {"edge_genarm_trunk": sha, "edge_genarm_trunk_layers": k, **more}
 
@@ -129,7 +141,7 @@ def arm_stage(root: Path, gguf: Path, recipe: dict, arm: str, log=print) -> Path
     k = cut_layer(recipe, len(base.layers))
     w = merge_adapter(base, adapter, f"the base '{Path(gguf).name}'")
     out.mkdir(parents=True, exist_ok=True)
-    sha = trunk_sha(base, k)
+    sha = cached_trunk_sha(root, base, k)
     head = build(w, k, len(w.layers), False, "normed", _meta(sha, k, part="head", arm=arm))
     save_model(head, out / "head.onnx")
     (out / "tokens.json").write_text(json.dumps(read_gguf(gguf).tokens, ensure_ascii=False))
@@ -138,7 +150,7 @@ def arm_stage(root: Path, gguf: Path, recipe: dict, arm: str, log=print) -> Path
     return out
 
 
-def trunk_pieces(gguf: Path, recipe: dict, out: Path) -> tuple[str, int, int]:
+def trunk_pieces(root: Path, gguf: Path, recipe: dict, out: Path) -> tuple[str, int, int]:
     """out/trunk.onnx (embedding + layers < k) and out/lmhead.onnx, fp32; (sha, k, n_layers).
     Each layer is dequantized as the graph takes it: memory holds the graph, not the model too."""
     import dataclasses
@@ -151,7 +163,7 @@ def trunk_pieces(gguf: Path, recipe: dict, out: Path) -> tuple[str, int, int]:
     w = gguf_weights(gguf, lazy=True)
     n_layers = len(w.layers)
     k = cut_layer(recipe, n_layers)
-    sha = trunk_sha(w, k)
+    sha = cached_trunk_sha(root, w, k)
     out.mkdir(parents=True, exist_ok=True)
     save_model(lm_head_graph(w, _meta(sha, k, part="lm_head")), out / "lmhead.onnx")
     w = dataclasses.replace(w, layers=w.layers[:k], lm_head=w.lm_head[:, :1])  # the trunk reads no LM head

@@ -115,7 +115,7 @@ def share_stage(root: Path, bundle: Path, gguf: Path, recipe: dict, log=print) -
     training = {n: json.loads((root / "lean" / n / "arm.json").read_text()) for n in recipe["arms"]}
     heads32 = {n: root / "lean" / n / "head.onnx" for n in recipe["arms"]}
     with scratch_dir(bundle, "lean-share") as tmp:
-        sha, k, n_layers = trunk_pieces(gguf, recipe, Path(tmp) / "fp32")
+        sha, k, n_layers = trunk_pieces(root, gguf, recipe, Path(tmp) / "fp32")
         log(f"trunk: layers 0-{k - 1} of {n_layers} shared by {', '.join(recipe['arms'])} (compact graphs)")
         count = n_params(gguf)  # a merged adapter changes values, not sizes  # quantizing needs the graphs only (peak memory); parity reads the base again
         checked = None  # the fp32 heads' parity, measured once when a gate runs
