@@ -73,7 +73,7 @@ def _rel(name: str, sha: str) -> str:
 
 def mismatch(record: dict | None, files: dict[str, str], kinds: dict, recipe_dir: Path) -> str | None:
     """None when `files` ({bundle path: sha256}) and `kinds` are what the recipe recorded; else why not."""
-    if not record:
+    if not record or "files" not in record:
         return f"the recipe records no build ({recipe_dir / 'recorded.json'}): running the gates"
     want = {k: v for k, v in kinds.items() if k != "graph"}
     if {k: record.get("share", {}).get(k) for k in want} != want:
