@@ -111,10 +111,13 @@ class Soak:
             )
             return self.chat(rng.choice(SHORT), a.max_tokens, **extra)[0], ""
         if kind in ("long", "medium"):
-            want = a.long_tokens if kind == "long" else a.long_tokens // 4
-            ok, n = self.chat(text_of(int(want / self.tok_per_word) + 20, rng), 4)
+            want = (
+                int(1.1 * a.long_tokens) if kind == "long" else a.long_tokens // 4
+            )  # 10%: the estimate drifts
+            words = int(want / self.tok_per_word) + 20
+            ok, n = self.chat(text_of(words, rng), 4)
             if ok and n:
-                self.tok_per_word = 0.5 * self.tok_per_word + 0.5 * n / (int(want / self.tok_per_word) + 20)
+                self.tok_per_word = 0.5 * self.tok_per_word + 0.5 * n / words
             return ok and (kind == "medium" or n > a.long_tokens - 200), f"prompt {n} tokens"
         if kind == "ollama":
             body = {"model": self.model, "messages": [{"role": "user", "content": rng.choice(SHORT)}],
@@ -221,7 +224,9 @@ def main() -> int:
     ap.add_argument("--url", help="Use a running server instead of starting one.")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--long", type=int, default=10, help="How many long prompts.")
-    ap.add_argument("--long-tokens", type=int, default=3300, help="Length of a long prompt, in tokens.")
+    ap.add_argument(
+        "--long-tokens", type=int, default=3200, help="A long prompt's least length, in tokens (+200)."
+    )
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--every", type=int, default=25, help="Print RSS every N requests.")
