@@ -322,8 +322,12 @@ def _run(unit, kind: str, arg, names) -> tuple[dict, float]:
 
 
 def _transcript(messages: list[dict]) -> str:
-    """Messages as a plain transcript for a model without a chat template."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in check_messages(messages)]
+    """Messages as a plain transcript for a model without a chat template; one user message alone
+    is its text, as a string prompt is (export.sources.RAW_TEMPLATE trains on the same text)."""
+    messages = check_messages(messages)
+    if len(messages) == 1 and messages[0]["role"] == "user" and isinstance(messages[0]["content"], str):
+        return messages[0]["content"]
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n".join([*lines, "Assistant:"])
 
 

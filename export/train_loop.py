@@ -76,9 +76,9 @@ def prepare_model(
 
     model, tok = load_source(init, layers)
     if not tok.chat_template:
-        from edge_genarm.chat import CHATML
+        from edge_genarm.export.sources import RAW_TEMPLATE
 
-        tok.chat_template = CHATML  # what the runtime falls back to
+        tok.chat_template = RAW_TEMPLATE  # what the runtime sends a model without a template
     model.config.use_cache = False
     if lora_r:
         from peft import LoraConfig, get_peft_model

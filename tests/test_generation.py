@@ -157,5 +157,12 @@ def test_no_template_sends_strings_raw_and_messages_as_a_transcript(engine):
         )
         assert engine.format_prompt("Hi", system="Be brief.") == "System: Be brief.\nUser: Hi\nAssistant:"
         assert "<|im_start|>" not in engine.format_prompt(msgs)  # no ChatML assumed
+        # one user message alone is its text, as the string is, and as training renders it
+        assert engine.format_prompt([{"role": "user", "content": "Once upon a time"}]) == "Once upon a time"
+        from edge_genarm.export.sources import RAW_TEMPLATE
+        from jinja2 import Template
+
+        for m in (msgs, msgs[:1], [{"role": "system", "content": "Be brief."}, *msgs]):
+            assert Template(RAW_TEMPLATE).render(messages=m) == engine.format_prompt(m)
     finally:
         engine.chat_template = saved
