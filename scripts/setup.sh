@@ -13,10 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The default: generate, chat, serve, and build the packs on first use. The packs apply their
-# committed LoRA adapters with torch + peft (the train extra) until the pack build is
-# torch-free (issue 23): then `train` leaves this list.
-DEFAULT_EXTRAS=cpu,serve,pack,train
+# The default: generate, chat, serve, and build the packs on first use, without torch: the
+# packs' committed LoRA adapters are merged in numpy and the graphs written with onnx
+# (export/lean_pack.py). `pack build --retrain` and training need the train extra.
+DEFAULT_EXTRAS=cpu,serve,pack
 TEST_EXTRAS=serve,pack,export,train,ray,eval,test  # + cpu, unless EXTRAS has gpu
 # name: what it is for (printed at the end, so a user knows what else there is)
 OPTIONAL="test: pytest, Playwright and the test models (--test)
