@@ -66,6 +66,8 @@ NOT_SETTINGS = {
     "EDGE_GENARM_CMAKE_ARGS",
     "EDGE_GENARM_RECIPES",
     "EDGE_GENARM_ORT_CACHE",
+    "EDGE_GENARM_ORIGINS",  # the server's extra allowed origins (server/gate.py)
+    "EDGE_GENARM_REQUIRE_BROWSER",  # the tests: the browser test may not skip (.ci/run)
 }
 
 

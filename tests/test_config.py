@@ -59,3 +59,20 @@ def test_doctor_reports_and_fails_on_problems(tiny_bundle):
         assert s in r.output
     r = CliRunner().invoke(main, ["doctor", "--weights", "/nonexistent"])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_every_edge_genarm_variable_the_project_reads_is_a_setting_or_declared_not_one():
+    """A variable the project itself reads (the server's origins, the tests' browser switch...)
+    must not make every command fail as an unknown setting."""
+    import re
+    from pathlib import Path
+
+    from edge_genarm.config import ENV_PREFIX, KEYS, NOT_SETTINGS
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [p.read_text() for d in ("edge_genarm", "export", "scripts") for p in (root / d).rglob("*.py")]
+    texts += [(root / ".ci" / "run").read_text(), (root / "tests" / "conftest.py").read_text()]
+    read = {v for t in texts for v in re.findall(r"EDGE_GENARM_[A-Z][A-Z_]*[A-Z]", t)}
+    assert "EDGE_GENARM_REQUIRE_BROWSER" in read and "EDGE_GENARM_ORIGINS" in read
+    settings = {ENV_PREFIX + k.upper() for k in KEYS}
+    assert read - settings - NOT_SETTINGS == set()
