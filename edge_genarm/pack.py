@@ -215,7 +215,7 @@ def build_pack(
         export_base(gguf, bundle)
     why = _why_not_lean(recipe, retrain)
     if why is None:  # numpy, onnx and onnxruntime: export/lean_pack.py
-        from edge_genarm.export.lean_pack import build_stages
+        from edge_genarm.export.lean_share import build_stages
 
         build_stages(root, bundle, gguf, recipe, stage, log)
     elif not _has_train_extra():

@@ -219,30 +219,6 @@ def parity(pieces: Path, name: str, head: Path, w, ids: list[int]) -> dict:
     }  # fmt: skip
 
 
-def build_stages(root: Path, bundle: Path, gguf: Path, recipe: dict, stage, log=print) -> None:
-    """Every stage after the base model (pack.stage_names), each skipped when already done."""
-    from edge_genarm.export.lean_share import base_tap_stage, share_stage
-
-    from edge_genarm.manifest import read_manifest
-
-    for arm in recipe["arms"]:
-        with stage(f"ARM '{arm}'"):
-            arm_stage(root, gguf, recipe, arm, log)
-    if recipe.get("nudges"):
-        with stage("nudge table"):
-            if "nudges" not in read_manifest(bundle):
-                nudge_stage(bundle, recipe, log)
-    with stage("shared trunk"):
-        arms = read_manifest(bundle).get("arms", {})
-        if set(arms) != set(recipe["arms"]) or any("trunk" not in a for a in arms.values()):
-            share_stage(root, bundle, gguf, recipe, log)
-    if recipe["share"].get("base_tap"):
-        with stage("base tap"):
-            if any("base_tap" not in t for t in read_manifest(bundle).get("trunks", {}).values()):
-                base_tap_stage(bundle, recipe, log)
-    _BASE.clear()
-
-
 def require_lean(recipe: dict, retrain: bool) -> None:
     why = why_not_lean(recipe, retrain)
     if why:

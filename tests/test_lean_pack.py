@@ -16,7 +16,8 @@ import pytest
 from edge_genarm.errors import EdgeGenarmError
 
 pytest.importorskip("peft")  # tiny_pack writes its adapters with peft
-from edge_genarm.export.pack_record import HELDOUT, RECORD, record_pack  # noqa: E402
+from edge_genarm.export.pack_record import HELDOUT, RECORD  # noqa: E402
+from edge_genarm.export.record_pack import record_pack  # noqa: E402
 
 from edge_genarm import pack  # noqa: E402
 
