@@ -7,7 +7,7 @@
                                      the gates run without a tokenizer library
     models/NAME-pack/nudges.npz      the nudge table (reward gradients need torch: computed once)
 
-`python -m edge_genarm.export.pack_record NAME` writes them from the pack built in the cache
+`python -m edge_genarm.export.record_pack NAME` writes them from the pack built in the cache
 (`edge-genarm pack build NAME`); it needs the export extra (the held-out pairs are tokenized
 as training tokenized them). A build compares its files with the record (lean_pack.py): the
 same bytes skip the gates and copy the figures, marked "recorded": true.
@@ -80,7 +80,7 @@ def heldout_seqs(recipe: dict, arm: str, bundle: Path, training: dict | None) ->
         raise EdgeGenarmError(
             f"the recipe {p.parent.name} {why} for ARM '{arm}' ({p}), and tokenizing the pairs needs "
             "the export extra: pip install 'edge-genarm[export]', or record them "
-            f"(python -m edge_genarm.export.pack_record {p.parent.name[: -len('-pack')]})"
+            f"(python -m edge_genarm.export.record_pack {p.parent.name[: -len('-pack')]})"
         ) from None
     s = recipe["arms"][arm]
     data = Path(recipe["_dir"]) / s["data"]
