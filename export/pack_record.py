@@ -15,10 +15,10 @@ same bytes skip the gates and copy the figures, marked "recorded": true.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from edge_genarm.bundle import sha256_file
 from edge_genarm.errors import EdgeGenarmError
 from edge_genarm.paths import atomic_write_json
 
@@ -43,19 +43,13 @@ def load_record(recipe: dict) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pair_source(recipe: dict, arm: str) -> dict:
     """What an ARM's held-out split depends on: the pair file's sha256 and the split settings."""
     s = recipe["arms"][arm]
     return {
-        "data_sha256": _file_sha(Path(recipe["_dir"]) / s["data"]),
+        "data_sha256": sha256_file(Path(recipe["_dir"]) / s["data"]),
         "max_len": s.get("max_len", 256),
         "eval_frac": s.get("eval_frac", 0.1),
         "seed": s.get("seed", 0),
