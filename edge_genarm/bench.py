@@ -112,6 +112,9 @@ def _tapped_engine(load_engine, trunk: str):
 
 def measure_placement(bundle, prompt: str = "Write a short story about a lighthouse keeper.", n: int = 48):
     """Sequential vs overlapped for the bundle's default ARMs, one short greedy run each (pack build)."""
+    import gc
+
+    from . import memory
     from .loader import load
 
     report = {}
@@ -124,6 +127,9 @@ def measure_placement(bundle, prompt: str = "Write a short story about a lightho
             report["unguided"] = _run(engine, prompt, n, None, False)
             report["arms"] = {k: v for k, v in engine.weights.items() if v}
         engine.close()
+        del engine  # both engines at once would double the build's peak memory
+        gc.collect()
+        memory.trim()
     return record_placement(bundle, report)
 
 

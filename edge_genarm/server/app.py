@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from . import memory, ollama_api, openai_api
+from .. import __version__, memory
+from . import ollama_api, openai_api
 from .common import MAX_BODY, State, error_response
 from .gate import Gate
 from .params import ApiError

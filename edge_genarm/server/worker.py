@@ -27,8 +27,8 @@ import anyio
 import numpy as np
 
 from .. import guidance as G
+from .. import memory
 from ..engine import Generation, StepRecord
-from . import memory
 
 
 class QueueFull(Exception):
