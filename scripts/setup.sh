@@ -49,21 +49,53 @@ VENV=${VENV:-.venv}
 CACHE=${EDGE_GENARM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-genarm}
 LLAMA_VERSION=0.3.36
 # Portable by default (-march=native wheels crash on other CPUs): about 10% slower.
-FLAGS=${EDGE_GENARM_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF"}
+# LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (mtmd, ~50 sources) is never loaded here.
+FLAGS=${EDGE_GENARM_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF"}
 KEY=$(printf '%s %s' "$LLAMA_VERSION" "$FLAGS" | sha256sum | cut -c1-12)
 WHEELS="$CACHE/wheels/llama-$KEY-$(uname -m)"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
+BUILD=
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_VERSION (about 3-4 minutes, once per build flags)" >&2
+  echo "building llama-cpp-python $LLAMA_VERSION (about 3-4 minutes, once per build flags; the other packages install meanwhile)" >&2
   rm -rf "$WHEELS.partial" && mkdir -p "$WHEELS.partial"
-  CMAKE_ARGS="$FLAGS" $PIP wheel -q --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS.partial"
+  # `pip wheel` writes only into its folder, so the venv's installs below can run beside it
+  CMAKE_ARGS="$FLAGS" $PIP wheel -q --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS.partial" &
+  BUILD=$!
+fi
+# torch first, pinned: otherwise a dependency pulls a multi-GB CUDA build (FACTS.md)
+if has export || has train; then $PIP install -q "torch==2.13.0"; fi
+# Every other requirement of the chosen extras, read from pyproject.toml, while llama.cpp compiles
+"$VENV/bin/python" - "$EXTRAS" > "$VENV/.edge-genarm-reqs" <<'PYEOF'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10: no tomllib; everything installs after the build instead
+    sys.exit(0)
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras, reqs, todo = project.get("optional-dependencies", {}), [], sys.argv[1].split(",")
+seen = set()
+while todo:
+    name = todo.pop()
+    if name in seen:
+        continue
+    seen.add(name)
+    for r in extras.get(name, []):
+        if r.startswith(project["name"] + "["):  # edge-genarm[export]: another extra
+            todo += r.split("[", 1)[1].rstrip("]").split(",")
+        else:
+            reqs.append(r)
+for r in project["dependencies"] + reqs:
+    if not r.startswith("llama-cpp-python"):
+        print(r)
+PYEOF
+if [ -s "$VENV/.edge-genarm-reqs" ]; then $PIP install -q -r "$VENV/.edge-genarm-reqs"; fi
+if [ -n "$BUILD" ]; then
+  wait "$BUILD" || { echo "setup.sh: building llama-cpp-python failed (its output is above)" >&2; exit 1; }
   rm -rf "$WHEELS" && mv "$WHEELS.partial" "$WHEELS"
 fi
 $PIP install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
-# torch first, pinned: otherwise a dependency pulls a multi-GB CUDA build (FACTS.md)
-if has export || has train; then $PIP install -q "torch==2.13.0"; fi
 $PIP install -q -e ".[$EXTRAS]"
 
 # The browser test (tests/test_server.py) drives Debian's Chromium; without one it is skipped
