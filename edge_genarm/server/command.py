@@ -50,6 +50,9 @@ def serve_command(model_options, load_engine) -> click.Command:
         if not _loopback(host) and not api_key:
             click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
                        err=True)  # fmt: skip
+        from .. import memory
+
+        memory.one_arena()  # before the engine's threads allocate: see memory.py
         try:
             engine = load_engine(o)
             # warm-up: the first request should not pay for onnxruntime's first runs and lazy tables
