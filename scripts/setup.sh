@@ -51,7 +51,9 @@ LLAMA_VERSION=0.3.36
 # Portable by default (-march=native wheels crash on other CPUs): about 10% slower.
 # LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (mtmd, ~50 sources) is never loaded here.
 FLAGS=${EDGE_GENARM_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF"}
-KEY=$(printf '%s %s' "$LLAMA_VERSION" "$FLAGS" | sha256sum | cut -c1-12)
+# With LLAVA_BUILD=OFF the sdist's CMakeLists is patched so that llama.cpp's `common` library
+# (~27k lines of JSON-heavy C++ that only mtmd links) is not compiled either: about half the build.
+KEY=$(printf '%s %s common-off' "$LLAMA_VERSION" "$FLAGS" | sha256sum | cut -c1-12)
 WHEELS="$CACHE/wheels/llama-$KEY-$(uname -m)"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -59,9 +61,19 @@ PIP="$VENV/bin/python -m pip"
 BUILD=
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $LLAMA_VERSION (about 3-4 minutes, once per build flags; the other packages install meanwhile)" >&2
-  rm -rf "$WHEELS.partial" && mkdir -p "$WHEELS.partial"
+  rm -rf "$WHEELS.partial" && mkdir -p "$WHEELS.partial/src"
   # `pip wheel` writes only into its folder, so the venv's installs below can run beside it
-  CMAKE_ARGS="$FLAGS" $PIP wheel -q --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS.partial" &
+  (
+    set -e
+    $PIP download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$WHEELS.partial/src"
+    tar xzf "$WHEELS.partial/src/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$WHEELS.partial/src"
+    SRC="$WHEELS.partial/src/llama_cpp_python-$LLAMA_VERSION"
+    case "$FLAGS" in *-DLLAVA_BUILD=OFF*)
+      sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE/set(LLAMA_BUILD_COMMON OFF CACHE/' "$SRC/CMakeLists.txt" ;;
+    esac
+    CMAKE_ARGS="$FLAGS" $PIP wheel -q --no-deps "$SRC" -w "$WHEELS.partial"
+    rm -rf "$WHEELS.partial/src"
+  ) &
   BUILD=$!
 fi
 # torch first, pinned: otherwise a dependency pulls a multi-GB CUDA build (FACTS.md)
