@@ -65,7 +65,7 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
   # `pip wheel` writes only into its folder, so the venv's installs below can run beside it
   (
     set -e
-    $PIP download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$WHEELS.partial/src"
+    $PIP download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -d "$WHEELS.partial/src"
     tar xzf "$WHEELS.partial/src/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$WHEELS.partial/src"
     SRC="$WHEELS.partial/src/llama_cpp_python-$LLAMA_VERSION"
     case "$FLAGS" in *-DLLAVA_BUILD=OFF*)
