@@ -7,14 +7,17 @@ quote: these machines are noisy.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
+from pathlib import Path
 
+from .errors import ConfigError
 from .guidance import SamplingParams
 from .nudge import NudgeConfig
 
 
-def _run(engine, prompt, n, weights, guidance, nudge=None):
+def _run(engine, prompt, n, weights, guidance, nudge=None, exact=True):
     c = engine.generate(
         prompt,
         max_tokens=n,
@@ -24,6 +27,7 @@ def _run(engine, prompt, n, weights, guidance, nudge=None):
         guidance=guidance,
         ignore_eos=True,
         nudge=nudge,
+        exact=exact,
     )
     out = c.timings.summary()
     if c.nudge is not None:
@@ -99,8 +103,6 @@ GUIDED_MODES = ("guided_sequential", "guided_parallel", "guided_base_tap")
 def _tapped_engine(load_engine, trunk: str):
     """The engine with heads on the base's own layer, or None when the bundle does not allow it
     and `trunk` is "auto" ("base" makes that an error)."""
-    from .errors import ConfigError
-
     try:
         engine = load_engine(False, "base")
     except ConfigError:
@@ -178,6 +180,81 @@ def _graphs(engine):
         for g in unit.graphs:
             seen[str(g.path)] = g
     return list(seen.values())
+
+
+CURVE_PROMPTS = ("How was your day?", "Give me three tips for a job interview.")  # beside --prompt
+STAND_IN = "{arm}_standin{j}"  # the name of a stand-in objective (objective_curve)
+
+
+def stand_in_view(root: Path, count: int, into: Path) -> Path:
+    """`into`: a bundle folder that is `root` (every entry linked, nothing copied) with `count`
+    stand-in ARMs more: its first ARM's entry under other names. A stand-in's graph is loaded
+    and run as its own head, so it costs what one more objective costs; its scores are the
+    copied ARM's."""
+    from .manifest import MANIFEST, read_json
+
+    m = read_json(root / MANIFEST, "manifest")
+    if not m.get("arms"):
+        raise ConfigError(f"bundle '{root}' has no ARM to stand in for more objectives")
+    first = next(iter(m["arms"]))
+    into.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():
+        if p.name != MANIFEST:
+            (into / p.name).symlink_to(p.resolve())
+    for j in range(count):
+        m["arms"][STAND_IN.format(arm=first, j=j + 2)] = dict(m["arms"][first])
+    (into / MANIFEST).write_text(json.dumps(m, indent=1))
+    return into
+
+
+def objective_curve(engine, prompts, n: int, repeats: int, k_max: int) -> dict:
+    """Tokens/s with 1..k_max objectives on (each ARM at its default weight, 0.5 where that is 0),
+    in the exact and the fast mode, against unguided: every mode once per round, rounds
+    interleaved, the best round kept, each run over all of `prompts`. `ms_per_objective`: the
+    per-token time each extra objective adds (least squares over k), per mode."""
+    names = list(engine.arms)[:k_max]
+    modes = {"unguided": ({}, False, True)}
+    for k in range(1, len(names) + 1):
+        w = {a: (engine.weights.get(a) or 0.5) if i < k else 0.0 for i, a in enumerate(names)}
+        modes[f"{k} exact"] = (w, True, True)
+        modes[f"{k} fast"] = (w, True, False)
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for m, (w, guided, exact) in modes.items():
+            runs = [_run(engine, p, n, w, guided, exact=exact) for p in prompts]
+            tok = sum(r["tokens"] for r in runs)
+            got = {
+                "tok_per_s": tok / sum(r["tokens"] / r["tok_per_s"] for r in runs),
+                "guided_fraction": sum(r["tokens"] * r["guided_fraction"] for r in runs) / tok,
+                "python_ms": sum(r["tokens"] * r["python_ms"] for r in runs) / tok,
+            }
+            if got["tok_per_s"] > best.get(m, {"tok_per_s": 0.0})["tok_per_s"]:
+                best[m] = got
+    ref = best["unguided"]["tok_per_s"]
+    for v in best.values():
+        v["vs_unguided"] = v["tok_per_s"] / ref
+    slope = {}
+    for mode in ("exact", "fast"):
+        ks = list(range(1, len(names) + 1))
+        ms = [1e3 / best[f"{k} {mode}"]["tok_per_s"] for k in ks]
+        if len(ks) > 1:
+            kbar, mbar = sum(ks) / len(ks), sum(ms) / len(ms)
+            slope[mode] = sum((k - kbar) * (m - mbar) for k, m in zip(ks, ms)) / sum((k - kbar) ** 2 for k in ks)
+    return {"objectives": names, "modes": best, "ms_per_objective": slope,
+            "unguided_ms": 1e3 / ref, "tokens": n, "prompts": len(prompts)}  # fmt: skip
+
+
+def format_curve(c: dict) -> str:
+    lines = ["", f"cost curve: 1..{len(c['objectives'])} objectives ({', '.join(c['objectives'])}), "
+             f"{c['prompts']} prompts x {c['tokens']} tokens, modes interleaved, best round"]  # fmt: skip
+    lines.append(f"{'objectives':<12}{'mode':<7}{'tok/s':>8}{'vs unguided':>13}{'ms/token':>10}{'guided':>8}{'python ms':>11}")
+    for m, v in c["modes"].items():
+        k, _, mode = m.partition(" ")
+        lines.append(f"{k if mode else '0':<12}{mode or '-':<7}{v['tok_per_s']:>8.1f}{v['vs_unguided']:>13.2f}"
+                     f"{1e3 / v['tok_per_s']:>10.2f}{v['guided_fraction']:>8.0%}{v['python_ms']:>11.3f}")  # fmt: skip
+    for mode, s in c["ms_per_objective"].items():
+        lines.append(f"each objective adds {s:.2f} ms/token in the {mode} mode (unguided: {c['unguided_ms']:.2f})")
+    return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:

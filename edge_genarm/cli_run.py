@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -17,7 +18,7 @@ from .cli_common import (
     sampling_options,
     weights_or_default,
 )
-from .errors import EdgeGenarmError
+from .errors import ConfigError, EdgeGenarmError
 
 
 @click.command()
@@ -133,25 +134,57 @@ def chat(**o):
 @click.option(
     "--record", is_flag=True, help="Save the faster placement (sequential/overlapped) in the bundle."
 )
-def bench(prompt, max_tokens, repeats, as_json, record, **o):
+@click.option("--objectives", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also the cost curve over 1..N objectives, exact and fast modes interleaved; past the "
+              "bundle's ARMs, stand-ins (copies of its first ARM's head, run as heads of their own).")  # fmt: skip
+@click.option("--no-modes", is_flag=True, help="Only the cost curve (with --objectives).")
+def bench(prompt, max_tokens, repeats, as_json, record, objectives, no_modes, **o):
     """Tokens/s unguided vs guided, ms per step for each part, peak RSS, disk."""
     from .bench import format_report, record_placement, run_bench
 
     try:
-        report = run_bench(
+        report = {} if no_modes else run_bench(
             lambda parallel, trunk: load_engine({**o, "parallel": parallel, "trunk": trunk}),
             prompt, max_tokens, repeats, trunk=o["trunk"],
         )  # fmt: skip
+        if objectives:
+            report["cost_curve"] = _cost_curve(o, prompt, max_tokens, repeats, objectives)
         if record:
             rec = record_placement(o.get("weights") or default_weights(), report)
             report["recorded"] = rec
     except EdgeGenarmError as e:
         fail(e)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from .bench import format_curve
+
+        click.echo("\n".join(([format_report(report)] if not no_modes else [])
+                              + ([format_curve(report["cost_curve"])] if objectives else [])))  # fmt: skip
     if record and report.get("recorded"):
         click.echo(
             f"recorded: {'overlapped' if report['recorded']['parallel'] else 'sequential'} for these ARMs"
         )
+
+
+def _cost_curve(o: dict, prompt: str, n: int, repeats: int, k: int) -> dict:
+    """bench --objectives K: the curve on the bundle, with stand-ins past its ARMs."""
+    import tempfile
+
+    from .bench import CURVE_PROMPTS, objective_curve, stand_in_view
+    from .bundle import Bundle
+
+    root = Path(weights_or_default(o["weights"]))
+    have = len(Bundle.open(root, verify=False).arms)
+    if not have:
+        raise ConfigError(f"bench --objectives: bundle '{root}' has no ARM")
+    with tempfile.TemporaryDirectory(prefix="edge-genarm-standins-") as d:
+        view = stand_in_view(root, k - have, Path(d) / "bundle") if k > have else root
+        engine = load_engine({**o, "weights": str(view), "arms": ()})
+        try:
+            return objective_curve(engine, (prompt, *CURVE_PROMPTS), n, repeats, k)
+        finally:
+            engine.close()
 
 
 COMMANDS = [generate, chat, bench]  # registered on `edge-genarm` by cli.py

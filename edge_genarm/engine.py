@@ -258,13 +258,14 @@ class Engine:
             t.forward_s += time.perf_counter() - t0
         return base_logits, arm_logits
 
-    def forward_units(self, kind: str, arg, run: list, t: Timings | None = None) -> dict:
+    def forward_units(self, kind: str, arg, run: list, t: Timings | None = None, ids=None) -> dict:
         """`kind` on the units of `run` alone, one after another (the base is not touched):
         {name: ARM logits}. Fast mode's catch-up is `forward_units("prefill", seq, ...)`: each
-        unit evaluates the positions it skipped, in one batch (units.reusable)."""
+        unit evaluates the positions it skipped, in one batch (units.reusable). `ids`: only
+        these tokens' logits are needed (a unit may return a units.Partial)."""
         arm_logits = {}
         for label, unit, names in run:
-            out, dt = _run(unit, kind, arg, names)
+            out, dt = _run(unit, kind, arg, names, ids)
             arm_logits.update(out)
             if t is not None:
                 t.arm_s[label] = t.arm_s.get(label, 0.0) + dt
@@ -315,9 +316,9 @@ def _label(unit) -> str:
     return "+".join(unit.names)
 
 
-def _run(unit, kind: str, arg, names) -> tuple[dict, float]:
+def _run(unit, kind: str, arg, names, ids=None) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    out = getattr(unit, kind)(arg, names)
+    out = getattr(unit, kind)(arg, names) if ids is None else getattr(unit, kind)(arg, names, ids=ids)
     return out, time.perf_counter() - t0
 
 

@@ -7,6 +7,9 @@ units' `prefill` feeds exactly the missing tokens). The exact mode (`exact=True`
 ARM at every step and is bit for bit the reference; each approximation lives here and is off
 in it.
 
+At a guided step the ARMs' LM head is restricted to the base's most likely tokens
+(`FAST_CANDIDATES`): see there.
+
 Why entropy: at weight w an ARM moves a token's score by w * log p_arm, which can change the
 pick only where the base leaves room. The measured share of steps below the threshold, how
 often the pick then differs from the exact mode's, and the speed are in docs/speed.md.
@@ -17,6 +20,13 @@ from __future__ import annotations
 from .errors import ConfigError
 
 FAST_TAU = 0.5  # nats: below this base entropy a step is decoded without the ARMs
+# At a guided step the heads' LM head computes only the logits of the base's FAST_CANDIDATES
+# most likely tokens (in numpy, from its rows: backends.trunk.LMRows), and only those can be
+# drawn. The ARM's normalizer is one number per step, and sampling is shift-invariant, so over
+# those tokens the scores are the exact mode's up to that number; what is lost is the exact
+# mode's mass on tokens past the base's top FAST_CANDIDATES (measured: docs/speed.md). Off with
+# nudging, whose rollouts score tokens anywhere in the vocabulary.
+FAST_CANDIDATES = 128
 DEFAULT_EXACT = True  # the fast mode becomes the default only once it keeps the gain (docs/speed.md)
 
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import guidance as G
+from .backends.units import Partial
 from .errors import ConfigError, EdgeGenarmError
+from .fastmode import FAST_CANDIDATES
 from .nudge import NudgeConfig, NudgeReport, apply_site, is_site
 from .text import TextStream
 
@@ -241,7 +243,7 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
                 if g.fast_tau is None:
                     logits = engine.forward("step", tok, runs, t)
                 else:
-                    logits, base, guided = fast_forward(engine, tok, seq, runs, g.fast_tau, t)
+                    logits, base, guided = fast_forward(engine, tok, seq, runs, g.fast_tau, t, g.nudge_cfg is None)
             t.total_s += time.perf_counter() - t1
             yield record(tok, text, sc, scores, active, pick)
             if finish is not None:
@@ -254,16 +256,18 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
 NO_UNITS = ([], [])
 
 
-def fast_forward(engine, tok: int, seq: list[int], runs, tau: float, t: Timings):
+def fast_forward(engine, tok: int, seq: list[int], runs, tau: float, t: Timings, restrict: bool = True):
     """Fast mode's forwards for the next step: the base first; the ARM units only when the base's
-    entropy reaches `tau`, catching up every position they skipped in one batch. Returns
+    entropy reaches `tau`, catching up every position they skipped in one batch, and (`restrict`)
+    asked for the logits of the base's FAST_CANDIDATES most likely tokens only. Returns
     (logits, the base's (log-probs, entropy) for `combine`, guided)."""
     base_logits, _ = engine.forward("step", tok, NO_UNITS, t)
     base = G.log_softmax_entropy(base_logits)
     if base[1] < tau:
         return (base_logits, {}), base, False
     t0 = time.perf_counter()
-    arm = engine.forward_units("prefill", seq, runs[0] + runs[1], t)
+    ids = G.top_k_ids(base[0], FAST_CANDIDATES) if restrict else None
+    arm = engine.forward_units("prefill", seq, runs[0] + runs[1], t, ids)
     t.forward_s += time.perf_counter() - t0
     return (base_logits, arm), base, True
 
@@ -287,6 +291,8 @@ def combine(logits, active: dict[str, float], base_name: str, base=None) -> Scor
     if not active:
         return Scores(base_lp, base_lp, h, arm, fallback)
     v = base_lp.size
+    if any(isinstance(arm_logits[n], Partial) for n in active):
+        return _combine_on(base_lp, h, {n: arm_logits[n] for n in active}, active)
     for n in active:
         z = arm_logits[n][:v]
         lse = G.logsumexp(z)
@@ -303,6 +309,35 @@ def combine(logits, active: dict[str, float], base_name: str, base=None) -> Scor
     short = min(arm[n][0].size for n in names)
     if short < v:
         scores[short:] = -np.inf  # ids the ARM does not have: not real shared tokens
+    return Scores(scores, base_lp, h, arm, fallback)
+
+
+def _combine_on(base_lp: np.ndarray, h: float, logits: dict, active: dict[str, float]) -> Scores:
+    """combine() on the token ids of the Partial logits (the fast mode's restricted LM head): every
+    other token scores -inf, and each ARM's logZ is taken over those ids (a constant per step: the
+    sampler does not see it). An ARM that returned the whole vocabulary is read on the same ids."""
+    v = base_lp.size
+    limit = min(v, *(z.size for z in logits.values()))  # ids past an ARM's vocabulary are not shared tokens
+    ids = next(z.ids for z in logits.values() if isinstance(z, Partial))
+    ids = ids[ids < limit]  # every Partial of a step holds the same ids, in the same order
+    arm: dict[str, tuple[np.ndarray, float]] = {}
+    fallback: list[str] = []
+    sub = base_lp[ids].astype(np.float32)
+    for n, z in logits.items():
+        zs = z.z[z.ids < limit] if isinstance(z, Partial) else z[ids]
+        lse = G.logsumexp(zs)
+        if not np.isfinite(lse):
+            log.warning("ARM '%s' produced NaN/inf logits; skipping its guidance for this step", n)
+            fallback.append(n)
+            continue
+        full = np.full(v, -np.inf, dtype=np.float32)
+        full[ids] = zs
+        arm[n] = (full, lse)
+        sub += np.float32(active[n]) * (zs - np.float32(lse))
+    if not arm:
+        return Scores(base_lp, base_lp, h, arm, fallback)
+    scores = np.full(v, -np.inf, dtype=np.float32)
+    scores[ids] = sub
     return Scores(scores, base_lp, h, arm, fallback)
 
 

@@ -31,6 +31,7 @@ from edge_genarm import generation, load
 from edge_genarm import guidance as G
 from edge_genarm.fastmode import FAST_TAU
 
+TOP_K = (16, 32, 64, 128, 256)  # candidate sets for a restricted ARM LM head
 EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, float("inf"))
 
 
@@ -69,8 +70,11 @@ def study(engine, prompts: list[str], max_tokens: int, weights: dict | None) -> 
                 le = G.log_softmax(raw.astype(np.float64))
                 lb = base_lp.astype(np.float64)
                 kl = float(np.sum(np.exp(le) * (le - lb)))
+                order = np.argsort(-base_lp)
+                outside = {k: float(1.0 - pe[order[:k]].sum()) for k in TOP_K}  # exact's mass past the base's top k
                 rows.append({"H": rec.entropy, "kl": kl, "tv": 0.5 * float(np.abs(pe - pb).sum()),
-                             "differs": rec.base_pick != rec.token})  # fmt: skip
+                             "differs": rec.base_pick != rec.token, "outside": outside,
+                             "pick_rank": int(np.flatnonzero(order == rec.token)[0])})  # fmt: skip
     finally:
         generation.penalize = real
     return rows
@@ -117,9 +121,18 @@ def main() -> None:
         print(f"skipped steps: {len(sk) / len(rows):.1%}; there mean KL {np.mean([r['kl'] for r in sk]):.4f}, "
               f"mean TV {np.mean([r['tv'] for r in sk]):.4f}, pick differs {np.mean([r['differs'] for r in sk]):.1%}; "
               f"over all steps the pick differs at {sum(r['differs'] for r in sk) / len(rows):.2%} of them")
+    print("the exact mode's sampler mass outside the base's top k (what an ARM LM head restricted to them "
+          "cannot draw), mean / max over steps; and the share of exact picks outside it:")
+    for k in TOP_K:
+        m = [r["outside"][k] for r in rows]
+        print(f"  k={k:4d}: mass mean {np.mean(m):.2e}, max {np.max(m):.3f}; picks outside "
+              f"{np.mean([r['pick_rank'] >= k for r in rows]):.2%}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"weights": w, "tau": FAST_TAU, "buckets": table, "steps": len(rows)}, f, indent=1)
+            json.dump({"weights": w, "tau": FAST_TAU, "buckets": table, "steps": len(rows),
+                       "outside_top_k": {k: float(np.mean([r["outside"][k] for r in rows])) for k in TOP_K},
+                       "picks_outside_top_k": {k: float(np.mean([r["pick_rank"] >= k for r in rows])) for k in TOP_K}},
+                      f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -102,3 +102,40 @@ def test_exact_reaches_the_engine_from_the_cli_the_server_and_eval(engine, tiny_
     assert parse_method("alpha=1@exact=0", ["alpha", "beta"]).sampling == {"exact": False}
     with pytest.raises(ConfigError, match="exact=0|1"):
         parse_method("alpha=1@exact=2", ["alpha", "beta"])
+
+
+@pytest.mark.parametrize("kind", [None, "int8", "int4"])
+def test_lm_rows_compute_the_lm_head_graphs_logits_on_some_ids(tmp_path, kind):
+    """backends.trunk.LMRows reads an LM-head graph's weight (float, or MatMulNBits at 4 or 8
+    bits) and gives onnxruntime's logits on the asked ids: to float rounding for a float head, to
+    the int8 rounding of the activations that ORT's kernel adds for a quantized one."""
+    import onnx
+    import onnxruntime as ort
+    from edge_genarm.export.share import _quantize_file
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_genarm.backends.trunk import LMRows
+
+    rng = np.random.default_rng(0)
+    d, v = 96, 1000
+    w = (rng.standard_normal((d, v)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["normed", "lm_head"], ["logits"])], "lm",
+        [helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", d])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
+        [numpy_helper.from_array(w, "lm_head")],
+    )  # fmt: skip
+    path = tmp_path / "lmhead.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    if kind:
+        _quantize_file(path, kind, 32, 4)
+        assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMulNBits"]
+    normed = rng.standard_normal((2, d)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"normed": normed[:, None]})[0][:, 0]
+    ids = np.array([999, 0, 17, 500, 3, 42])
+    got = LMRows(path).logits(normed, ids)
+    assert got.shape == (2, len(ids))
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want[:, ids], atol=1e-5 * scale if kind is None else 2e-2 * scale)
+    if kind:  # and the dequantized rows are the quantized weight, not the float one it came from
+        assert np.abs(LMRows(path).rows(ids).T - w[:, ids]).max() > 1e-5

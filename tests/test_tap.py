@@ -186,3 +186,47 @@ def test_export_base_tap_command(tapped, tmp_path):
     assert r.exit_code == 0, r.output
     assert "run on the base's layer 1 output" in r.output
     assert "base tap, ARM 'a'" in r.output and "passed" in r.output
+
+
+def test_the_fast_mode_restricts_the_heads_lm_head_to_the_base_candidates(tapped, monkeypatch):
+    """A Partial from the heads' LM head holds the full head's logits on the asked ids, and the
+    combine over it is the exact combine on those ids up to one constant, -inf elsewhere."""
+    from edge_genarm import fastmode
+    from edge_genarm.backends.units import Partial
+    from edge_genarm.generation import combine
+
+    bundle, _, _ = tapped
+    e = _load(bundle, trunk="base")
+    try:
+        w = {"a": 0.8, "b": -0.5}  # a negative weight too: tokens past the ids must still be -inf
+        runs = e.units_for(w)
+        seq = [1, 520, 33, 901, 7, 4000, 12]
+        base_logits, _ = e.forward("prefill", seq, ([], []))
+        lp = G.log_softmax(base_logits)
+        ids = G.top_k_ids(lp, 16)
+        full = e.forward_units("prefill", seq, runs[0] + runs[1])
+        part = e.forward_units("prefill", seq, runs[0] + runs[1], ids=ids)
+        for k in w:
+            assert isinstance(part[k], Partial) and not isinstance(full[k], Partial)
+            np.testing.assert_array_equal(part[k].ids, ids)
+            np.testing.assert_allclose(part[k].z, full[k][ids], rtol=1e-5, atol=1e-4)  # numpy vs ORT, fp32
+        exact = combine((base_logits, full), w, "base")
+        fast = combine((base_logits, part), w, "base")
+        assert np.isfinite(fast.scores).sum() == len(ids) and np.isfinite(fast.scores[ids]).all()
+        shift = exact.scores[ids] - fast.scores[ids]
+        np.testing.assert_allclose(shift, shift[0], atol=1e-3)  # one constant: the ARMs' logZ over all ids
+        # the record of a picked token: its ARM terms over the candidates' normalizer
+        tok = int(ids[np.argmax(fast.scores[ids])])
+        assert fast.arm_term(tok, w) == pytest.approx(exact.arm_term(tok, w) - shift[0], abs=2e-3)
+        # end to end: every step guided (tau below any entropy), 8 candidates
+        monkeypatch.setattr(fastmode, "FAST_TAU", -1.0)
+        monkeypatch.setattr("edge_genarm.generation.FAST_CANDIDATES", 8)
+        seen = []
+        c = e.generate("Tell me a story.", max_tokens=8, seed=3, weights=w, exact=False,
+                       sampling=G.SamplingParams(1.0, 0, 1.0, 0.0), on_step=lambda i, s, p: seen.append(s.copy()))  # fmt: skip
+        assert all(r.guided for r in c.records) and len(seen) == 8
+        assert np.isfinite(seen[0]).sum() > 8  # the prompt's step runs the whole head
+        assert all(np.isfinite(s).sum() <= 8 for s in seen[1:])  # the steps after it only the candidates
+        assert all(t in np.flatnonzero(np.isfinite(s)) for t, s in zip(c.tokens[1:], seen[1:]))
+    finally:
+        e.close()

@@ -14,13 +14,16 @@ again; a head at weight 0 costs nothing.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFileError
 from .onnx_arm import KVGraph, OnnxGraph
-from .units import reusable
+from .units import Partial, reusable
+
+log = logging.getLogger("edge_genarm")
 
 
 class _Trunk(KVGraph):
@@ -30,6 +33,63 @@ class _Trunk(KVGraph):
 class _Head(KVGraph):
     feed_input = "hidden"
     out_name = "normed"
+
+
+class LMRows:
+    """The LM head's weight rows in numpy, for logits on a few token ids (the fast mode's
+    candidate-restricted head): `logits(normed (k, d), ids)` -> (k, len(ids)).
+
+    Reads what the pack's LM-head graphs hold: one MatMul on a float weight (d, V), or one
+    MatMulNBits (4 or 8 bits, any block size, with or without zero points), whose rows are
+    dequantized as needed: (q - zero point) * scale, per block. ORT's int4 kernel at accuracy
+    level 4 also rounds the activations to int8 per block; this computes in float32, so its
+    logits differ from the graph's by that rounding (tests/test_fastmode.py bounds it)."""
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx import helper, numpy_helper
+
+        m = onnx.load(str(path))  # external data too
+        nodes = [n for n in m.graph.node if n.op_type in ("MatMul", "MatMulNBits")]
+        if len(nodes) != 1 or len(m.graph.node) != 1:
+            raise ValueError(f"'{path}' is not one MatMul: its rows cannot be read")
+        node = nodes[0]
+        inits = {i.name: i for i in m.graph.initializer}
+        arr = {n: numpy_helper.to_array(inits[n]) for n in node.input[1:] if n}
+        self.kind = node.op_type
+        if self.kind == "MatMul":
+            self.w = np.ascontiguousarray(arr[node.input[1]].T)  # (V, d)
+            self.size = self.w.shape[0]
+            return
+        at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.bits, self.block, self.k, self.size = at["bits"], at["block_size"], at["K"], at["N"]
+        if self.bits not in (4, 8):
+            raise ValueError(f"'{path}': {self.bits}-bit weights are not read")
+        self.q = arr[node.input[1]].reshape(self.size, -1)  # (V, blocks * block * bits / 8) uint8
+        self.blocks = -(-self.k // self.block)
+        self.scales = arr[node.input[2]].reshape(self.size, self.blocks).astype(np.float32)
+        zp = arr.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if zp is None:
+            self.zp = None  # symmetric: the zero point is 2^(bits-1)
+        elif self.bits == 4:
+            zp = zp.reshape(self.size, -1)
+            self.zp = np.stack([zp & 0xF, zp >> 4], -1).reshape(self.size, -1)[:, : self.blocks].astype(np.float32)
+        else:
+            self.zp = zp.reshape(self.size, self.blocks).astype(np.float32)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The weight rows of `ids`, (len(ids), d) float32."""
+        if self.kind == "MatMul":
+            return self.w[ids]
+        q = self.q[ids]
+        if self.bits == 4:
+            q = np.stack([q & 0xF, q >> 4], -1).reshape(len(ids), -1)
+        q = q.reshape(len(ids), self.blocks, self.block).astype(np.float32)
+        zp = self.zp[ids][:, :, None] if self.zp is not None else np.float32(1 << (self.bits - 1))
+        return ((q - zp) * self.scales[ids][:, :, None]).reshape(len(ids), -1)[:, : self.k]
+
+    def logits(self, normed: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return normed @ self.rows(ids).T
 
 
 def _trunk_id(graph: OnnxGraph) -> str | None:
@@ -86,6 +146,7 @@ class TrunkGroup:
         self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
         self._buf = np.zeros((0, 0), dtype=np.float32)  # trunk outputs, room to grow (no copy per step)
         self._n = 0  # positions of _buf in use: one per token the trunk has cached
+        self._rows: LMRows | None | bool = None  # the LM head in numpy, read at its first use (False: cannot)
 
     def reset(self) -> None:
         if self.trunk is not None:
@@ -134,7 +195,20 @@ class TrunkGroup:
             self._append(self._n, self.trunk.feed([int(arg)]))
         return tokens, self.trunk.n_exact
 
-    def run(self, kind: str, arg, names: list[str]) -> dict[str, np.ndarray]:
+    def lm_rows(self) -> LMRows | None:
+        """The LM head's rows in numpy, or None where they cannot be read (no `onnx` package, a
+        graph that is not one MatMul): then a restricted run computes every logit."""
+        if self._rows is None:
+            try:
+                self._rows = LMRows(self.lm.path)
+            except (ImportError, ValueError, KeyError) as e:
+                log.info("LM head '%s' runs whole in the fast mode: %s", self.lm.path, e)
+                self._rows = False
+        return self._rows or None
+
+    def run(self, kind: str, arg, names: list[str], ids: np.ndarray | None = None) -> dict:
+        """{name: last-position logits}; with `ids`, {name: Partial} holding only those ids' logits
+        (computed in numpy from the LM head's rows, when they can be read)."""
         tokens, exact = self._source(kind, arg)
         hidden = self.hidden
         normed = []
@@ -144,17 +218,22 @@ class TrunkGroup:
             head.truncate(keep)
             normed.append(head.feed(tokens[keep:], hidden[None, keep : len(tokens)])[-1])
             head.n_exact = min(head.n_exact, exact)  # exact only on exact hidden states
+        rows = self.lm_rows() if ids is not None else None
+        if rows is not None:
+            ids = ids[ids < rows.size]
+            z = rows.logits(np.stack(normed).reshape(len(names), -1), ids)
+            return {n: Partial(ids, z[i], rows.size) for i, n in enumerate(names)}
         try:
             logits = self.lm.session.run(None, {"normed": np.stack(normed)[:, None, :]})[0]
         except Exception as e:  # onnxruntime's own error types
             raise self.lm.run_error(e) from None
         return {n: logits[i, -1] for i, n in enumerate(names)}
 
-    def prefill(self, tokens: list[int], names) -> dict[str, np.ndarray]:
-        return self.run("prefill", tokens, names)
+    def prefill(self, tokens: list[int], names, ids=None) -> dict:
+        return self.run("prefill", tokens, names, ids)
 
-    def step(self, token: int, names) -> dict[str, np.ndarray]:
-        return self.run("step", token, names)
+    def step(self, token: int, names, ids=None) -> dict:
+        return self.run("step", token, names, ids)
 
     @property
     def graphs(self) -> list:

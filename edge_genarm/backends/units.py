@@ -11,7 +11,7 @@ which kind it has. The base (`LlamaBase`) follows the same calls but returns its
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -32,17 +32,28 @@ def reusable(cached: list[int], tokens: list[int], n_exact: int | None = None) -
     return min(i, n_exact, max(0, len(tokens) - 2))
 
 
+class Partial(NamedTuple):
+    """An ARM's logits on some token ids only (the fast mode's restricted LM head, fastmode.py):
+    `z[j]` is the logit of `ids[j]`; `size` is the ARM's vocabulary."""
+
+    ids: np.ndarray
+    z: np.ndarray
+    size: int
+
+
 class Unit(Protocol):
     """The forward-unit contract. `names` may be any non-empty subset of the unit's ARMs."""
 
     names: tuple[str, ...]  # the ARMs whose logits this unit computes
     after_base: bool  # it reads the base's own layer output: run it after the base's forward
 
-    def prefill(self, tokens: list[int], names) -> dict[str, np.ndarray]:
-        """Evaluate `tokens` (reusing the cached prefix, `reusable`): {name: last-position logits}."""
+    def prefill(self, tokens: list[int], names, ids=None) -> dict[str, np.ndarray]:
+        """Evaluate `tokens` (reusing the cached prefix, `reusable`): {name: last-position logits}.
+        `ids` (fast mode): the logits of these token ids are enough; a unit may then return a
+        `Partial` instead of the whole vocabulary's (or ignore it)."""
 
-    def step(self, token: int, names) -> dict[str, np.ndarray]:
-        """Evaluate one more token: {name: its logits}."""
+    def step(self, token: int, names, ids=None) -> dict[str, np.ndarray]:
+        """Evaluate one more token: {name: its logits} (`ids` as for prefill)."""
 
     def trim_for(self, tokens: list[int], names) -> None:
         """Drop cached positions a cold prefill of `tokens` would compute differently."""
@@ -64,10 +75,10 @@ class ArmUnit:
         self.arm = arm
         self.names = (arm.name,)
 
-    def prefill(self, tokens: list[int], names=None) -> dict[str, np.ndarray]:
-        return {self.arm.name: self.arm.prefill(tokens)}
+    def prefill(self, tokens: list[int], names=None, ids=None) -> dict[str, np.ndarray]:
+        return {self.arm.name: self.arm.prefill(tokens)}  # one graph computes its whole LM head
 
-    def step(self, token: int, names=None) -> dict[str, np.ndarray]:
+    def step(self, token: int, names=None, ids=None) -> dict[str, np.ndarray]:
         return {self.arm.name: self.arm.step(token)}
 
     def trim_for(self, tokens: list[int], names=None) -> None:
