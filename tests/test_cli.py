@@ -244,3 +244,21 @@ def test_chat_with_a_corrupt_arm_names_it_and_exits(tiny_bundle, tmp_path):
         child.close(force=True)
     assert child.exitstatus == 1
     assert "Error:" in log.getvalue() and "arms/alpha/model.onnx" in log.getvalue(), log.getvalue()
+
+
+def test_bench_cost_curve_runs_stand_ins_past_the_bundles_arms(tiny_bundle):
+    from edge_genarm.bundle import Bundle
+
+    r = run(["bench", "--weights", str(tiny_bundle), "-n", "4", "--repeats", "1", "--objectives", "3",
+             "--no-modes", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.output)["cost_curve"]
+    assert c["objectives"] == ["alpha", "beta", "alpha_standin2"]  # the tiny bundle has two ARMs
+    assert set(c["modes"]) == {"unguided"} | {f"{k} {m}" for k in (1, 2, 3) for m in ("exact", "fast")}
+    assert c["modes"]["unguided"]["vs_unguided"] == 1.0 and c["modes"]["unguided"]["guided_fraction"] == 0.0
+    assert all(c["modes"][f"{k} exact"]["guided_fraction"] == 1.0 for k in (1, 2, 3))
+    assert set(c["ms_per_objective"]) == {"exact", "fast"}
+    assert len(Bundle.open(tiny_bundle).arms) == 2  # the stand-ins lived in a temporary view only
+    text = run(["bench", "--weights", str(tiny_bundle), "-n", "4", "--repeats", "1", "--objectives", "1",
+                "--no-modes"]).output  # fmt: skip
+    assert "cost curve: 1..1 objectives (alpha)" in text and "each objective adds" not in text
