@@ -60,6 +60,8 @@ class Engine:
         self._pools = {_label(u): ThreadPoolExecutor(max_workers=1) for u in self.units} if parallel else {}
         self.nudge_table: NudgeTable | None = nudge_table  # the bundle's (plan.LoadPlan), if any
         self.dry_breakers = _Breakers(lambda t: self.base.token_bytes(t))
+        # the fast mode's restricted ARM LM head always scores these (generation.fast_forward)
+        self.eos_candidates = np.array(sorted(base.eos_ids), dtype=np.int64)
         self._busy, self._busy_lock = False, threading.Lock()
 
     # -- configuration ------------------------------------------------------

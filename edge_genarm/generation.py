@@ -259,14 +259,18 @@ NO_UNITS = ([], [])
 def fast_forward(engine, tok: int, seq: list[int], runs, tau: float, t: Timings, restrict: bool = True):
     """Fast mode's forwards for the next step: the base first; the ARM units only when the base's
     entropy reaches `tau`, catching up every position they skipped in one batch, and (`restrict`)
-    asked for the logits of the base's FAST_CANDIDATES most likely tokens only. Returns
+    asked for the logits of the base's FAST_CANDIDATES most likely tokens and the end-of-reply
+    tokens only. Returns
     (logits, the base's (log-probs, entropy) for `combine`, guided)."""
     base_logits, _ = engine.forward("step", tok, NO_UNITS, t)
     base = G.log_softmax_entropy(base_logits)
     if base[1] < tau:
         return (base_logits, {}), base, False
     t0 = time.perf_counter()
-    ids = G.top_k_ids(base[0], FAST_CANDIDATES) if restrict else None
+    ids = None
+    if restrict:  # the end of the reply stays drawable: a length objective moves it from far down
+        ids = G.top_k_ids(base[0], FAST_CANDIDATES)
+        ids = np.union1d(ids, engine.eos_candidates) if engine.eos_candidates.size else ids
     arm = engine.forward_units("prefill", seq, runs[0] + runs[1], t, ids)
     t.forward_s += time.perf_counter() - t0
     return (base_logits, arm), base, True

@@ -226,7 +226,9 @@ def test_the_fast_mode_restricts_the_heads_lm_head_to_the_base_candidates(tapped
                        sampling=G.SamplingParams(1.0, 0, 1.0, 0.0), on_step=lambda i, s, p: seen.append(s.copy()))  # fmt: skip
         assert all(r.guided for r in c.records) and len(seen) == 8
         assert np.isfinite(seen[0]).sum() > 8  # the prompt's step runs the whole head
-        assert all(np.isfinite(s).sum() <= 8 for s in seen[1:])  # the steps after it only the candidates
+        eos = e.eos_candidates
+        assert eos.size and all(np.isfinite(s).sum() <= 8 + eos.size for s in seen[1:])  # then only the candidates
+        assert all(np.isfinite(s[eos]).all() for s in seen[1:])  # and the end of the reply, always
         assert all(t in np.flatnonzero(np.isfinite(s)) for t, s in zip(c.tokens[1:], seen[1:]))
     finally:
         e.close()
