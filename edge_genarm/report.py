@@ -86,11 +86,13 @@ def _gain(r: dict, judge: str) -> float:
 def plot_front(rows: list[dict], judge_x: str, judge_y: str, path: Path) -> None:
     """The weight grid on two objectives (paired gains): one line per series with its Pareto
     front, baselines as markers named in the legend with their forwards per token. Points are
-    labelled by the first ARM's weight only, alternately above and below, so labels stay apart."""
+    labelled by one ARM's weight only (the first of the grid's, named in the title), alternately above and below, so labels stay apart."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5), dpi=110)
     ax.plot([0], [0], "k*", ms=10, label=f"{rows[0]['method']} (reference)")
     hv = front_hypervolumes(rows, judge_x, judge_y)
+    # the ARM whose weight labels the points: the first one of the grid (a row's weights omit zeros)
+    first_arm = next(iter(max((r["weights"] for r in rows), key=len, default={})), "")
     for k, (series, rs) in enumerate(front_series(rows).items()):
         pts = sorted(((_gain(r, judge_x), _gain(r, judge_y), r) for r in rs), key=lambda p: p[0])
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=0.8, ms=4,
@@ -98,16 +100,14 @@ def plot_front(rows: list[dict], judge_x: str, judge_y: str, path: Path) -> None
         front = pareto([(x, y) for x, y, _ in pts])
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color=line.get_color(), lw=1.5, alpha=0.5)
         for j, (x, y, r) in enumerate(pts):
-            first = next(iter(r["weights"].items()), ("", 0.0))
             dy = (6 if j % 2 == 0 else -11) * (1 if k % 2 == 0 else -1)
-            ax.annotate(f"{first[1]:g}", (x, y), textcoords="offset points", xytext=(3, dy), fontsize=6,
+            ax.annotate(f"{r['weights'].get(first_arm, 0.0):g}", (x, y), textcoords="offset points", xytext=(3, dy), fontsize=6,
                         color=line.get_color())  # fmt: skip
     markers = iter("sD^vP<>X")
     for r in rows:
         if r["kind"] in ("bon", "args"):
             ax.plot([_gain(r, judge_x)], [_gain(r, judge_y)], next(markers, "x"), ms=7,
                     label=f"{r['method']} ({r['forwards_per_token']:.1f} fwd/tok)")  # fmt: skip
-    first_arm = next((next(iter(r["weights"]), "") for r in rows if r["weights"]), "")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.axvline(0.0, color="grey", lw=0.5)
     ax.set_xlabel(f"paired gain in '{judge_x}'")

@@ -251,3 +251,25 @@ def test_hypervolume_against_the_reference():
     cells = sum(1 for i in range(300) for j in range(300)
                 if any((i + 0.5) / 100 < x and (j + 0.5) / 100 < y for x, y in pts))  # fmt: skip
     assert hypervolume(pts) == pytest.approx(cells / 1e4, abs=0.02)
+
+
+def test_front_points_are_labelled_by_one_arms_weight_even_where_it_is_zero(tmp_path, monkeypatch):
+    """A grid row's weights omit zeros ({'b': 1.0} for a=0,b=1): every label is still a's weight."""
+    pytest.importorskip("matplotlib")
+    from edge_genarm import report
+
+    texts = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        texts["labels"] = [t.get_text() for t in ax.texts]
+        texts["title"] = ax.get_title()
+
+    monkeypatch.setattr(report, "_save", keep)
+    rows = [{"method": "unguided", "kind": "unguided", "weights": {}}]
+    for a in (0.0, 0.2, 1.0):
+        w = {k: v for k, v in (("a", a), ("b", round(1 - a, 1))) if v}
+        rows.append({"method": f"a={a:g},b={1 - a:g}", "kind": "genarm", "weights": w,
+                     "x_diff": (a, 0.1), "y_diff": (1 - a, 0.1)})  # fmt: skip
+    report.plot_front(rows, "x", "y", tmp_path / "front.png")
+    assert sorted(texts["labels"]) == ["0", "0.2", "1"] and "weight of 'a'" in texts["title"]
