@@ -228,9 +228,14 @@ def add_initializers(model, arrays: list[tuple[str, np.ndarray]]) -> None:
 
 def lm_head_graph(w: LlamaWeights, meta: dict | None = None):
     """normed (batch, seq, hidden) -> logits: the LM head alone (shared by sibling heads)."""
+    return lm_head_model(w.lm_head, meta)
+
+
+def lm_head_model(weight: np.ndarray, meta: dict | None = None):
+    """The LM-head graph of a (hidden, vocab) float weight: one MatMul from 'normed' to 'logits'."""
     from onnx import TensorProto, helper
 
-    d, v = w.lm_head.shape
+    d, v = weight.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["normed", "lm_head"], ["logits"], name="/lm_head")],
         "edge-genarm-lm-head",
@@ -238,7 +243,7 @@ def lm_head_graph(w: LlamaWeights, meta: dict | None = None):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    add_initializers(model, [("lm_head", w.lm_head)])
+    add_initializers(model, [("lm_head", weight)])
     if meta:
         helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     return model

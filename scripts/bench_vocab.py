@@ -37,18 +37,11 @@ def med(fn, repeats: int) -> float:
 
 def lm_head(path: Path, d: int, v: int, rng) -> None:
     import onnx
+    from edge_genarm.export.compact import lm_head_model
     from edge_genarm.export.share import _quantize_file
-    from onnx import TensorProto, helper, numpy_helper
 
     w = (rng.standard_normal((d, v)) * 0.05).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["normed", "lm_head"], ["logits"])], "lm",
-        [helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", d])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
-        [numpy_helper.from_array(w, "lm_head")],
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path),
-              save_as_external_data=True)  # fmt: skip
+    onnx.save(lm_head_model(w), str(path), save_as_external_data=True)
     _quantize_file(path, "int4", 32, 4)
 
 

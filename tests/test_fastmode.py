@@ -111,22 +111,16 @@ def test_lm_rows_compute_the_lm_head_graphs_logits_on_some_ids(tmp_path, kind):
     the int8 rounding of the activations that ORT's kernel adds for a quantized one."""
     import onnx
     import onnxruntime as ort
+    from edge_genarm.export.compact import lm_head_model
     from edge_genarm.export.share import _quantize_file
-    from onnx import TensorProto, helper, numpy_helper
 
     from edge_genarm.backends.trunk import LMRows
 
     rng = np.random.default_rng(0)
     d, v = 96, 1000
     w = (rng.standard_normal((d, v)) * 0.05).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["normed", "lm_head"], ["logits"])], "lm",
-        [helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", d])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
-        [numpy_helper.from_array(w, "lm_head")],
-    )  # fmt: skip
     path = tmp_path / "lmhead.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    onnx.save(lm_head_model(w), str(path))
     if kind:
         _quantize_file(path, kind, 32, 4)
         assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMulNBits"]
