@@ -67,7 +67,7 @@ def find_converter(version: str | None = None) -> Path:
             if "/vendor/llama.cpp/" in m.name
             and ("/gguf-py/" in m.name or "/conversion/" in m.name or m.name.endswith(".py"))
         ]
-        tar.extractall(tmp, members=members, filter="data")
+        safe_extract(tar, members, tmp, sdist)
     (tmp / root.name).rename(root)
     tmp.rmdir()
     return script
@@ -89,3 +89,20 @@ def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, outtype: str = "f32"
         raise EdgeGenarmError(f"llama.cpp's converter failed on '{hf_dir}':\n{tail}")
     os.replace(part, out)
     return out
+
+
+def safe_extract(tar: tarfile.TarFile, members: list, dst: Path, what: Path) -> None:
+    """Extract `members` under `dst`, refusing what the "data" filter refuses. Python before
+    3.11.4 / 3.12 (Debian 12's 3.11.2) has no extraction filters: there the members are
+    checked here instead (plain files and folders only, relative paths that stay inside)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dst, members=members, filter="data")
+        return
+    for m in members:
+        parts = Path(m.name).parts
+        if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute() or ".." in parts:
+            raise EdgeGenarmError(
+                f"'{what}' holds '{m.name}', which is not a plain file inside the archive: the download "
+                "is corrupt or not llama-cpp-python's sdist; delete it and run again"
+            )
+    tar.extractall(dst, members=members)

@@ -246,3 +246,37 @@ def test_an_unwritable_graph_cache_only_costs_speed(tiny_bundle, tmp_path, monke
     monkeypatch.setenv("EDGE_GENARM_CACHE", str(tmp_path / "not-a-folder" / "cache"))
     arm = OnnxARM(tiny_bundle / "arms" / "alpha" / "model.onnx", "a")
     assert not arm.from_cache and arm.prefill([1, 2, 3]).shape[-1] > 0
+
+
+@pytest.mark.parametrize("has_filters", [True, False])
+def test_the_converter_sdist_is_extracted_safely_with_or_without_tar_filters(tmp_path, monkeypatch, has_filters):
+    """Python < 3.11.4 (Debian 12's 3.11.2) has no tarfile filters: the members are checked by hand
+    there, a path leaving the folder is refused with the archive named, and plain files extract."""
+    import io
+    import tarfile
+
+    from edge_genarm.export.converter import safe_extract
+
+    from edge_genarm.errors import EdgeGenarmError
+
+    if not has_filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def archive(names):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"ok"))
+        buf.seek(0)
+        return tarfile.open(fileobj=buf)
+
+    with archive(["pkg/vendor/llama.cpp/convert.py"]) as tar:
+        safe_extract(tar, tar.getmembers(), tmp_path / "out", tmp_path / "x.tar.gz")
+    assert (tmp_path / "out" / "pkg/vendor/llama.cpp/convert.py").read_text() == "ok"
+    with archive(["pkg/../../escape.py"]) as tar, pytest.raises((EdgeGenarmError, tarfile.TarError)) as e:
+        safe_extract(tar, tar.getmembers(), tmp_path / "out2", tmp_path / "x.tar.gz")
+    assert not (tmp_path / "escape.py").exists() and not (tmp_path.parent / "escape.py").exists()
+    if not has_filters:
+        assert "x.tar.gz" in str(e.value) and "not a plain file inside the archive" in str(e.value)
