@@ -25,7 +25,10 @@ def export_group():
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--quant", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
 @click.option("--force", is_flag=True, help="Redo / replace an existing export.")
-def export_base_cmd(source, out, quant, force):
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
+              help="A Jinja chat template file the bundle prompts with (over the GGUF's own; a pretrained "
+                   "model without one is prompted raw otherwise).")
+def export_base_cmd(source, out, quant, force, chat_template):
     """SOURCE: a Hugging Face folder (converted by llama.cpp's converter), a .gguf (adopted) or
     ollama:NAME[:TAG] (the model's GGUF in the Ollama store, adopted)."""
     from edge_genarm.export.commands import export_base
@@ -35,6 +38,12 @@ def export_base_cmd(source, out, quant, force):
         if not Path(source).exists():
             raise EdgeGenarmError(f"'{source}' does not exist: give a Hugging Face folder, a .gguf or ollama:NAME")
         export_base(source, out, quant, force)
+        if chat_template:
+            from edge_genarm.export.commands import set_chat_template
+
+            from edge_genarm.chat import read_template
+
+            set_chat_template(out, read_template(chat_template))
     except EdgeGenarmError as e:
         fail(e)
     click.echo(f"base written to {out}")

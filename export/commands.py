@@ -113,6 +113,22 @@ def export_base(source: str | Path, out: str | Path, quant: str = "f16", force: 
     return m
 
 
+def set_chat_template(bundle: str | Path, template: str | None) -> dict:
+    """The bundle's chat template (manifest `chat_template`, over the GGUF's own); None removes it.
+    Checked first: a template that does not render a user message is refused."""
+    from edge_genarm.chat import check_template
+    from edge_genarm.manifest import read_manifest, write_manifest
+
+    m = read_manifest(Path(bundle))
+    if template is None:
+        m.pop("chat_template", None)
+    else:
+        check_template(template, "the chat template given")
+        m["chat_template"] = template
+    write_manifest(Path(bundle), m)
+    return m
+
+
 def export_arm(
     source: str | Path,
     out: str | Path,

@@ -9,6 +9,7 @@ in OUT/adapter (what the packs commit; `apply_adapter` turns it back into the AR
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -69,8 +70,12 @@ def train_arm(
     lora_targets: str = "attn",
     lora_layers: int | None = None,
     reference: bool = False,
+    chat_template: str | None = None,
 ) -> dict:
     """Train an ARM on `data` from `init` into `out`; returns what edge_genarm_arm.json records.
+
+    `chat_template` (text): the template the pairs' prompts are rendered with, over the one the
+    `weights` bundle or the init carries: the text the runtime will send (a pack's template).
 
     `reference`: score each reply relative to the init (r - r_init, see `with_reference`)."""
     import torch
@@ -84,13 +89,15 @@ def train_arm(
     lr = lr if lr is not None else (5e-4 if lora_r else 1e-5)
     torch.manual_seed(seed)
     model, tok = prepare_model(init, layers, lora_r, run.device, lora_targets, lora_layers)
-    enc, pad = run.encode(tok, weights, max_len, on_long)
+    enc, pad = run.encode(tok, weights, max_len, on_long, chat_template)
     if reference:
         enc = with_reference(model, enc, pad, run.device, micro_batch)
     settings = dict(data=data_digest(run.data), init=str(Path(init).resolve()), beta_r=beta_r, lora_r=lora_r,
                     lora_targets=lora_targets, lora_layers=lora_layers, layers=layers, lr=lr, epochs=epochs,
                     batch_size=batch_size, max_len=max_len, on_long=on_long, eval_frac=eval_frac, seed=seed,
                     n=len(enc))  # fmt: skip
+    if chat_template:  # only when given: checkpoints of earlier runs keep their key
+        settings["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()[:16]
     if reference:  # only when set: checkpoints of earlier runs keep their key
         settings["reference"] = True
     figures, held = fit(run, model, enc, arm_objective(model, pad, run.device, beta_r), settings, lr=lr,

@@ -206,11 +206,14 @@ class Run:
     stats: dict  # bad lines, truncated and skipped pairs, as load_pairs and encode_pairs count them
     t0: float = 0.0  # set when training starts: the record's "seconds"
 
-    def encode(self, tok, weights, max_len: int, on_long: str) -> tuple[list[tuple], int]:
+    def encode(self, tok, weights, max_len: int, on_long: str, chat_template: str | None = None):
         """(encoded pairs, pad id); first, with `weights` (a bundle), refuse an init whose
-        tokenizer differs from the bundle's base."""
+        tokenizer differs from the bundle's base. `chat_template` renders the prompts, over the
+        bundle's and the init's."""
         if weights:
             check_base_tokens(weights, tok, self.out.name)
+        if chat_template:
+            tok.chat_template = chat_template
         enc = encode_pairs(tok, self.pairs, max_len, on_long, self.stats)
         return enc, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

