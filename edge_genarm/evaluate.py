@@ -367,6 +367,11 @@ def run_eval(engine, items, methods, judges: dict, out: Path, max_tokens: int, s
     return out_recs
 
 
+# A reply a sentiment judge calls positive: VADER's compound >= 0.05 (its authors' threshold),
+# AFINN's per-word mean > 0.
+POSITIVE_FROM = {"sentiment": 0.05, "afinn": 1e-12}
+
+
 def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> list[dict]:
     """Per method: judge means (± s.e.), paired differences from the first method, loop rate,
     NLL, tokens, finish rate, tok/s and forwards per generated token."""
@@ -396,6 +401,13 @@ def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> 
             common = [i for i in rs if i in base]
             if m is not methods[0] and common:
                 row[f"{j}_diff"] = mean_sem([rs[i]["scores"][j] - base[i]["scores"][j] for i in common])
+            if j in POSITIVE_FROM:  # the share of replies the judge calls positive, paired like the means
+                pos = POSITIVE_FROM[j]
+                row[f"{j}_positive"] = sum(r["scores"][j] >= pos for r in v) / len(v)
+                if m is not methods[0] and common:
+                    row[f"{j}_positive_diff"] = mean_sem(
+                        [float(rs[i]["scores"][j] >= pos) - float(base[i]["scores"][j] >= pos) for i in common]
+                    )
         rows.append(row)
     return rows
 

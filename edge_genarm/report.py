@@ -47,6 +47,24 @@ def format_table(rows: list[dict], judges: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_positive_table(rows: list[dict], judges: list[str]) -> str:
+    """The share of replies each sentiment judge calls positive, and its paired change; "" when
+    no judge here has a sign (evaluate.POSITIVE_FROM)."""
+    polar = [j for j in judges if rows and f"{j}_positive" in rows[0]]
+    if not polar:
+        return ""
+    head = ["method", *[f"{j}: positive" for j in polar], *[f"Δ {j} positive (points)" for j in polar]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['method']}`", *[f"{100 * r[j + '_positive']:.1f}%" for j in polar]]
+        cells += [
+            f"{100 * r[j + '_positive_diff'][0]:+.1f} ± {100 * r[j + '_positive_diff'][1]:.1f}"
+            if j + "_positive_diff" in r else "-" for j in polar
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_reward_vs_speed(rows: list[dict], judge: str, path: Path) -> None:
     """Judged gain over the first method (paired, ± s.e.) against tok/s, one point per method."""
     plt = _pyplot()
@@ -179,6 +197,10 @@ def write_report(out: Path, cfg, rows: list[dict], methods: list, judges: list[s
         format_table(rows, judges),
         "",
     ]
+    polar = format_positive_table(rows, judges)
+    if polar:
+        lines += ["Replies judged positive (VADER compound >= 0.05; AFINN > 0), paired change in points:", "",
+                  polar, ""]  # fmt: skip
     for series, v in hv.items():
         lines += [f"Front hypervolume ({judges[0]} x {judges[1]} paired gains, against `{rows[0]['method']}`), "
                   f"{series or 'grid'}: {v:.4f}", ""]  # fmt: skip

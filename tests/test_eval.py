@@ -273,3 +273,30 @@ def test_front_points_are_labelled_by_one_arms_weight_even_where_it_is_zero(tmp_
                      "x_diff": (a, 0.1), "y_diff": (1 - a, 0.1)})  # fmt: skip
     report.plot_front(rows, "x", "y", tmp_path / "front.png")
     assert sorted(texts["labels"]) == ["0", "0.2", "1"] and "weight of 'a'" in texts["title"]
+
+
+def test_share_judged_positive_is_paired_like_numpy():
+    """The share of replies VADER calls positive (compound >= 0.05) and AFINN calls positive (> 0),
+    and the paired change in points, against a direct count."""
+    from edge_genarm.report import format_positive_table
+
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(-1, 1, size=20), rng.uniform(-1, 1, size=20)
+    a[0], b[0] = 0.05, 0.049  # at the threshold: positive, not positive
+    recs = []
+    for i in range(20):
+        for label, s in (("unguided", a[i]), ("alpha=1", b[i])):
+            recs.append({"prompt_index": i, "method": label, "scores": {"sentiment": float(s), "afinn": float(-s)},
+                         "n_tokens": 4, "finished": True, "loops": False, "nll": 1.0, "seconds": 0.5,
+                         "forwards": 4})  # fmt: skip
+    methods = [E.parse_method("unguided", ARMS), E.parse_method("alpha=1", ARMS)]
+    base, arm = E.summarize(recs, methods, ["sentiment", "afinn"])
+    pa, pb = (a >= 0.05).astype(float), (b >= 0.05).astype(float)
+    assert base["sentiment_positive"] == pytest.approx(pa.mean()) and arm["sentiment_positive"] == pytest.approx(pb.mean())
+    d = pb - pa
+    assert arm["sentiment_positive_diff"][0] == pytest.approx(d.mean())
+    assert arm["sentiment_positive_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(20))
+    assert arm["afinn_positive"] == pytest.approx((-b > 0).mean())
+    table = format_positive_table([base, arm], ["sentiment", "afinn"])
+    assert f"{100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(20):.1f}" in table
+    assert format_positive_table([base, arm], ["tokens"]) == ""
