@@ -63,8 +63,27 @@ def load_recipe(name: str) -> dict:
         import tomli as tomllib
     p = recipe_path(name)
     recipe = tomllib.loads(p.read_text())
+    check_recipe(recipe, p)
     recipe["_dir"] = p.parent
     return recipe
+
+
+_BASE_KEYS = {"package", "file", "sha256", "path", "parts"}
+_TOP_KEYS = {"base", "arms", "nudges", "share", "chat_template", "lean"}
+
+
+def check_recipe(recipe: dict, path: Path) -> None:
+    """Refuse keys a recipe does not know, naming the table: a top-level key written below a
+    table header (TOML puts it in that table) would otherwise be dropped without a word."""
+    for table, known in (("", _TOP_KEYS), ("base", _BASE_KEYS)):
+        have = recipe.get(table, {}) if table else recipe
+        unknown = sorted(set(have) - known)
+        if unknown:
+            where = f"[{table}]" if table else "the top level"
+            raise EdgeGenarmError(
+                f"recipe {path}: unknown key(s) {', '.join(unknown)} in {where} (known: {', '.join(sorted(known))}); "
+                "a top-level key must come before the first [table] header"
+            )
 
 
 def built_bundle(name: str = "default") -> Path | None:

@@ -241,3 +241,14 @@ def test_a_recipe_template_is_the_bundles_and_the_trainings(recipe, monkeypatch)
     (recipe / "t.jinja").write_text("{% for m in messages %}Q:{% endfor %}")
     with pytest.raises(EdgeGenarmError, match="leaves the user's message out"):
         pack.build_pack("tiny", force=True, log=lambda m: None)
+
+
+def test_a_recipe_key_under_the_wrong_table_is_refused(recipe):
+    """A top-level key written after [base] lands in [base] (TOML): refused with the fix, not dropped."""
+    text = (recipe / "recipe.toml").read_text()
+    (recipe / "recipe.toml").write_text(text.replace("[arms.yes]", 'chat_template = "t.jinja"\n[arms.yes]'))
+    with pytest.raises(EdgeGenarmError, match=r"unknown key\(s\) chat_template in \[base\].*before the first"):
+        pack.load_recipe("tiny")
+    (recipe / "recipe.toml").write_text("colour = 1\n" + text)
+    with pytest.raises(EdgeGenarmError, match="unknown key.*colour in the top level"):
+        pack.build_pack("tiny", log=lambda m: None)
