@@ -390,6 +390,8 @@ def summarize(records: list[dict], methods: list[Method], judges: list[str]) -> 
             "weights": {a: w for a, w in m.weights.items() if w},
             "n": len(v),
             "loop_rate": sum(r["loops"] for r in v) / len(v),
+            # under two words: the bigram ratio cannot see a reply of blank lines or one token repeated
+            "blank_rate": sum(len(r.get("text", "").split()) < 2 for r in v) / len(v),
             "nll": mean_sem([r["nll"] for r in v]),
             "gen_tokens": mean_sem([r["n_tokens"] for r in v]),  # not "tokens": a judge has that name
             "finish_rate": sum(r["finished"] for r in v) / len(v),

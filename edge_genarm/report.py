@@ -32,15 +32,15 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float] = (0
 
 
 def format_table(rows: list[dict], judges: list[str]) -> str:
-    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "NLL", "generated", "finished", "tok/s",
-            "fwd/tok"]  # fmt: skip
+    head = ["method", *judges, *[f"Δ {j}" for j in judges], "loops", "blank", "NLL", "generated", "finished",
+            "tok/s", "fwd/tok"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['method']}`"]
         cells += [f"{r[j][0]:+.3f} ± {r[j][1]:.3f}" for j in judges]
         cells += [f"{r[j + '_diff'][0]:+.3f} ± {r[j + '_diff'][1]:.3f}" if j + "_diff" in r else "-" for j in judges]
         cells += [
-            f"{100 * r['loop_rate']:.1f}%", f"{r['nll'][0]:.3f}", f"{r['gen_tokens'][0]:.1f}",
+            f"{100 * r['loop_rate']:.1f}%", f"{100 * r.get('blank_rate', 0.0):.1f}%", f"{r['nll'][0]:.3f}", f"{r['gen_tokens'][0]:.1f}",
             f"{100 * r['finish_rate']:.0f}%", f"{r['tok_per_s']:.1f}", f"{r['forwards_per_token']:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -191,7 +191,7 @@ def write_report(out: Path, cfg, rows: list[dict], methods: list, judges: list[s
         f"`{Path(cfg.prompts).name}`), {cfg.max_tokens} tokens at most, the same seed per prompt for every "
         f"method (base seed {cfg.seed}). Judges: {', '.join(judges)}. Δ: paired difference from "
         f"`{rows[0]['method'] if rows else '-'}` (mean ± standard error). loops: replies whose distinct-bigram "
-        f"ratio is < {LOOP_RATIO}. NLL: nats/token under the base. fwd/tok: positions evaluated by any "
+        f"ratio is < {LOOP_RATIO}. blank: replies of fewer than two words (which that ratio cannot see). NLL: nats/token under the base. fwd/tok: positions evaluated by any "
         "model beyond the prompt, per generated token.",
         "",
         format_table(rows, judges),

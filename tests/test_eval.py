@@ -145,7 +145,7 @@ def test_summary_statistics_match_numpy():
     a, b = rng.normal(size=8), rng.normal(size=8)
     for i in range(8):
         for label, s, text in (("unguided", a[i], "x y z w"), ("alpha=1", b[i], "x x x x x x x")):
-            recs.append({"prompt_index": i, "method": label, "scores": {"j": float(s)}, "n_tokens": 4 + i,
+            recs.append({"prompt_index": i, "method": label, "scores": {"j": float(s)}, "text": text, "n_tokens": 4 + i,
                          "finished": i % 2 == 0, "loops": E.distinct_bigram_ratio(text) < 0.6, "nll": float(i),
                          "seconds": 0.5, "forwards": 4 + i})  # fmt: skip
     methods = [E.parse_method("unguided", ARMS), E.parse_method("alpha=1", ARMS)]
@@ -160,6 +160,10 @@ def test_summary_statistics_match_numpy():
     assert arm["j_diff"][1] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
     assert base["j"][1] == pytest.approx(a.std(ddof=1) / np.sqrt(8))
     assert arm["loop_rate"] == 1.0 and base["loop_rate"] == 0.0
+    assert arm["blank_rate"] == 0.0
+    recs[1]["text"] = "\n\n \n\n"  # blank lines: no bigram to repeat, but no reply either
+    recs[3]["text"] = "word"
+    assert E.summarize(recs, methods, ["j", "tokens"])[1]["blank_rate"] == 2 / 8
     assert base["finish_rate"] == 0.5 and base["tok_per_s"] == pytest.approx(sum(4 + i for i in range(8)) / 4.0)
     assert "j_diff" not in base
 
