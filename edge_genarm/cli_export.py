@@ -39,9 +39,8 @@ def export_base_cmd(source, out, quant, force, chat_template):
             raise EdgeGenarmError(f"'{source}' does not exist: give a Hugging Face folder, a .gguf or ollama:NAME")
         export_base(source, out, quant, force)
         if chat_template:
-            from edge_genarm.export.commands import set_chat_template
-
             from edge_genarm.chat import read_template
+            from edge_genarm.export.commands import set_chat_template
 
             set_chat_template(out, read_template(chat_template))
     except EdgeGenarmError as e:

@@ -42,6 +42,8 @@ def why_not_lean(recipe: dict, retrain: bool = False) -> str | None:
 
     if retrain:
         return "--retrain trains the ARMs"
+    if recipe.get("lean") is False:
+        return "the recipe's base is not a llama GGUF (the torch-free build reads llama GGUFs only)"
     no_adapter = [a for a, s in recipe["arms"].items() if not s.get("adapter")]
     if no_adapter or not recipe["arms"]:
         return f"ARM(s) {', '.join(no_adapter) or '(none)'} have no committed adapter: they are trained"
