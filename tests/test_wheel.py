@@ -65,6 +65,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tiny_bundle, tmp_path):
             assert f"{pack}/adapters/{arm}/{f}" in names
         assert f"{pack}/pairs-{arm}.jsonl" in names
     assert f"{pack}/recipe.toml" in names and "edge_genarm/export/commands.py" in names
+    gemma = "edge_genarm/models/gemma-pack"  # its prompt template and its committed adapter ship too
+    assert {f"{gemma}/template.jinja", f"{gemma}/adapters/positive/adapter_model.safetensors"} <= set(names)
     fixtures = {p.name for p in (ROOT / "tests").glob("*.py")} - {"__init__.py"} | {"tiny.py"}  # tiny.py: it lived in export/
     shipped = sorted(n for n in names if n.rsplit("/", 1)[-1] in fixtures)
     assert not shipped, f"test fixture modules ship in the wheel: {shipped}"
@@ -103,7 +105,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tiny_bundle, tmp_path):
     assert '"finish_reason"' in out.stdout
     listed = _run([exe, "pack", "list"], cwd=elsewhere, env=env).stdout
     assert listed.split()[:3] == ["default", "not", "built"], listed
-    assert [ln.split()[0] for ln in listed.splitlines()] == ["default", "lite"], listed  # both recipes ship
+    assert [ln.split()[0] for ln in listed.splitlines()] == ["default", "gemma", "lite"], listed  # every recipe ships
     help_text = _run([exe, "--help"], cwd=elsewhere, env=env).stdout
     for cmd in ("generate", "chat", "pack", "export", "bundle"):
         assert f"  {cmd} " in help_text
