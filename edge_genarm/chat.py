@@ -103,7 +103,7 @@ def check_template(template, origin: str) -> None:
     """Refuse, at load, a chat template that cannot render one user message with its text in it.
 
     `origin` names where it came from (a GGUF key, the manifest, a file): the error says so.
-    None or "" means none (ChatML is used)."""
+    None or "" means none (the prompt is then sent raw: Engine.format_prompt)."""
     if template is None or template == "":
         return
     fix = "fix it, or pass a working template with --chat-template FILE"

@@ -179,4 +179,49 @@ def train_rm_cmd(**o):
     click.echo(json.dumps(info, indent=2))
 
 
-COMMANDS = [prefs, train_arm_cmd, train_rm_cmd]  # registered on `edge-genarm` by cli.py
+
+
+@click.command("train-mix")
+@click.option("--recipe", "pack", default="default", show_default=True,
+              help="The pack whose ARMs' pairs and settings the head learns (models/NAME-pack/recipe.toml).")  # fmt: skip
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--objective", "objectives", multiple=True, help="An ARM of the recipe to include (default: all).")
+@click.option("--layers", default=4, show_default=True, help="The head: the base's last N layers.")
+@click.option("--lora", "rank", default=16, show_default=True, help="LoRA rank per objective (alpha 2r).")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, help="Pairs per objective per step.")
+@click.option("--micro-batch", default=8, show_default=True, help="Pairs per forward.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, help="torch threads (default: torch's).")
+@click.option("--distill", is_flag=True,
+              help="Learn the recipe's own ARMs' mixture (their committed adapters) on the base's likeliest "
+                   "tokens at every reply position, instead of the GenARM loss on the pairs.")  # fmt: skip
+@click.option("--candidates", default=128, show_default=True, help="With --distill: the base's likeliest tokens scored.")
+def train_mix_cmd(pack, out, objectives, distill, **o):
+    """Train one head for every weight vector of a pack's objectives (the fast mode's mix head):
+    a gated LoRA per objective on the base's last layers, trained at random mixes."""
+    from edge_genarm.export.train_mix import ObjectiveData, train_mix
+
+    from .pack import fetch_base, load_recipe, recipe_template
+
+    try:
+        recipe = load_recipe(pack)
+        names = list(objectives) or list(recipe["arms"])
+        specs = []
+        for n in names:
+            if n not in recipe["arms"]:
+                raise EdgeGenarmError(f"the recipe of pack '{pack}' has no ARM '{n}' (it has {', '.join(recipe['arms'])})")
+            a = recipe["arms"][n]
+            specs.append(ObjectiveData(n, recipe["_dir"] / a["data"], a.get("beta_r", 0.05), bool(a.get("reference")),
+                                       a.get("max_len", 512), a.get("eval_frac", 0.15)))  # fmt: skip
+        if distill:
+            o["distill"] = {n: recipe["_dir"] / recipe["arms"][n]["adapter"] for n in names}
+        gguf = fetch_base(recipe["base"], log=lambda m: click.echo(m, err=True))
+        info = train_mix(specs, gguf, out, chat_template=recipe_template(recipe), log=lambda m: click.echo(m, err=True), **o)
+    except EdgeGenarmError as e:
+        fail(e)
+    click.echo(json.dumps({k: info[k] for k in ("objectives", "held_out", "held_out_init", "seconds")}, indent=2))
+
+
+COMMANDS = [prefs, train_arm_cmd, train_rm_cmd, train_mix_cmd]  # registered on `edge-genarm` by cli.py

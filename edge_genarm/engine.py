@@ -10,6 +10,7 @@ held by one Generation at a time (`hold`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +22,15 @@ import numpy as np
 
 from . import guidance as G
 from .backends.llama_base import LlamaBase
+from .backends.mix import MIX
 from .chat import check_messages, render
 from .config import DEFAULTS
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
 from .fastmode import gate_tau
 from .generation import Completion, Generation, StepRecord, Timings
 from .nudge import NudgeConfig, NudgeTable
+
+log = logging.getLogger("edge_genarm")
 
 __all__ = ["Completion", "Engine", "Generation", "StepRecord", "Timings"]
 
@@ -49,6 +53,7 @@ class Engine:
         chat_template: str | None = None,
         parallel: bool = True,
         nudge_table: NudgeTable | None = None,
+        mix=None,
     ):
         self.base, self.arms = base, arms
         self.weights: dict[str, float] = {n: 0.0 for n in arms}  # defaults for requests
@@ -62,6 +67,7 @@ class Engine:
         self.dry_breakers = _Breakers(lambda t: self.base.token_bytes(t))
         # the fast mode's restricted ARM LM head always scores these (generation.fast_forward)
         self.eos_candidates = np.array(sorted(base.eos_ids), dtype=np.int64)
+        self.mix = mix  # the pack's mix head (backends.mix.MixUnit): the fast mode's one head for any weights
         self._busy, self._busy_lock = False, threading.Lock()
 
     # -- configuration ------------------------------------------------------
@@ -199,10 +205,19 @@ class Engine:
             )
         fast_tau = gate_tau(exact, bool(active))
         ids = self.prompt_ids(prompt, raw, system)
+        runs, run_active, alpha = self.units_for(active), active, None
+        if fast_tau is not None and nudge is None and self.mix is not None:
+            mixed = self.mix.plan(active)
+            if isinstance(mixed, str):
+                log.warning("fast mode: %s; the separate ARMs run instead of the mix head", mixed)
+            else:  # one head for these weights: log p_base + S * log pi_alpha (backends.mix)
+                alpha, strength = mixed
+                run_active, runs = {MIX: strength}, ([], [(MIX, self.mix, [MIX])])
         return Generation(
             self, ids, self.budget(len(ids), max_tokens), params=params, seed=seed, weights=w,
-            active=active, runs=self.units_for(active), stop=stop, on_step=on_step,
+            active=run_active, runs=runs, stop=stop, on_step=on_step,
             eos=set() if ignore_eos else self.base.eos_ids, nudge=nudge, explain=explain, fast_tau=fast_tau,
+            mix_alpha=alpha,
         )  # fmt: skip
 
     @contextmanager
@@ -290,6 +305,8 @@ class Engine:
         self.base.reset()
         for unit in self.units:
             unit.reset()
+        if self.mix is not None:
+            self.mix.reset()
 
     def close(self) -> None:
         for pool in self._pools.values():

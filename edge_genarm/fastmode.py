@@ -10,6 +10,12 @@ in it.
 At a guided step the ARMs' LM head is restricted to the base's most likely tokens
 (`FAST_CANDIDATES`): see there.
 
+Where the pack has a mix head (backends/mix.py: one head conditioned on the weights, trained
+on every objective's pairs at random mixes), the fast mode runs it instead of one head per
+objective: `log p_base + S * log pi_alpha`, S the weights' sum, alpha their fractions. Two
+objectives then cost one 4-layer head instead of two 8-layer ones. Weights it was not trained
+on (a negative weight, another ARM) run the separate heads, with a logged reason.
+
 Why entropy: at weight w an ARM moves a token's score by w * log p_arm, which can change the
 pick only where the base leaves room. The measured share of steps below the threshold, how
 often the pick then differs from the exact mode's, and the speed are in docs/speed.md.

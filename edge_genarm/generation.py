@@ -118,7 +118,7 @@ class Generation:
     early and lets the engine go."""
 
     def __init__(self, engine: Engine, ids: list[int], budget: int, *, params, seed, weights, active, runs,
-                 stop, on_step, eos, nudge, explain=False, fast_tau=None):  # fmt: skip
+                 stop, on_step, eos, nudge, explain=False, fast_tau=None, mix_alpha=None):  # fmt: skip
         self.engine, self.ids, self.budget = engine, list(ids), budget
         self.params: G.SamplingParams = params
         self.rng = _rng(seed)
@@ -133,6 +133,7 @@ class Generation:
         self.nudge: NudgeReport | None = NudgeReport() if nudge is not None else None
         self.explain = explain  # fill StepRecord.base_pick
         self.fast_tau: float | None = fast_tau  # fast mode: skip the ARMs below this base entropy (fastmode.py)
+        self.mix_alpha = mix_alpha  # fast mode on the mix head: its alpha (then `active` is {MIX: strength})
         self.timings = Timings(prompt_tokens=len(ids))
         self.finish_reason: str | None = None
         self._steps: Iterator[StepRecord] | None = None
@@ -212,6 +213,8 @@ def _decode(g: Generation) -> Iterator[StepRecord]:
     engine, t, p, active, seq = g.engine, g.timings, g.params, g.active, list(g.ids)
     runs, text_out, eos, budget, report, on_step = g.runs, g.text, g.eos, g.budget, g.nudge, g.on_step
     with engine.hold():
+        if g.mix_alpha is not None:
+            engine.mix.set_alpha(g.mix_alpha)
         t.arm_s = {label: 0.0 for label, _, _ in runs[0] + runs[1]}
         t0 = time.perf_counter()
         if g.seeded:

@@ -89,9 +89,10 @@ def build_engine(
             _load_arms, list(plan.arms), opts.arm_device, opts.arm_threads or auto_arm, tapped
         )
         try:
+            mix = plan.mix if tap is not None else None
             base = LlamaBase(
                 plan.base, n_ctx=opts.n_ctx, threads=opts.threads or auto_base, gpu_layers=opts.gpu_layers,
-                info=base_info, tap=tap,
+                info=base_info, tap=tap if mix is None else [tap, int(mix["tap_layer"])],
             )  # fmt: skip
         except BaseException:
             wait([arms_future])  # the base's error is the one to report
@@ -101,6 +102,15 @@ def build_engine(
         group = getattr(arm, "group", None)
         if group is not None and group.on_base and group.tap is None:
             group.attach(base)
+    mix_unit = None
+    if mix is not None:
+        from .backends.mix import MixUnit
+
+        group = next(g for g in (getattr(a, "group", None) for a in loaded.values()) if g is not None and g.tap is base)
+        # one thread unless asked: a 4-layer int4 head at one position took 1.28 ms on one thread and
+        # 1.70 on two (2 cores, docs/speed.md): too little work to split
+        mix_unit = MixUnit(plan.mix_path, mix["objectives"], int(mix["tap_layer"]), group, device=opts.arm_device,
+                           threads=opts.arm_threads or 1)  # fmt: skip
     for a in plan.arms:
         vocab = getattr(loaded[a.name], "vocab_size", None)
         check_arm_vocab(
@@ -108,7 +118,7 @@ def build_engine(
         )
     return Engine(
         base, loaded, plan.weights, chat_template=plan.chat_template, parallel=parallel,
-        nudge_table=plan.nudge_table,
+        nudge_table=plan.nudge_table, mix=mix_unit,
     )  # fmt: skip
 
 

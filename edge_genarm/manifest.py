@@ -81,12 +81,13 @@ _TYPES = {  # type -> (check, what a value must be)
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "dict": (lambda v: isinstance(v, dict), "a JSON object"),
     "dict?": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+    "names": (lambda v: isinstance(v, list) and len(v) >= 2 and all(_str(x) for x in v), "a list of 2 or more names"),
 }
 _RECORDS = {  # record -> ({field: type}, required fields, open: other keys allowed)
     "manifest": (
         {"format": "str", "format_version": "int>=1", "created_by": "str", "base": "@base", "arms": "{arm}",
          "trunks": "{trunk}", "files": "{file}", "chat_template": "str", "nudges": "@nudges",
-         "placement": "{placement}", "reward_models": "{rm}"},
+         "placement": "{placement}", "reward_models": "{rm}", "mix": "@mix"},
         ("format", "base"), False,
     ),
     "base": (
@@ -107,6 +108,9 @@ _RECORDS = {  # record -> ({field: type}, required fields, open: other keys allo
         ("file", "lm_head"), False,
     ),
     "file": ({"size": "int>=0", "sha256": "sha256"}, ("size", "sha256"), False),
+    # the fast mode's mix head (backends/mix.py, export/lean_mix.py); the rest records how it was made
+    "mix": ({"file": "path", "trunk": "str", "objectives": "names", "first_layer": "int>=0", "tap_layer": "int>=0"},
+            ("file", "trunk", "objectives", "tap_layer"), True),
     "nudges": ({"file": "path"}, ("file",), True),  # the rest describes how the table was made
     "placement": ({"parallel": "bool"}, ("parallel",), True),  # and the speeds measured
     # reward models for Best-of-N / ARGS (export/rm_export.py); the rest records how it was made

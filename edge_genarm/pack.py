@@ -69,13 +69,14 @@ def load_recipe(name: str) -> dict:
 
 
 _BASE_KEYS = {"package", "file", "sha256", "path", "parts"}
-_TOP_KEYS = {"base", "arms", "nudges", "share", "chat_template", "lean"}
+_TOP_KEYS = {"base", "arms", "nudges", "share", "chat_template", "lean", "mix"}
+_MIX_KEYS = {"adapter"}
 
 
 def check_recipe(recipe: dict, path: Path) -> None:
     """Refuse keys a recipe does not know, naming the table: a top-level key written below a
     table header (TOML puts it in that table) would otherwise be dropped without a word."""
-    for table, known in (("", _TOP_KEYS), ("base", _BASE_KEYS)):
+    for table, known in (("", _TOP_KEYS), ("base", _BASE_KEYS), ("mix", _MIX_KEYS)):
         have = recipe.get(table, {}) if table else recipe
         unknown = sorted(set(have) - known)
         if unknown:
@@ -261,6 +262,8 @@ def stage_names(recipe: dict) -> list[str]:
         names.append("shared trunk")
         if recipe["share"].get("base_tap"):
             names.append("base tap")
+            if recipe.get("mix"):
+                names.append("mix head")
     if recipe["arms"]:
         names.append("placement")
     return names
@@ -376,6 +379,12 @@ def _build_with_torch(root: Path, bundle: Path, gguf: Path, recipe: dict, stage,
 
                     base_tap(bundle, pair_specs(recipe), log=log)
                     info = json.loads((bundle / "manifest.json").read_text())
+            if recipe.get("mix"):
+                with stage("mix head"):  # the committed adapter, in numpy (export/lean_mix.py)
+                    if "mix" not in info:
+                        from edge_genarm.export.lean_mix import mix_stage
+
+                        mix_stage(bundle, gguf, recipe, log)
 
 
 def build_pack_quietly(

@@ -40,6 +40,11 @@ class LoadPlan:
     taps: dict[str, int] = field(default_factory=dict)  # trunk key -> base layer its heads can run on
     own_base: bool = True  # False: the ARMs guide another base than the bundle's (`base=`)
     nudge_table: NudgeTable | None = field(default=None, compare=False, repr=False)  # loaded from `nudges`
+    mix: dict | None = None  # the manifest's mix head (backends.mix), when its trunk runs on this base's tap
+
+    @property
+    def mix_path(self) -> Path | None:
+        return self.root / self.mix["file"] if self.mix else None
 
     @property
     def tap_layer(self) -> int | None:
@@ -91,6 +96,7 @@ def make_plan(
     nudge_path = bundle.root / nudges["file"] if nudges else None
     placement = bundle.manifest.get("placement", {}).get(",".join(sorted(e.name for e, _ in entries)))
     own = base is None  # the placement and the base-tap gate were measured on the bundle's own base
+    taps = base_taps(bundle, [e for e, _ in entries]) if own else {}
     return LoadPlan(
         root=bundle.root,
         base=base_path,
@@ -101,10 +107,23 @@ def make_plan(
         chat_template=template,
         nudges=nudge_path,
         measured_parallel=bool(placement["parallel"]) if isinstance(placement, dict) and own else None,
-        taps=base_taps(bundle, [e for e, _ in entries]) if own else {},
+        taps=taps,
         own_base=own,
         nudge_table=NudgeTable.load(nudge_path, info.tokens) if nudge_path else None,
+        mix=mix_entry(bundle, taps),
     )
+
+
+def mix_entry(bundle: Bundle, taps: dict[str, int]) -> dict | None:
+    """The manifest's mix head, when its trunk's heads run on the base's tap (it reads a second
+    layer of the same base, and shares that trunk's LM head); else None (the fast mode then runs
+    the separate ARMs)."""
+    mix = bundle.manifest.get("mix")
+    if not isinstance(mix, dict) or mix.get("trunk") not in taps:
+        return None
+    if not (bundle.root / str(mix.get("file", ""))).is_file():
+        raise BundleError(f"the mix head '{mix.get('file')}' of '{bundle.root}' is missing: rebuild the pack")
+    return mix
 
 
 def other_base(base: str | Path) -> Path:

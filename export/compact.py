@@ -129,9 +129,23 @@ def _read_compact(model) -> LlamaWeights:
                         float(attrs["epsilon"]), int(attrs["num_heads"]), int(attrs["kv_num_heads"]))  # fmt: skip
 
 
-def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta: dict | None = None):
+@dataclass
+class MixLoRA:
+    """A gated LoRA per objective (export/train_mix.py): matrix W of layer i computes
+    W x + scale * B ((A x) * repeat(alpha, rank)), alpha the graph's input (n objectives)."""
+
+    n_obj: int
+    rank: int
+    scale: float
+    weights: dict  # (layer, matrix) -> (A (n_obj * rank, in), B (out, n_obj * rank))
+
+
+def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta: dict | None = None,
+          mix: MixLoRA | None = None):  # fmt: skip
     """A graph of layers [first, last): from token ids (`embed`) or from `hidden`; ending in
-    'hidden' (the residual stream), 'normed' (after the final norm) or 'logits'."""
+    'hidden' (the residual stream), 'normed' (after the final norm) or 'logits'. `mix`: the
+    matrices it names carry gated LoRAs, and the graph takes 'alpha' (n objectives) too; their
+    nodes' names hold '/lora_' (quantization leaves them float: export/quantize.py)."""
     from onnx import TensorProto, helper
 
     nodes, inits = [], []
@@ -165,6 +179,23 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
                             ["seqlens_i64"])], ["seqlens_k"], to=TensorProto.INT32)  # fmt: skip
     total_len = op("Cast", [op("Reshape", [total, init("scalar_shape", np.array([], dtype=np.int64))],
                                ["total_scalar"])], ["total_sequence_length"], to=TensorProto.INT32)  # fmt: skip
+    gate = None
+    if mix is not None:
+        inputs.append(helper.make_tensor_value_info("alpha", TensorProto.FLOAT, [mix.n_obj]))
+        spread = np.kron(np.eye(mix.n_obj, dtype=np.float32), np.ones((1, mix.rank), dtype=np.float32)) * np.float32(mix.scale)
+        row = op("Reshape", ["alpha", init("alpha_shape", np.array([1, mix.n_obj], dtype=np.int64))], ["alpha_row"])
+        gate = op("MatMul", [row, init("alpha_spread", spread)], ["lora_gate"])  # (1, n * rank)
+
+    def matmul(h, i, key, out):
+        y = op("MatMul", [h, init(f"l{i}.{key}", w.layers[i][key])], [out])
+        if gate is None or (i, key) not in mix.weights:
+            return y
+        a, b = mix.weights[(i, key)]
+        t = op("MatMul", [h, init(f"l{i}.{key}.lora_A", np.ascontiguousarray(a.T, dtype=np.float32))], [f"{out}/lora_a"])
+        t = op("Mul", [t, gate], [f"{out}/lora_gated"])
+        t = op("MatMul", [t, init(f"l{i}.{key}.lora_B", np.ascontiguousarray(b.T, dtype=np.float32))], [f"{out}/lora_b"])
+        return op("Add", [y, t], [f"{out}/lora_sum"])
+
     pos = np.arange(MAX_POSITIONS, dtype=np.float32)[:, None] * w.inv_freq[None, :]
     cos, sin = init("cos_cache", np.cos(pos)), init("sin_cache", np.sin(pos))
     outputs = []
@@ -178,7 +209,7 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", w.n_kv, "total", hd]))  # fmt: skip
         h = rms(x, f"{p}.ln1", L["ln1"], f"{p}.h1")
-        q, k, v = (op("MatMul", [h, init(f"{p}.{n}", L[n])], [f"{p}.{n}_out"]) for n in "qkv")
+        q, k, v = (matmul(h, i, n, f"{p}.{n}_out") for n in "qkv")
         attn = op(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len, cos, sin],
@@ -186,12 +217,12 @@ def build(w: LlamaWeights, first: int, last: int, embed: bool, final: str, meta:
             domain="com.microsoft", num_heads=w.n_heads, kv_num_heads=w.n_kv, do_rotary=1,
             rotary_interleaved=0, scale=float(1 / np.sqrt(hd)),
         )  # fmt: skip
-        x = op("Add", [x, op("MatMul", [attn, init(f"{p}.o", L["o"])], [f"{p}.o_out"])], [f"{p}.res1"])
+        x = op("Add", [x, matmul(attn, i, "o", f"{p}.o_out")], [f"{p}.res1"])
         h = rms(x, f"{p}.ln2", L["ln2"], f"{p}.h2")
-        gate = op("MatMul", [h, init(f"{p}.gate", L["gate"])], [f"{p}.gate_out"])
-        act = op("Mul", [gate, op("Sigmoid", [gate], [f"{p}.sig"])], [f"{p}.silu"])
-        up = op("MatMul", [h, init(f"{p}.up", L["up"])], [f"{p}.up_out"])
-        mlp = op("MatMul", [op("Mul", [act, up], [f"{p}.act"]), init(f"{p}.down", L["down"])], [f"{p}.mlp"])
+        g = matmul(h, i, "gate", f"{p}.gate_out")
+        act = op("Mul", [g, op("Sigmoid", [g], [f"{p}.sig"])], [f"{p}.silu"])
+        up = matmul(h, i, "up", f"{p}.up_out")
+        mlp = matmul(op("Mul", [act, up], [f"{p}.act"]), i, "down", f"{p}.mlp")
         x = op("Add", [x, mlp], [f"{p}.res2"])
     where[0] = "/model"
     if final in ("normed", "logits"):

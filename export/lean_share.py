@@ -242,5 +242,11 @@ def build_stages(root: Path, bundle: Path, gguf: Path, recipe: dict, stage, log=
         with stage("base tap"):
             if any("base_tap" not in t for t in read_manifest(bundle).get("trunks", {}).values()):
                 base_tap_stage(bundle, recipe, log)
+    if recipe.get("mix"):
+        from edge_genarm.export.lean_mix import mix_stage
+
+        with stage("mix head"):
+            if "mix" not in read_manifest(bundle):
+                mix_stage(bundle, gguf, recipe, log)
     _BASE.clear()
 

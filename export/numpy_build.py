@@ -327,14 +327,16 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def numpy_forward(w: LlamaWeights, ids: list[int]) -> np.ndarray:
-    """Logits (seq, vocab) of a llama model with weights `w` on token ids `ids` (causal, no cache)."""
+def numpy_forward(w: LlamaWeights, ids: list[int], upto: int | None = None, hidden=None) -> np.ndarray:
+    """Logits (seq, vocab) of a llama model with weights `w` on token ids `ids` (causal, no cache).
+    `upto` k: the residual stream entering layer k instead (seq, hidden); `hidden`: start from
+    that residual stream at the first layer of `w.layers` (a head's layers) instead of the ids."""
     n, hd = len(ids), w.head_dim
-    x = w.embed[np.asarray(ids)].astype(np.float64)
+    x = w.embed[np.asarray(ids)].astype(np.float64) if hidden is None else np.asarray(hidden, dtype=np.float64)
     ang = np.arange(n, dtype=np.float64)[:, None] * w.inv_freq[None, :].astype(np.float64)
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
     mask = np.triu(np.full((n, n), -np.inf), 1)
-    for L in w.layers:
+    for L in w.layers[:upto]:
         h = _rms(x, L["ln1"], w.eps)
         q = _rope((h @ L["q"]).reshape(n, w.n_heads, hd), cos, sin)
         k = _rope((h @ L["k"]).reshape(n, w.n_kv, hd), cos, sin).repeat(w.n_heads // w.n_kv, axis=1)
@@ -346,4 +348,6 @@ def numpy_forward(w: LlamaWeights, ids: list[int]) -> np.ndarray:
         h = _rms(x, L["ln2"], w.eps)
         g = h @ L["gate"]
         x = x + (g / (1 + np.exp(-g)) * (h @ L["up"])) @ L["down"]
+    if upto is not None:
+        return x
     return _rms(x, w.norm, w.eps) @ w.lm_head

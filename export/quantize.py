@@ -104,7 +104,10 @@ def quantize_model(
                 block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                 op_types_to_quantize=(op,), quant_axes=((op, axis),), bits=KINDS[k],
             )  # fmt: skip
-            q = MatMulNBitsQuantizer(m, algo_config=cfg)
+            # a mix head's gated LoRA (export/compact.py, nodes named '/lora_...') stays float: its
+            # matrices are rank 16-32, cost nothing at one position, and carry the whole objective
+            skip = [n.name for n in m.graph.node if "/lora_" in n.name]
+            q = MatMulNBitsQuantizer(m, nodes_to_exclude=skip, algo_config=cfg)
             q.process()
             m = q.model.model
     finally:

@@ -19,7 +19,7 @@ def run(args, input=None):
 
 
 COMMANDS = ["batch", "bench", "bundle", "calibrate-tau", "chat", "compare", "config", "doctor", "eval", "export",
-            "generate", "pack", "prefs", "serve", "train-arm", "train-rm"]  # fmt: skip
+            "generate", "pack", "prefs", "serve", "train-arm", "train-mix", "train-rm"]  # fmt: skip
 
 
 def test_python_m_lists_every_command_and_imports_nothing_heavy():

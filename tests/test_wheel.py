@@ -64,6 +64,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tiny_bundle, tmp_path):
         for f in ("adapter_config.json", "adapter_model.safetensors", "training.json"):
             assert f"{pack}/adapters/{arm}/{f}" in names
         assert f"{pack}/pairs-{arm}.jsonl" in names
+    assert {f"{pack}/adapters/mix/mix.json", f"{pack}/adapters/mix/mix.safetensors"} <= set(names)  # the fast mode's head
     assert f"{pack}/recipe.toml" in names and "edge_genarm/export/commands.py" in names
     gemma = "edge_genarm/models/gemma-pack"  # its prompt template and its committed adapter ship too
     assert {f"{gemma}/template.jinja", f"{gemma}/adapters/positive/adapter_model.safetensors"} <= set(names)

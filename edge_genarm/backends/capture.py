@@ -38,29 +38,37 @@ SOURCE = r"""
 #include <stdbool.h>
 #include <stddef.h>
 #include <string.h>
+#define EG_MAX 4
 typedef const char *(*get_name_fn)(const void *);
 typedef size_t (*nbytes_fn)(const void *);
 typedef void (*tensor_get_fn)(const void *, void *, size_t, size_t);
 typedef struct {
     get_name_fn get_name; nbytes_fn nbytes; tensor_get_fn tensor_get;
-    char want[64];
-    char *buf; size_t cap; size_t used;
+    int n;
+    char want[EG_MAX][64];
+    char *buf[EG_MAX]; size_t cap[EG_MAX]; size_t used[EG_MAX];
     int overflow; int hits;
 } eg_capture;
-/* ask: does the caller want node t? (only the one named `want`); then, with ask false,
-   its data is ready: append it to buf. Returning true keeps the graph computing. */
+/* ask: does the caller want node t? (only those named in `want`); then, with ask false,
+   its data is ready: append it to that name's buf. Returning true keeps the graph computing. */
 bool eg_capture_cb(void *t, bool ask, void *ud) {
     eg_capture *s = (eg_capture *)ud;
-    if (strncmp(s->get_name(t), s->want, sizeof s->want) != 0) return !ask;
-    if (ask) return true;
-    size_t n = s->nbytes(t);
-    if (s->used + n > s->cap) { s->overflow = 1; return true; }
-    s->tensor_get(t, s->buf + s->used, 0, n);
-    s->used += n;
-    s->hits++;
-    return true;
+    const char *name = s->get_name(t);
+    for (int i = 0; i < s->n; i++) {
+        if (strncmp(name, s->want[i], sizeof s->want[i]) != 0) continue;
+        if (ask) return true;
+        size_t n = s->nbytes(t);
+        if (s->used[i] + n > s->cap[i]) { s->overflow = 1; return true; }
+        s->tensor_get(t, s->buf[i] + s->used[i], 0, n);
+        s->used[i] += n;
+        s->hits++;
+        return true;
+    }
+    return !ask;
 }
 """
+
+MAX_NODES = 4
 
 
 class CaptureUnavailable(RuntimeError):
@@ -72,10 +80,11 @@ class _State(ctypes.Structure):
         ("get_name", ctypes.c_void_p),
         ("nbytes", ctypes.c_void_p),
         ("tensor_get", ctypes.c_void_p),
-        ("want", ctypes.c_char * 64),
-        ("buf", ctypes.c_void_p),
-        ("cap", ctypes.c_size_t),
-        ("used", ctypes.c_size_t),
+        ("n", ctypes.c_int),
+        ("want", (ctypes.c_char * 64) * MAX_NODES),
+        ("buf", ctypes.c_void_p * MAX_NODES),
+        ("cap", ctypes.c_size_t * MAX_NODES),
+        ("used", ctypes.c_size_t * MAX_NODES),
         ("overflow", ctypes.c_int),
         ("hits", ctypes.c_int),
     ]
@@ -150,22 +159,28 @@ def _addr(f) -> int:
 
 
 class LayerCapture:
-    """Collects the rows of the node named `node` (e.g. "l_out-21": the output of layer 21)
-    into a (n_ctx, width) float32 buffer, at the rows of the positions being decoded.
+    """Collects the rows of the nodes named `nodes` (e.g. "l_out-21": the output of layer 21)
+    into (n_ctx, width) float32 buffers (`rows[node]`), at the rows of the positions being
+    decoded: one node for the ARM heads' trunk, one more for a mix head cut later.
 
     Use: `with capture.installed(): llama_cpp.Llama(...)` makes that context call it;
     then per decode `start(n_past)`, decode, `finish(n_new)`."""
 
-    def __init__(self, node: str, width: int, n_ctx: int):
+    def __init__(self, nodes, width: int, n_ctx: int):
         import llama_cpp.llama_cpp as lc
 
+        nodes = [nodes] if isinstance(nodes, str) else list(dict.fromkeys(nodes))
+        if not 1 <= len(nodes) <= MAX_NODES:
+            raise ValueError(f"1 to {MAX_NODES} nodes can be captured, got {len(nodes)}")
         lib, ggml = load_capture(), _ggml()
-        self.node, self.width = node, int(width)
-        self.rows = np.zeros((int(n_ctx), self.width), dtype=np.float32)
+        self.nodes, self.width = nodes, int(width)
+        self.rows = {n: np.zeros((int(n_ctx), self.width), dtype=np.float32) for n in nodes}
         s = self._state = _State()
         s.get_name, s.nbytes = _addr(ggml.ggml_get_name), _addr(ggml.ggml_nbytes)
         s.tensor_get = _addr(ggml.ggml_backend_tensor_get)
-        s.want = node.encode()
+        s.n = len(nodes)
+        for i, n in enumerate(nodes):
+            s.want[i].value = n.encode()
         self._cb = lc.ggml_backend_sched_eval_callback(_addr(lib.eg_capture_cb))
         self._ud = ctypes.cast(ctypes.pointer(s), ctypes.c_void_p)
 
@@ -192,15 +207,19 @@ class LayerCapture:
 
     def start(self, n_past: int) -> None:
         s = self._state
-        s.buf = self.rows.ctypes.data + n_past * self.width * 4
-        s.cap = (len(self.rows) - n_past) * self.width * 4
-        s.used, s.overflow = 0, 0
+        for i, n in enumerate(self.nodes):
+            rows = self.rows[n]
+            s.buf[i] = rows.ctypes.data + n_past * self.width * 4
+            s.cap[i] = (len(rows) - n_past) * self.width * 4
+            s.used[i] = 0
+        s.overflow = 0
 
     def finish(self, n_new: int) -> None:
         s, want = self._state, n_new * self.width * 4
-        if s.overflow or s.used != want:
-            got = s.used / (self.width * 4)
-            raise CaptureUnavailable(
-                f"llama.cpp handed over {got:g} rows of '{self.node}' for {n_new} positions"
-                + (" (buffer full)" if s.overflow else "")
-            )
+        for i, n in enumerate(self.nodes):
+            if s.overflow or s.used[i] != want:
+                got = s.used[i] / (self.width * 4)
+                raise CaptureUnavailable(
+                    f"llama.cpp handed over {got:g} rows of '{n}' for {n_new} positions"
+                    + (" (buffer full)" if s.overflow else "")
+                )

@@ -51,10 +51,11 @@ class LlamaBase:
         gpu_layers: int = 0,
         validated: bool = False,
         info: GGUFInfo | None = None,
-        tap: int | None = None,
+        tap: int | list[int] | None = None,
     ):
         """`tap`: also keep the output of layer `tap` at every position (`hidden`), for ARM
-        heads that run on the base's own trunk (backends.capture)."""
+        heads that run on the base's own trunk (backends.capture); a list: each of those layers
+        (`hidden_at`), the first one being `hidden`."""
         import llama_cpp
 
         from .llama_log import route_llama_log
@@ -72,11 +73,13 @@ class LlamaBase:
         self.n_ctx_train = trained_ctx
         n_ctx = min(int(n_ctx), trained_ctx) if n_ctx else trained_ctx
         threads = threads or default_threads()
-        self.capture = None
+        self.capture, self.taps = None, []
         if tap is not None:
             from .capture import LayerCapture
 
-            self.capture = LayerCapture(f"l_out-{int(tap)}", int(self.info.arch_get("embedding_length")), n_ctx)
+            self.taps = [int(t) for t in (tap if isinstance(tap, (list, tuple)) else [tap])]
+            nodes = [f"l_out-{t}" for t in self.taps]
+            self.capture = LayerCapture(nodes, int(self.info.arch_get("embedding_length")), n_ctx)
         try:
             from .capture import loading
 
@@ -188,8 +191,14 @@ class LlamaBase:
 
     @property
     def hidden(self) -> np.ndarray:
-        """The tapped layer's output at every cached position, (positions, width)."""
-        return self.capture.rows[: len(self.tokens)]
+        """The (first) tapped layer's output at every cached position, (positions, width)."""
+        return self.hidden_at(self.taps[0])
+
+    def hidden_at(self, layer: int) -> np.ndarray:
+        """Tapped layer `layer`'s output at every cached position, (positions, width)."""
+        if self.capture is None or int(layer) not in self.taps:
+            raise ValueError(f"layer {layer} is not tapped (taps: {getattr(self, 'taps', [])})")
+        return self.capture.rows[f"l_out-{int(layer)}"][: len(self.tokens)]
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

@@ -279,10 +279,11 @@ class KVGraph(OnnxGraph):
         in batches (onnxruntime's one-position kernels round differently), >= 2 left to feed."""
         return reusable(self.tokens, tokens, self.n_exact)
 
-    def feed(self, new: list[int], value: np.ndarray | None = None) -> np.ndarray:
+    def feed(self, new: list[int], value: np.ndarray | None = None, extra: dict | None = None) -> np.ndarray:
         """One forward with IOBinding over the positions of token ids `new` (fed as `value`
         when the graph takes hidden states). The KV cache stays in ORT's buffers between
-        steps (no copy out to NumPy and back, which grows with the context). Returns the
+        steps (no copy out to NumPy and back, which grows with the context). `extra`: more
+        inputs by name (the same at every position). Returns the
         output for the new positions, shape (n_new, ...)."""
         n_past, n_new = len(self.tokens), len(new)
         io = self.session.io_binding()
@@ -290,6 +291,8 @@ class KVGraph(OnnxGraph):
             value = np.asarray([new], dtype=np.int64)
         io.bind_cpu_input(self.feed_input, value)
         io.bind_cpu_input("attention_mask", np.ones((1, n_past + n_new), dtype=np.int64))
+        for name, v in (extra or {}).items():  # a mix head's 'alpha'
+            io.bind_cpu_input(name, v)
         if "position_ids" in self._inputs:
             io.bind_cpu_input("position_ids", np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :])
         for name, past in self._past.items():

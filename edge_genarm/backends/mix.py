@@ -1,0 +1,120 @@
+"""One head for every weight vector (issue 21): the fast mode's guidance at the cost of one head.
+
+A pack's mix head (export/train_mix.py) is the base's last K layers with a gated LoRA per
+objective, conditioned on `alpha`, the objectives' weights normalized to sum 1: the ARM
+pi_alpha. Guidance is then
+
+    log p_base + S * log pi_alpha,   S = the sum of the weights
+
+the form of `sum_i w_i log pi_i` with one head instead of one per objective. It reads the
+base's own output of the layer before its first (a second tap: backends.capture), shares the
+LM head of the pack's trunk, and is run by the fast mode only (`exact=True` runs the separate
+ARMs, the reference). Its KV cache depends on alpha: a request with other weights evaluates
+the context again, in one batch.
+
+What it cannot serve it refuses with the reason (`MixUnit.plan`): an objective it was not
+trained on, or a negative weight (alpha off the simplex it was trained on); the fast mode then
+runs the separate ARMs and logs why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .onnx_arm import KVGraph
+from .units import Partial, reusable
+
+MIX = "mix"  # the unit's one name: StepRecord.arm_contrib and the timings call its term this
+
+
+class _MixGraph(KVGraph):
+    feed_input = "hidden"
+    out_name = "normed"
+
+
+class MixUnit:
+    """The mix head as a forward unit (backends.units): `names` is (MIX,); `set_alpha` first."""
+
+    after_base = True
+
+    def __init__(self, path, objectives, tap_layer: int, group, device: str = "cpu", threads: int = 1, cache=True):
+        """`group`: the TrunkGroup whose LM head (and tapped base) it shares; `tap_layer`: the
+        base layer whose output enters the head."""
+        self.graph = _MixGraph(path, MIX, device=device, threads=threads, cache=cache)
+        if "alpha" not in self.graph._inputs:
+            from ..errors import ModelFileError
+
+            raise ModelFileError(f"'{path}' is not a mix head (no input 'alpha'): rebuild the pack")
+        self.objectives = tuple(objectives)
+        self.names = (MIX,)
+        self.tap_layer = int(tap_layer)
+        self.group = group
+        self.path = self.graph.path
+        self.alpha: np.ndarray | None = None
+
+    def plan(self, active: dict[str, float]):
+        """(alpha, strength) for the weights `active` (the non-zero ones), or a str: why this head
+        cannot serve them."""
+        other = [n for n in active if n not in self.objectives]
+        if other:
+            return f"the mix head was trained for {', '.join(self.objectives)}, not {', '.join(other)}"
+        neg = {n: w for n, w in active.items() if w < 0}
+        if neg:
+            return (
+                "negative weights (" + ", ".join(f"{n}={w:g}" for n, w in neg.items()) + ") are outside what the "
+                "mix head was trained on (weights >= 0, mixed as fractions of their sum)"
+            )
+        s = float(sum(active.values()))
+        if not s > 0:
+            return "no positive weight"
+        return np.array([active.get(n, 0.0) / s for n in self.objectives], dtype=np.float32), s
+
+    def set_alpha(self, alpha: np.ndarray) -> None:
+        """Condition the head on `alpha`; its cache was computed for another alpha: emptied."""
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if self.alpha is None or not np.array_equal(alpha, self.alpha):
+            self.graph.reset()
+            self.alpha = alpha
+
+    @property
+    def tap(self):
+        return self.group.tap
+
+    def run(self, kind: str, arg, names=None, ids: np.ndarray | None = None) -> dict:
+        if self.alpha is None:
+            raise RuntimeError("MixUnit.set_alpha must come before a forward")
+        base = self.tap
+        tokens = list(arg) if kind == "prefill" else base.tokens
+        if base.tokens != tokens:
+            base.prefill(tokens)
+        hidden = base.hidden_at(self.tap_layer)
+        g = self.graph
+        keep = reusable(g.tokens, tokens)
+        g.truncate(keep)
+        normed = g.feed(tokens[keep:], hidden[None, keep : len(tokens)], extra={"alpha": self.alpha})[-1]
+        g.n_exact = min(g.n_exact, base.n_exact)
+        rows = self.group.lm_rows() if ids is not None else None
+        if rows is not None:
+            ids = ids[ids < rows.size]
+            return {MIX: Partial(ids, rows.logits(normed[None], ids)[0], rows.size)}
+        try:
+            logits = self.group.lm.session.run(None, {"normed": normed[None, None, :]})[0]
+        except Exception as e:  # onnxruntime's own error types
+            raise self.group.lm.run_error(e) from None
+        return {MIX: logits[0, -1]}
+
+    def prefill(self, tokens: list[int], names=None, ids=None) -> dict:
+        return self.run("prefill", tokens, names, ids)
+
+    def step(self, token: int, names=None, ids=None) -> dict:
+        return self.run("step", token, names, ids)
+
+    def trim_for(self, tokens: list[int], names=None) -> None:
+        self.graph.truncate(min(reusable(self.tap.tokens, tokens, self.tap.n_exact), self.graph.exact_keep(tokens)))
+
+    def reset(self) -> None:
+        self.graph.reset()
+
+    @property
+    def graphs(self) -> list:
+        return [self.graph]

@@ -1,0 +1,170 @@
+"""The pack's mix head (backends/mix.py), built without torch from the committed mix adapter.
+
+The recipe's `[mix] adapter` folder holds what `edge-genarm train-mix` wrote (export/train_mix.py):
+mix.safetensors and mix.json. The head is the base's layers first..L-1 (dequantized in numpy)
+with the gated LoRAs as float nodes beside them and the 'alpha' input; it is checked against a
+numpy forward of the base with the LoRAs merged at a mid alpha (`parity`), quantized like the
+recipe's heads (the LoRAs stay float), and the quantized graph's KL to the float one on the
+probe prompts is recorded and must stay under MAX_KL, else the next form is tried (int8, fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edge_genarm.errors import BundleError
+
+MIX_FILE = "mix/mix.onnx"
+# nats, quantized vs float mix head, mean over the probe prompts' positions, at each vertex and
+# the mid point. The separate heads' int4 forms measure KL 0.20 to fp32 on their held-out pairs
+# and keep their held-out accuracy within 0.01 (the pack's gate); the mix head's int4 form
+# measured 0.096, int8 0.002: int4 is kept, and the eval measures what it keeps (docs/speed.md).
+MAX_KL = 0.25
+
+
+def read_mix(adapter: Path):
+    """(mix.json, {(layer, matrix): (A, B)}) of a train-mix folder."""
+    from edge_genarm.export.numpy_build import read_safetensors
+
+    info_p, w_p = adapter / "mix.json", adapter / "mix.safetensors"
+    if not info_p.is_file() or not w_p.is_file():
+        raise BundleError(f"'{adapter}' holds no mix head (mix.json, mix.safetensors): run `edge-genarm train-mix`")
+    info = json.loads(info_p.read_text())
+    arrays = read_safetensors(w_p)
+    k = int(info["first_layer"])
+    lora = {}
+    for name, arr in arrays.items():
+        j, rest = name.split("_", 1)
+        key, which = rest.rsplit(".", 1)
+        lora.setdefault((k + int(j), key), {})[which] = arr.astype(np.float32)
+    return info, {key: (ab["A"], ab["B"]) for key, ab in lora.items()}
+
+
+def merged_at(base, info: dict, lora: dict, alpha) -> object:
+    """The base's weights with every gated LoRA merged at `alpha` (the reference the graph is checked against)."""
+    from edge_genarm.export.compact import LlamaWeights
+
+    gate = np.repeat(np.asarray(alpha, dtype=np.float64), int(info["rank"])) * float(info["scale"])
+    layers = list(base.layers)
+    for (i, key), (a, b) in lora.items():
+        layers[i] = dict(layers[i])
+        delta = (b.astype(np.float64) * gate[None, :]) @ a.astype(np.float64)  # (out, in)
+        layers[i][key] = (layers[i][key].astype(np.float64) + delta.T).astype(np.float32)
+    return LlamaWeights(base.embed, layers, base.norm, base.lm_head, base.inv_freq, base.eps, base.n_heads, base.n_kv)
+
+
+def mix_graph(base, info: dict, lora: dict, meta: dict):
+    from edge_genarm.export.compact import MixLoRA, build
+
+    mix = MixLoRA(len(info["objectives"]), int(info["rank"]), float(info["scale"]), lora)
+    return build(base, int(info["first_layer"]), len(base.layers), False, "normed", meta, mix=mix)
+
+
+def head_logits(path: Path, hidden: np.ndarray, alpha, lm_head: np.ndarray) -> np.ndarray:
+    """The graph at `path` on `hidden` (seq, d) at `alpha`: logits (seq, vocab), float64."""
+    import onnxruntime as ort
+
+    from edge_genarm.backends.onnx_arm import session_options
+
+    s = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
+    feed = {"hidden": hidden[None].astype(np.float32), "alpha": np.asarray(alpha, dtype=np.float32),
+            "attention_mask": np.ones((1, len(hidden)), dtype=np.int64)}  # fmt: skip
+    for i in s.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+    normed = s.run(["normed"], feed)[0][0]
+    return normed.astype(np.float64) @ lm_head.astype(np.float64)
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    from edge_genarm.guidance import log_softmax
+
+    lp, lq = (np.stack([log_softmax(r) for r in x]) for x in (ref, got))
+    return float(np.sum(np.exp(lp) * (lp - lq), axis=-1).mean())
+
+
+def _kinds(share: dict) -> list[str]:
+    """The quantized forms to try, as the share stage tries the heads' (lean_share.attempts):
+    `heads` (when set) then each `quantize` kind."""
+    out: list[str] = []
+    for kind in share.get("quantize", []):
+        for k in (share.get("heads"), kind):
+            if k and k not in out:
+                out.append(k)
+    return out
+
+
+def mix_stage(bundle: Path, gguf: Path, recipe: dict, log=print) -> dict:
+    """Build, check, quantize and install the mix head; returns its manifest entry."""
+    from edge_genarm.export.bundle_write import file_record, scratch_dir
+    from edge_genarm.export.lean_pack import base_weights
+    from edge_genarm.export.numpy_build import numpy_forward
+    from edge_genarm.export.onnx_io import save_model
+    from edge_genarm.export.pack_record import probe_seqs
+    from edge_genarm.export.quantize import quantize_model
+
+    from edge_genarm.manifest import read_manifest, write_manifest
+
+    spec = recipe["mix"]
+    info, lora = read_mix(Path(recipe["_dir"]) / spec["adapter"])
+    m = read_manifest(bundle)
+    (key,) = m["trunks"]
+    missing = [o for o in info["objectives"] if o not in m.get("arms", {})]
+    if missing:
+        raise BundleError(f"the mix head was trained for {', '.join(missing)}, which this pack has no ARM for")
+    base = base_weights(gguf)
+    k = int(info["first_layer"])
+    meta = {"edge_genarm_trunk": key, "part": "mix", "objectives": ",".join(info["objectives"]), "first_layer": k}
+    try:
+        p, w, _ = probe_seqs(recipe, bundle)[1]
+        ids = list(p) + list(w)
+    except Exception:  # no tokenizer and nothing recorded: any ids exercise the same arithmetic
+        ids = list(range(100, 148))
+    hidden = numpy_forward(base, ids, upto=k)
+    mid = [1.0 / len(info["objectives"])] * len(info["objectives"])
+    ref = numpy_forward(merged_at(base, info, lora, mid), ids)
+    share = recipe["share"]
+    with scratch_dir(bundle, "mix") as tmp:
+        f32 = Path(tmp) / "mix-f32.onnx"
+        save_model(mix_graph(base, info, lora, meta), f32)
+        got = head_logits(f32, hidden, mid, base.lm_head)
+        parity = {"reference": "numpy forward, LoRAs merged at alpha " + str(mid), "positions": len(ids),
+                  "mean_kl": _kl(ref, got), "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}  # fmt: skip
+        log(f"mix head (fp32) vs numpy: KL {parity['mean_kl']:.2e}, top-1 {parity['top1_agreement']:.3f}")
+        if not (parity["mean_kl"] <= 1e-3 and parity["top1_agreement"] >= 0.99):
+            raise BundleError(f"the mix head's graph disagrees with its merged weights ({parity}): report this pack")
+        chosen = None
+        for kind in [*_kinds(share), None]:  # the heads' forms, in the order the share stage tries them
+            if kind is None:
+                chosen, path, kl = None, f32, 0.0
+                break
+            import onnx
+
+            q = quantize_model(onnx.load(str(f32)), kind, share.get("block_size", 32), share.get("accuracy_level", 4),
+                               "the mix head", copy=False)  # fmt: skip
+            path = Path(tmp) / f"mix-{kind}.onnx"
+            save_model(q, path)
+            kls = {str(a): _kl(head_logits(f32, hidden, a, base.lm_head), head_logits(path, hidden, a, base.lm_head))
+                   for a in ([1.0, 0.0], mid, [0.0, 1.0])[: 3 if len(mid) == 2 else 1]}  # fmt: skip
+            kl = max(kls.values())
+            log(f"mix head {kind}: KL to fp32 {', '.join(f'{a} {v:.4f}' for a, v in kls.items())}")
+            if kl <= MAX_KL:
+                chosen = kind
+                break
+            log(f"mix head {kind}: KL {kl:.3f} > {MAX_KL}: trying the next form")
+        (bundle / MIX_FILE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), bundle / MIX_FILE)
+    m["files"][MIX_FILE] = file_record(bundle / MIX_FILE)
+    m["mix"] = {
+        "file": MIX_FILE, "trunk": key, "objectives": info["objectives"], "first_layer": k, "tap_layer": k - 1,
+        "rank": info["rank"], "quantize": chosen or "fp32", "kl_to_fp32": kl, "parity": parity,
+        "training": {x: info.get(x) for x in ("held_out", "held_out_init", "epochs", "seconds", "per_objective")},
+        "source": str(Path(recipe["_dir"]) / spec["adapter"]),
+    }  # fmt: skip
+    write_manifest(bundle, m)
+    log(f"mix head: layers {k}-{len(base.layers) - 1}, {', '.join(info['objectives'])}, {chosen or 'fp32'}")
+    return m["mix"]

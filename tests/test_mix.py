@@ -1,0 +1,275 @@
+"""The mix head (issue 21): one head for every weight vector of a pack's objectives.
+
+Its graph (export/compact.py, export/lean_mix.py) and its training module (export/train_mix.py)
+are checked against a numpy forward of the base with the gated LoRAs merged at the same alpha
+(an independent computation); the runtime unit (backends/mix.py) against the same numpy
+forward through a real llama.cpp base tap; and the fast mode's choice of it, its refusals, and
+its cache across weight changes end to end."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from edge_genarm import guidance as G
+
+torch = pytest.importorskip("torch")
+
+
+def _random_mix(base, first: int, n_obj: int = 2, rank: int = 4, seed: int = 0, size: float = 0.05):
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for i in range(first, len(base.layers)):
+        for key in ("q", "k", "v", "o", "gate", "up", "down"):
+            d_in, d_out = base.layers[i][key].shape
+            a = rng.normal(0, 1 / np.sqrt(d_in), (n_obj * rank, d_in)).astype(np.float32)
+            b = rng.normal(0, size, (d_out, n_obj * rank)).astype(np.float32)
+            lora[(i, key)] = (a, b)
+    info = {"objectives": ["a", "b"][:n_obj], "first_layer": first, "rank": rank, "scale": 2.0}
+    return info, lora
+
+
+def _write_mix(folder, info, lora):
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    k = info["first_layer"]
+    arrays = {}
+    for (i, key), (a, b) in lora.items():
+        arrays[f"{i - k}_{key}.A"] = a.astype(np.float16)
+        arrays[f"{i - k}_{key}.B"] = b.astype(np.float16)
+    save_file(arrays, str(folder / "mix.safetensors"))
+    (folder / "mix.json").write_text(json.dumps(info))
+    from edge_genarm.export.lean_mix import read_mix
+
+    return read_mix(folder)  # the float16-rounded weights, as a pack reads them
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from edge_genarm.export.compact import LlamaWeights
+
+    rng = np.random.default_rng(1)
+    d, ff, v, heads, kv = 64, 96, 97, 4, 2  # GroupQueryAttention wants head_size % 16 == 0
+    hd = d // heads
+
+    def m(i, o):
+        return rng.normal(0, 0.2, (i, o)).astype(np.float32)
+
+    layers = [{"q": m(d, d), "k": m(d, kv * hd), "v": m(d, kv * hd), "o": m(d, d), "gate": m(d, ff), "up": m(d, ff),
+               "down": m(ff, d), "ln1": 1 + rng.normal(0, 0.1, d).astype(np.float32),
+               "ln2": 1 + rng.normal(0, 0.1, d).astype(np.float32)} for _ in range(3)]  # fmt: skip
+    inv = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    return LlamaWeights(m(v, d), layers, np.ones(d, np.float32), m(d, v), inv, 1e-5, heads, kv)
+
+
+@pytest.mark.parametrize("alpha", [[1.0, 0.0], [0.3, 0.7]])
+def test_the_mix_graph_is_the_base_with_the_loras_merged_at_alpha(tiny_weights, tmp_path, alpha):
+    from edge_genarm.export.lean_mix import head_logits, merged_at, mix_graph
+    from edge_genarm.export.numpy_build import numpy_forward
+    from edge_genarm.export.onnx_io import save_model
+
+    w = tiny_weights
+    info, lora = _random_mix(w, 1)
+    save_model(mix_graph(w, info, lora, {"part": "mix"}), tmp_path / "mix.onnx")
+    ids = [3, 17, 5, 60, 2, 90, 41]
+    hidden = numpy_forward(w, ids, upto=1)
+    got = head_logits(tmp_path / "mix.onnx", hidden, alpha, w.lm_head)
+    ref = numpy_forward(merged_at(w, info, lora, alpha), ids)
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    plain = numpy_forward(w, ids)
+    assert np.abs(ref - plain).max() > 1e-2  # the LoRAs do change the logits: the check above can fail
+
+
+def test_the_training_head_is_the_same_function(tiny_weights):
+    """export/train_mix.py's torch head, at alpha, equals the numpy forward of the merged weights."""
+    from edge_genarm.export.lean_mix import merged_at
+    from edge_genarm.export.numpy_build import numpy_forward
+    from edge_genarm.export.train_mix import MATRICES, _head_class
+
+    w = tiny_weights
+    info, lora = _random_mix(w, 1, seed=3)
+    head = _head_class()(w.layers[1:], w.norm, w.lm_head, w.inv_freq, w.eps, w.n_heads, w.n_kv, 2, 4, 2.0)
+    with torch.no_grad():
+        for j in range(2):
+            for key in MATRICES:
+                a, b = lora[(1 + j, key)]
+                head.A[f"{j}_{key}"].copy_(torch.from_numpy(a))
+                head.B[f"{j}_{key}"].copy_(torch.from_numpy(b))
+    ids = [3, 17, 5, 60, 2, 90, 41]
+    hidden = torch.tensor(numpy_forward(w, ids, upto=1), dtype=torch.float32)[None]
+    for alpha in ([1.0, 0.0], [0.25, 0.75]):
+        with torch.no_grad():
+            got = (head(hidden, torch.tensor(alpha)) @ head.lm)[0].double().numpy()
+        np.testing.assert_allclose(got, numpy_forward(merged_at(w, info, lora, alpha), ids), atol=2e-4, rtol=1e-4)
+    with torch.no_grad():  # alpha None: the LoRAs off, the base itself
+        got = (head(hidden, None) @ head.lm)[0].double().numpy()
+    np.testing.assert_allclose(got, numpy_forward(w, ids), atol=2e-4, rtol=1e-4)
+
+
+def _peft_adapter(folder, lora: dict, rank: int):
+    """A peft-style LoRA folder (what train-arm commits) holding `lora` {(layer, key): (A, B)}."""
+    from safetensors.numpy import save_file
+
+    mods = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for (i, key), (a, b) in lora.items():
+        arrays[f"base_model.model.model.layers.{i}.{mods[key]}.lora_A.weight"] = np.ascontiguousarray(a)
+        arrays[f"base_model.model.model.layers.{i}.{mods[key]}.lora_B.weight"] = np.ascontiguousarray(b)
+    save_file(arrays, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank, "peft_type": "LORA"}))
+    return folder
+
+
+def test_distillation_targets_and_loss_against_numpy(tiny_weights, tmp_path):
+    """A teacher ARM built from a peft adapter is the merged ARM (numpy); the distillation loss is 0
+    where the mix head equals the target mixture (a vertex, the teacher's own LoRA in its block) and
+    > 0 between (weights mixed in weight space are not log-probs mixed)."""
+    from edge_genarm.export.numpy_build import merge_adapter, numpy_forward
+    from edge_genarm.export.train_mix import _head_class, distill_loss, teacher_head, teacher_targets
+
+    w = tiny_weights
+    info, lora = _random_mix(w, 1, seed=5, size=0.3)
+    r = info["rank"]
+    adapters = []
+    for j in range(2):
+        one = {key: (a[j * r : (j + 1) * r], b[:, j * r : (j + 1) * r]) for key, (a, b) in lora.items()}
+        adapters.append(_peft_adapter(tmp_path / f"arm{j}", one, r))
+    cls = _head_class()
+
+    def make(first, rank, scale, n_obj=1):
+        return cls(w.layers[first:], w.norm, w.lm_head, w.inv_freq, w.eps, w.n_heads, w.n_kv, n_obj, rank, scale)
+
+    teachers = [teacher_head(make, a, 3) for a in adapters]
+    assert [f for f, _ in teachers] == [1, 1]
+    ids = [3, 17, 5, 60, 2, 90, 41, 7]
+    states = [torch.tensor(numpy_forward(w, ids, upto=1), dtype=torch.float32)]
+    with torch.no_grad():
+        got = (teachers[0][1](states[0][None], torch.ones(1))[0] @ teachers[0][1].lm).double().numpy()
+    np.testing.assert_allclose(got, numpy_forward(merge_adapter(w, adapters[0]), ids), atol=2e-4, rtol=1e-4)
+
+    spans = [3]  # a 3-token prompt: reply positions 2..6 predict tokens 3..7
+    targets = teacher_targets(states, [ids], spans, [t for _, t in teachers], [96], 8, log=lambda m: None)
+    tids, valid, lp = targets[0]
+    assert tids.shape == (5, 9) and lp.shape == (2, 5, 9) and valid[:, :8].all()
+    base_lp = numpy_forward(w, ids)[2:7]
+    base_lp = base_lp - np.log(np.exp(base_lp - base_lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - base_lp.max(-1, keepdims=True)
+    for row in range(5):  # the base's 8 likeliest, then the EOS id (a duplicate when among them)
+        assert set(tids[row, :8].tolist()) == set(np.argsort(-base_lp[row])[:8].tolist())
+        assert int(tids[row, 8]) == 96 and bool(valid[row, 8]) == (96 not in tids[row, :8].tolist())
+    student = make(1, r, 2.0, n_obj=2)
+    with torch.no_grad():
+        for key, (a, b) in lora.items():
+            student.A[f"{key[0] - 1}_{key[1]}"].copy_(torch.from_numpy(a))
+            student.B[f"{key[0] - 1}_{key[1]}"].copy_(torch.from_numpy(b))
+        at_vertex = float(distill_loss(student, states, [ids], spans, targets, [0], torch.tensor([1.0, 0.0])))
+        between = float(distill_loss(student, states, [ids], spans, targets, [0], torch.tensor([0.5, 0.5])))
+    assert at_vertex < 1e-5 < 1e-3 < between
+
+
+def test_draw_alpha_stays_on_the_simplex():
+    import random
+
+    from edge_genarm.export.train_mix import draw_alpha
+
+    rng = random.Random(0)
+    draws = [draw_alpha(2, rng) for _ in range(400)]
+    assert all(min(a) >= 0 and abs(sum(a) - 1) < 1e-9 for a in draws)
+    vertices = sum(max(a) == 1.0 for a in draws)
+    assert 60 < vertices < 140  # about one in four
+    assert len({round(a[0], 3) for a in draws}) > 100  # and spread between
+
+
+@pytest.fixture(scope="module")
+def mixed(tapped, tmp_path_factory):  # noqa: F811
+    """The tapped tiny bundle (tests/test_tap.py: heads on layer 2, tap at layer 1) + a mix head on layer 2."""
+    import shutil
+
+    from edge_genarm.export.lean_mix import mix_stage
+    from edge_genarm.export.lean_pack import base_weights
+
+    bundle, _, _ = tapped
+    root = tmp_path_factory.mktemp("mix")
+    out = root / "bundle"
+    shutil.copytree(bundle, out)
+    base = base_weights(out / "base.gguf")
+    info, lora = _random_mix(base, 2, size=0.02)
+    _write_mix(root / "recipe" / "adapters" / "mix", info, lora)
+    recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": {"quantize": []}}
+    rec = mix_stage(out, out / "base.gguf", recipe, log=lambda s: None)
+    assert rec["tap_layer"] == 1 and rec["objectives"] == ["a", "b"] and rec["parity"]["mean_kl"] < 1e-3
+    from edge_genarm.export.lean_mix import read_mix
+
+    return out, read_mix(root / "recipe" / "adapters" / "mix"), base
+
+
+def _load(bundle, **kw):
+    from edge_genarm import load
+
+    return load(str(bundle), n_ctx=256, trunk="base", **kw)
+
+
+def test_the_mix_unit_on_the_base_tap_matches_numpy(mixed):
+    from edge_genarm.export.lean_mix import merged_at
+    from edge_genarm.export.numpy_build import numpy_forward
+
+    bundle, (info, lora), base = mixed
+    e = _load(bundle)
+    try:
+        assert e.mix is not None and e.mix.objectives == ("a", "b")
+        seq = [1, 520, 33, 901, 7, 4000, 12, 88]
+        for alpha in ([0.5, 0.5], [0.9, 0.1], [0.5, 0.5]):  # a change of alpha empties the head's cache
+            e.mix.set_alpha(np.array(alpha, np.float32))
+            e.base.prefill(seq[:-3])
+            e.mix.prefill(seq[:-3])
+            for t in seq[-3:]:
+                e.base.step(t)
+                got = e.mix.step(t)["mix"]
+            ref = numpy_forward(merged_at(base, info, lora, alpha), seq)[-1]
+            np.testing.assert_allclose(G.log_softmax(got), G.log_softmax(ref), atol=2e-3)
+    finally:
+        e.close()
+
+
+def test_the_fast_mode_runs_the_mix_head_and_refuses_what_it_was_not_trained_on(mixed, monkeypatch, caplog):
+    from edge_genarm import fastmode
+
+    bundle, _, _ = mixed
+    monkeypatch.setattr(fastmode, "FAST_TAU", -1.0)  # every step guided
+    e = _load(bundle)
+    try:
+        sp = G.SamplingParams(1.0, 0, 1.0, 0.0)
+        c = e.generate("Tell me a story.", max_tokens=6, seed=3, weights={"a": 0.6, "b": 0.4}, exact=False, sampling=sp)
+        assert c.records and all(set(r.arm_contrib) == {"mix"} for r in c.records)
+        assert "mix" in c.timings.arm_s and c.weights == {"a": 0.6, "b": 0.4}
+        exact = e.generate("Tell me a story.", max_tokens=6, seed=3, weights={"a": 0.6, "b": 0.4}, exact=True, sampling=sp)
+        assert all(set(r.arm_contrib) == {"a", "b"} for r in exact.records)  # the exact mode: the separate ARMs
+        with caplog.at_level(logging.WARNING, logger="edge_genarm"):
+            neg = e.generate("Tell me a story.", max_tokens=4, seed=3, weights={"a": 0.8, "b": -0.5}, exact=False,
+                             sampling=sp)  # fmt: skip
+        assert all(set(r.arm_contrib) == {"a", "b"} for r in neg.records)
+        assert "negative weights (b=-0.5)" in caplog.text and "separate ARMs" in caplog.text
+        # the same request again gives the same text: the head's cache follows alpha
+        again = e.generate("Tell me a story.", max_tokens=6, seed=3, weights={"a": 0.6, "b": 0.4}, exact=False, sampling=sp)
+        assert again.tokens == c.tokens
+    finally:
+        e.close()
+
+
+def test_mix_plan_scales_and_refuses():
+    from edge_genarm.backends.mix import MixUnit
+
+    u = MixUnit.__new__(MixUnit)
+    u.objectives = ("positive", "concise")
+    alpha, s = u.plan({"positive": 0.5, "concise": 0.5})
+    assert s == 1.0 and alpha.tolist() == [0.5, 0.5]
+    alpha, s = u.plan({"positive": 2.0})
+    assert s == 2.0 and alpha.tolist() == [1.0, 0.0]
+    assert "not helpful" in u.plan({"positive": 1.0, "helpful": 1.0})
+    assert "negative weights (concise=-1)" in u.plan({"positive": 1.0, "concise": -1.0})
+
+
+from tests.test_tap import tapped  # noqa: E402,F401  (the module fixture, shared)
