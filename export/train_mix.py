@@ -361,34 +361,58 @@ def _round_fp16(head) -> None:
             p.copy_(p.half().float())
 
 
+class _Fit:
+    """One fit's optimizer (AdamW over the LoRAs), schedule (10 steps of warm-up, then linear to 0
+    at step `total`), rng and checkpoint (out/checkpoint.pt, after each epoch, atomically); resumed
+    from that checkpoint when it was written with the same `settings`."""
+
+    def __init__(self, head, lr: float, total: int, seed: int, out: Path, settings: dict, log):
+        import torch
+
+        self.head, self.settings, self.ck = head, settings, out / "checkpoint.pt"
+        self.opt = torch.optim.AdamW(list(head.A.values()) + list(head.B.values()), lr=lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / total)
+        )
+        self.rng = random.Random(seed)
+        self.start_epoch = 0
+        if self.ck.is_file():
+            st = torch.load(self.ck, weights_only=False)
+            if st.get("settings") == settings:
+                head.load_state_dict(st["head"], strict=False)
+                self.opt.load_state_dict(st["opt"])
+                self.sched.load_state_dict(st["sched"])
+                self.rng.setstate(st["rng"])
+                self.start_epoch = st["epoch"]
+                log(f"resuming after epoch {self.start_epoch}")
+
+    def step(self) -> None:
+        self.opt.step()
+        self.sched.step()
+
+    def save(self, epoch: int) -> None:
+        import torch
+
+        tmp = self.ck.with_suffix(".partial")
+        torch.save({"settings": self.settings, "head": dict(self.head.state_dict()), "opt": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(), "rng": self.rng.getstate(), "epoch": epoch}, tmp)  # fmt: skip
+        tmp.replace(self.ck)
+
+
 def _fit_pairs(head, objs, states, d, settings, epochs, lr, batch_size, micro_batch, seed, out, log) -> list:
     """The GenARM loss on every objective's pairs at random mixes (see the module's docstring)."""
     import torch
 
-    params = list(head.A.values()) + list(head.B.values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # one epoch = one pass over the largest objective's pairs; a smaller objective takes
     # proportionally fewer pairs per step (at least 1), so each objective is seen about once
     biggest = max(len(o.train) for o in objs)
     batches = [max(1, round(batch_size * len(o.train) / biggest)) for o in objs]
     steps_per_epoch = math.ceil(biggest / batch_size)
     settings["batches"] = {o.spec.name: b for o, b in zip(objs, batches)}
-    total = steps_per_epoch * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / total))
-    rng = random.Random(seed)
-    ck = out / "checkpoint.pt"
-    start_epoch = 0
-    if ck.is_file():
-        st = torch.load(ck, weights_only=False)
-        if st.get("settings") == settings:
-            head.load_state_dict(st["head"], strict=False)
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            rng.setstate(st["rng"])
-            start_epoch = st["epoch"]
-            log(f"resuming after epoch {start_epoch}")
+    fit = _Fit(head, lr, steps_per_epoch * epochs, seed, out, settings, log)
+    rng, opt = fit.rng, fit.opt
     curve = []
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(fit.start_epoch, epochs):
         orders = []
         for o, b in zip(objs, batches):
             perm = list(o.train)
@@ -413,9 +437,8 @@ def _fit_pairs(head, objs, states, d, settings, epochs, lr, batch_size, micro_ba
                     m = o.margins(head, states, part, alpha, d) - ref
                     loss = -torch.nn.functional.logsigmoid(o.spec.beta_r * m).sum() / len(idx) * w_i
                     loss.backward()
-                    loss_val += float(loss)
-            opt.step()
-            sched.step()
+                    loss_val += loss.item()
+            fit.step()
             run_loss = 0.9 * run_loss + 0.1 * loss_val if step else loss_val
             if step % 10 == 0:
                 log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {run_loss:.4f} ({time.time() - te:.0f} s)")
@@ -423,10 +446,7 @@ def _fit_pairs(head, objs, states, d, settings, epochs, lr, batch_size, micro_ba
               for i, o in enumerate(objs)}  # fmt: skip
         curve.append({"epoch": epoch + 1, "loss": run_loss, "held_out_at_vertex": ev, "seconds": round(time.time() - te)})
         log(f"epoch {epoch + 1}: held-out accuracy at each objective's vertex {ev}")
-        tmp = ck.with_suffix(".partial")
-        torch.save({"settings": settings, "head": {k: v for k, v in head.state_dict().items()}, "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": rng.getstate(), "epoch": epoch + 1}, tmp)  # fmt: skip
-        tmp.replace(ck)
+        fit.save(epoch + 1)
     return curve
 
 
@@ -439,23 +459,9 @@ def _fit_distill(head, objs, seqs, spans, targets, states, d, settings, epochs, 
     held_set = set(held)
     train = [i for i in range(len(seqs)) if i not in held_set and targets[i] is not None]
     settings["distill_sequences"] = {"train": len(train), "held_out": len(held)}
-    params = list(head.A.values()) + list(head.B.values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / total))
-    rng = random.Random(seed)
-    ck = out / "checkpoint.pt"
-    start_epoch = 0
-    if ck.is_file():
-        st = torch.load(ck, weights_only=False)
-        if st.get("settings") == settings:
-            head.load_state_dict(st["head"], strict=False)
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            rng.setstate(st["rng"])
-            start_epoch = st["epoch"]
-            log(f"resuming after epoch {start_epoch}")
+    fit = _Fit(head, lr, steps_per_epoch * epochs, seed, out, settings, log)
+    rng, opt = fit.rng, fit.opt
     n = len(objs)
     points = {"vertex " + o.spec.name: [float(j == i) for j in range(n)] for i, o in enumerate(objs)}
     points["even"] = [1.0 / n] * n
@@ -467,7 +473,7 @@ def _fit_distill(head, objs, seqs, spans, targets, states, d, settings, epochs, 
 
     curve = [{"epoch": 0, "held_out_kl": held_kl()}]
     log(f"before training: held-out KL {curve[0]['held_out_kl']}")
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(fit.start_epoch, epochs):
         order = list(train)
         random.Random(seed * 7919 + epoch).shuffle(order)
         te, run_loss = time.time(), 0.0
@@ -476,17 +482,13 @@ def _fit_distill(head, objs, seqs, spans, targets, states, d, settings, epochs, 
             opt.zero_grad()
             loss = distill_loss(head, states, seqs, spans, targets, order[step * batch_size : (step + 1) * batch_size], alpha)
             loss.backward()
-            opt.step()
-            sched.step()
-            run_loss = 0.9 * run_loss + 0.1 * float(loss) if step else float(loss)
+            fit.step()
+            run_loss = 0.9 * run_loss + 0.1 * loss.item() if step else loss.item()
             if step % 10 == 0:
                 log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} KL {run_loss:.4f} ({time.time() - te:.0f} s)")
         curve.append({"epoch": epoch + 1, "loss": run_loss, "held_out_kl": held_kl(), "seconds": round(time.time() - te)})
         log(f"epoch {epoch + 1}: held-out KL {curve[-1]['held_out_kl']}")
-        tmp = ck.with_suffix(".partial")
-        torch.save({"settings": settings, "head": dict(head.state_dict()), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": rng.getstate(), "epoch": epoch + 1}, tmp)  # fmt: skip
-        tmp.replace(ck)
+        fit.save(epoch + 1)
     return curve
 
 

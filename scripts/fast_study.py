@@ -32,6 +32,7 @@ from edge_genarm import guidance as G
 from edge_genarm.fastmode import FAST_TAU
 
 TOP_K = (16, 32, 64, 128, 256)  # candidate sets for a restricted ARM LM head
+EOS_FLOORS = (-2.0, -4.0, -6.0, -8.0, -10.0, -14.0)  # nats: log p_base(end of reply)
 EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, float("inf"))
 
 
@@ -72,8 +73,11 @@ def study(engine, prompts: list[str], max_tokens: int, weights: dict | None) -> 
                 kl = float(np.sum(np.exp(le) * (le - lb)))
                 order = np.argsort(-base_lp)
                 outside = {k: float(1.0 - pe[order[:k]].sum()) for k in TOP_K}  # exact's mass past the base's top k
+                eos = engine.eos_candidates
                 rows.append({"H": rec.entropy, "kl": kl, "tv": 0.5 * float(np.abs(pe - pb).sum()),
                              "differs": rec.base_pick != rec.token, "outside": outside,
+                             "eos_lp": float(base_lp[eos].max()) if eos.size else -np.inf,
+                             "eos_pick": bool(np.isin(rec.token, eos)),
                              "pick_rank": int(np.flatnonzero(order == rec.token)[0])})  # fmt: skip
     finally:
         generation.penalize = real
@@ -121,6 +125,15 @@ def main() -> None:
         print(f"skipped steps: {len(sk) / len(rows):.1%}; there mean KL {np.mean([r['kl'] for r in sk]):.4f}, "
               f"mean TV {np.mean([r['tv'] for r in sk]):.4f}, pick differs {np.mean([r['differs'] for r in sk]):.1%}; "
               f"over all steps the pick differs at {sum(r['differs'] for r in sk) / len(rows):.2%} of them")
+    if sk:  # the end of the reply: a length objective moves it where the base is sure of going on
+        ends = [r for r in sk if r["differs"] and r["eos_pick"]]
+        print(f"of the skipped steps' different picks, {len(ends)} of {sum(r['differs'] for r in sk)} are the exact "
+              "mode ending the reply; guiding the skipped steps whose base log-prob of the end is at least F too:")
+        for floor in EOS_FLOORS:
+            add = [r for r in sk if r["eos_lp"] >= floor]
+            print(f"  F={floor:4g}: {len(add) / len(rows):6.2%} of steps more guided; they hold "
+                  f"{sum(r['differs'] for r in add)} of the skipped steps' {sum(r['differs'] for r in sk)} different picks, "
+                  f"{sum(r['differs'] and r['eos_pick'] for r in add)} of the {len(ends)} endings")
     print("the exact mode's sampler mass outside the base's top k (what an ARM LM head restricted to them "
           "cannot draw), mean / max over steps; and the share of exact picks outside it:")
     for k in TOP_K:

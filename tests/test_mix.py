@@ -273,3 +273,80 @@ def test_mix_plan_scales_and_refuses():
 
 
 from tests.test_tap import tapped  # noqa: E402,F401  (the module fixture, shared)
+
+
+def _opposed_pairs(path, chosen_end: str, rejected_end: str, n: int = 24, seed: int = 0):
+    import random
+
+    words = "apple river cloud stone lamp music garden window paper bridge".split()
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            body = " ".join(r.choice(words) for _ in range(3))
+            f.write(json.dumps({"prompt": f"Say something {i}", "chosen": f"{body} {chosen_end}",
+                                "rejected": f"{body} {rejected_end}"}) + "\n")  # fmt: skip
+    return path
+
+
+def test_train_mix_end_to_end_conditions_on_alpha_and_resumes(tmp_path, monkeypatch, capsys):
+    """train_mix on a tiny model and two opposed objectives (one prefers replies ending 'yes', the
+    other 'no'): at each objective's vertex the head prefers that objective's replies on held-out
+    pairs (one head, two opposite behaviours: the conditioning works); the folder reads back as a
+    pack reads it; a run killed after its first epoch resumes from the checkpoint to the same head;
+    and distillation from two ARM adapters lowers the held-out KL to their mixture."""
+    from edge_genarm.export import train_mix as T
+    from edge_genarm.export.lean_mix import read_mix
+
+    from .tiny import build_tiny_hf
+
+    hf = build_tiny_hf(tmp_path / "hf", seed=3, layers=3)
+    objs = [T.ObjectiveData("yes", _opposed_pairs(tmp_path / "yes.jsonl", "yes", "no"), beta_r=0.5, eval_frac=0.25),
+            T.ObjectiveData("no", _opposed_pairs(tmp_path / "no.jsonl", "no", "yes", seed=1), beta_r=0.5, eval_frac=0.25)]
+    kw = dict(layers=2, rank=4, epochs=3, lr=5e-2, batch_size=6, seed=0, log=lambda *_: None)
+    info = T.train_mix(objs, hf, tmp_path / "a", **kw)
+    init = info["held_out_init"]
+    assert init["yes"]["accuracy"] + init["no"]["accuracy"] == pytest.approx(1.0)  # the init prefers one ending
+    assert info["held_out"]["vertex yes"]["yes"]["accuracy"] == 1.0
+    assert info["held_out"]["vertex no"]["no"]["accuracy"] == 1.0
+    assert info["held_out"]["vertex yes"]["no"]["accuracy"] <= 0.5 >= info["held_out"]["vertex no"]["yes"]["accuracy"]
+    got_info, lora = read_mix(tmp_path / "a")
+    assert got_info["first_layer"] == 1 and {k for k, _ in lora} == {1, 2} and len(lora) == 14
+    assert not (tmp_path / "a" / "checkpoint.partial").exists()
+
+    real, epochs = T._Fit.save, []
+
+    def dies_after_first(self, epoch):
+        real(self, epoch)
+        epochs.append(epoch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T._Fit, "save", dies_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_mix(objs, hf, tmp_path / "b", **kw)
+    monkeypatch.setattr(T._Fit, "save", real)
+    lines = []
+    again = T.train_mix(objs, hf, tmp_path / "b", **{**kw, "log": lines.append})
+    assert epochs == [1] and "resuming after epoch 1" in lines
+    a, b = read_mix(tmp_path / "a")[1], read_mix(tmp_path / "b")[1]
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            np.testing.assert_allclose(x, y, atol=2e-3)
+    assert again["held_out"] == info["held_out"]
+
+    # distillation: two ARM adapters (peft folders) on the last two layers, rank 4
+    rng = np.random.default_rng(5)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf)
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"q": (d, d), "k": (d, d * cfg.num_key_value_heads // cfg.num_attention_heads),
+              "v": (d, d * cfg.num_key_value_heads // cfg.num_attention_heads), "o": (d, d),
+              "gate": (d, ff), "up": (d, ff), "down": (ff, d)}  # fmt: skip
+    adapters = {}
+    for name in ("yes", "no"):
+        lora = {(i, k): (rng.normal(0, 0.3, (4, s[0])).astype(np.float32), rng.normal(0, 0.3, (s[1], 4)).astype(np.float32))
+                for i in (1, 2) for k, s in shapes.items()}  # fmt: skip
+        adapters[name] = _peft_adapter(tmp_path / f"arm-{name}", lora, 4)
+    dist = T.train_mix(objs, hf, tmp_path / "c", **{**kw, "distill": adapters, "candidates": 16})
+    first, last = dist["curve"][0]["held_out_kl"], dist["curve"][-1]["held_out_kl"]
+    assert all(last[k] < 0.7 * first[k] for k in first), (first, last)
