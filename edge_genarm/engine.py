@@ -68,6 +68,7 @@ class Engine:
         # the fast mode's restricted ARM LM head always scores these (generation.fast_forward)
         self.eos_candidates = np.array(sorted(base.eos_ids), dtype=np.int64)
         self.mix = mix  # the pack's mix head (backends.mix.MixUnit): the fast mode's one head for any weights
+        self._mix_refusals: set[str] = set()  # the reasons the mix head refused weights, logged once each
         self._busy, self._busy_lock = False, threading.Lock()
 
     # -- configuration ------------------------------------------------------
@@ -208,8 +209,10 @@ class Engine:
         runs, run_active, alpha = self.units_for(active), active, None
         if fast_tau is not None and nudge is None and self.mix is not None:
             mixed = self.mix.plan(active)
-            if isinstance(mixed, str):
-                log.warning("fast mode: %s; the separate ARMs run instead of the mix head", mixed)
+            if isinstance(mixed, str):  # said once per reason: a server would repeat it at every request
+                say = log.debug if mixed in self._mix_refusals else log.warning
+                self._mix_refusals.add(mixed)
+                say("fast mode: %s; the separate ARMs run instead of the mix head", mixed)
             else:  # one head for these weights: log p_base + S * log pi_alpha (backends.mix)
                 alpha, strength = mixed
                 run_active, runs = {MIX: strength}, ([], [(MIX, self.mix, [MIX])])

@@ -252,6 +252,10 @@ def test_the_fast_mode_runs_the_mix_head_and_refuses_what_it_was_not_trained_on(
                              sampling=sp)  # fmt: skip
         assert all(set(r.arm_contrib) == {"a", "b"} for r in neg.records)
         assert "negative weights (b=-0.5)" in caplog.text and "separate ARMs" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edge_genarm"):  # the same reason: said once per engine
+            e.generate("Tell me a story.", max_tokens=2, seed=3, weights={"a": 0.8, "b": -0.5}, exact=False, sampling=sp)
+        assert "negative weights" not in caplog.text
         # the same request again gives the same text: the head's cache follows alpha
         again = e.generate("Tell me a story.", max_tokens=6, seed=3, weights={"a": 0.6, "b": 0.4}, exact=False, sampling=sp)
         assert again.tokens == c.tokens
