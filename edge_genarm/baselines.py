@@ -38,7 +38,10 @@ RM_SECTION = "reward_models"  # the manifest section export/rm_export.py writes
 
 class _BranchingGraph(OnnxARM):
     """OnnxARM whose cache can be kept and put back without a copy: ORT never writes the
-    past-key/value values it is given, so holding the previous ones is a checkpoint."""
+    past-key/value values it is given, so holding the previous ones is a checkpoint (hence no
+    in-place cache: every candidate of a branch would write the same position of one buffer)."""
+
+    in_place = False
 
     def snapshot(self):
         return self._past, list(self.tokens)

@@ -354,3 +354,35 @@ def test_train_mix_end_to_end_conditions_on_alpha_and_resumes(tmp_path, monkeypa
     dist = T.train_mix(objs, hf, tmp_path / "c", **{**kw, "distill": adapters, "candidates": 16})
     first, last = dist["curve"][0]["held_out_kl"], dist["curve"][-1]["held_out_kl"]
     assert all(last[k] < 0.7 * first[k] for k in first), (first, last)
+
+
+def test_the_in_place_kv_cache_is_bit_for_bit_the_copying_one(tiny_weights, tmp_path):
+    """A compact graph's cache is one buffer per layer that GroupQueryAttention appends to
+    (backends.onnx_arm.KVGraph): through a prefill, steps, a rewind, a batch and enough steps to
+    grow the buffer twice, every output equals the copying cache's bit for bit."""
+    from edge_genarm.export.lean_mix import mix_graph
+    from edge_genarm.export.onnx_io import save_model
+
+    from edge_genarm.backends import onnx_arm
+    from edge_genarm.backends.mix import _MixGraph
+
+    w = tiny_weights
+    info, lora = _random_mix(w, 1)
+    save_model(mix_graph(w, info, lora, {}), tmp_path / "mix.onnx")
+    hidden = np.random.default_rng(2).normal(0, 1, (1, 700, w.embed.shape[1])).astype(np.float32)
+    extra = {"alpha": np.array([0.3, 0.7], np.float32)}
+    outs, caps = [], []
+    for in_place in (True, False):
+        g = _MixGraph(tmp_path / "mix.onnx", "mix", cache=False)
+        g._inplace = in_place and g._inplace
+        assert g._inplace == in_place  # a compact graph takes the in-place cache
+        o = [g.feed(list(range(40)), hidden[:, :40], extra=extra)]
+        o += [g.feed([i], hidden[:, i : i + 1], extra=extra) for i in range(40, 300)]
+        g.truncate(100)
+        o.append(g.feed(list(range(100, 104)), hidden[:, 100:104], extra=extra))
+        o += [g.feed([i], hidden[:, i : i + 1], extra=extra) for i in range(104, 600)]
+        outs.append(np.concatenate([x.reshape(-1) for x in o]))
+        caps.append({k: v.shape[2] for k, v in g._kv.items()})
+    assert np.array_equal(outs[0], outs[1])
+    assert set(caps[0].values()) == {1024} and caps[1] == {}  # 256 -> 512 -> 1024 positions
+    assert onnx_arm.KV_BLOCK == 256

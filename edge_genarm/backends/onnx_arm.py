@@ -229,12 +229,23 @@ class OnnxGraph:
         return session
 
 
+KV_BLOCK = 256  # positions: an in-place KV cache grows by doubling, in multiples of this
+
+
 class KVGraph(OnnxGraph):
     """A graph with past key/values (optimum's `-with-past` layout): `feed` evaluates new
-    positions after the cached ones. The cache stays in ORT's buffers between calls."""
+    positions after the cached ones. The cache stays in ORT's buffers between calls.
+
+    A compact graph (export/compact.py) attends with GroupQueryAttention, which appends the new
+    positions in place when its past and present key/values are one buffer: there the cache is
+    one numpy buffer per layer with room to spare (`_inplace`), bound as both, and grows by
+    doubling; elsewhere each forward returns a new cache, the old one copied into it, which at
+    1,000 positions was most of a 4-layer head's step (docs/speed.md). The arithmetic is the same:
+    the same keys and values are read in the same order."""
 
     feed_input = "input_ids"  # what a new position is: a token id, or a hidden state (trunk heads)
     out_name = "logits"
+    in_place = True  # where the graph allows it (a subclass whose old caches must stay intact: False)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -247,9 +258,16 @@ class KVGraph(OnnxGraph):
             )
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
         self._out_names = [self.out_name, *self._present_names]
-        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.out_name)
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        shape = outputs[self.out_name].shape
         self.vocab_size = shape[-1] if isinstance(shape[-1], int) else None
         self._empty = {n: self._empty_past(self._inputs[n]) for n in self._past_names}
+        # export/compact.py names the cache's length 'past' in and 'total' out (its GQA layout)
+        self._inplace = self.in_place and self._device == "cpu" and all(
+            len(self._inputs[n].shape) == 4 and self._inputs[n].shape[2] == "past"
+            and p in outputs and outputs[p].shape[2] == "total"
+            for n, p in zip(self._past_names, self._present_names)
+        )  # fmt: skip
         self.reset()
 
     @staticmethod
@@ -262,17 +280,35 @@ class KVGraph(OnnxGraph):
     def reset(self) -> None:
         self.tokens: list[int] = []
         self.n_exact = 0  # leading cached positions computed in batches of >= 2 (LlamaBase.trim_for)
+        self._kv: dict[str, np.ndarray] = {}  # the in-place cache's buffers (what _past wraps)
         self._past = {n: self._ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._empty.items()}
 
     def truncate(self, keep: int) -> None:
         """Keep the first `keep` cached positions."""
         if keep < len(self.tokens):
-            self._past = {
-                n: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]))
-                for n, v in self._past.items()
-            }
+            if not self._inplace:  # (in place, the positions past `keep` are simply written over)
+                self._past = {
+                    n: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]))
+                    for n, v in self._past.items()
+                }
             self.tokens = self.tokens[:keep]
             self.n_exact = min(self.n_exact, keep)
+
+    def _reserve(self, need: int) -> None:
+        """Room for `need` positions in the in-place cache (a larger buffer, the cached positions copied)."""
+        cap = next(iter(self._kv.values())).shape[2] if self._kv else 0
+        if need <= cap:
+            return
+        size = -(-max(need, 2 * cap) // KV_BLOCK) * KV_BLOCK
+        n = len(self.tokens)
+        kv = {}
+        for name, empty in self._empty.items():
+            buf = np.zeros((1, empty.shape[1], size, empty.shape[3]), dtype=empty.dtype)
+            if name in self._kv:
+                buf[:, :, :n] = self._kv[name][:, :, :n]
+            kv[name] = buf
+        self._kv = kv
+        self._past = {name: self._ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in kv.items()}
 
     def exact_keep(self, tokens: list[int]) -> int:
         """The cached positions a cold prefill of `tokens` would compute bit for bit: shared, fed
@@ -295,10 +331,17 @@ class KVGraph(OnnxGraph):
             io.bind_cpu_input(name, v)
         if "position_ids" in self._inputs:
             io.bind_cpu_input("position_ids", np.arange(n_past, n_past + n_new, dtype=np.int64)[None, :])
-        for name, past in self._past.items():
-            io.bind_ortvalue_input(name, past)
-        for name in self._out_names:
-            io.bind_output(name, self._device)
+        if self._inplace:  # GQA reads the cache from and appends to one buffer
+            self._reserve(n_past + n_new)
+            io.bind_output(self.out_name, self._device)  # first: outputs come back in binding order
+            for name, present in zip(self._past_names, self._present_names):
+                io.bind_ortvalue_input(name, self._past[name])
+                io.bind_ortvalue_output(present, self._past[name])
+        else:
+            for name, past in self._past.items():
+                io.bind_ortvalue_input(name, past)
+            for name in self._out_names:
+                io.bind_output(name, self._device)
         try:
             self.session.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own error types: a graph that loads but cannot run
@@ -309,7 +352,8 @@ class KVGraph(OnnxGraph):
         # positions) and the prefill's whole output stayed resident beside the new cache.
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        self._past = dict(zip(self._past_names, outs[1:]))
+        if not self._inplace:
+            self._past = dict(zip(self._past_names, outs[1:]))
         if n_new >= 2 and n_past == self.n_exact:
             self.n_exact = n_past + n_new
         self.tokens.extend(new)
