@@ -177,12 +177,12 @@ def nudge_stage(bundle: Path, recipe: dict, log=print) -> None:
     """The recorded nudge table into the bundle, with the meta it was recorded with."""
     from edge_genarm.export.bundle_write import add_file
     from edge_genarm.export.nudges import NUDGE_FILE
-    from edge_genarm.export.pack_record import NUDGES, load_record
+    from edge_genarm.export.pack_record import NUDGES, load_records
 
     from edge_genarm.manifest import read_manifest, write_manifest
 
     src = Path(recipe["_dir"]) / NUDGES
-    meta = (load_record(recipe) or {}).get("nudges") or {}
+    meta = next((r["nudges"] for r in load_records(recipe) if r.get("nudges")), None) or {}
     shutil.copyfile(src, bundle / (NUDGE_FILE + ".partial"))
     (bundle / (NUDGE_FILE + ".partial")).replace(bundle / NUDGE_FILE)
     m = read_manifest(bundle)

@@ -85,6 +85,19 @@ def mismatch(record: dict | None, files: dict[str, str], kinds: dict, recipe_dir
     return None
 
 
+def matching(records: list[dict], files: dict[str, str], kinds: dict, recipe_dir: Path) -> tuple[dict | None, str | None]:
+    """(the recorded build whose files are `files`, None), or (None, why none is)."""
+    whys = []
+    for r in records:
+        why = mismatch(r, files, kinds, recipe_dir)
+        if why is None:
+            return r, None
+        whys.append(why)
+    if len(whys) > 1:
+        return None, f"none of the recipe's {len(whys)} recorded builds matches (the newest: {whys[0]})"
+    return None, whys[0] if whys else mismatch(None, files, kinds, recipe_dir)
+
+
 def _gates(fp32: Path, heads32: dict, q: dict[str, Path], seqs: dict, kind, log) -> dict:
     from edge_genarm.export.gate import format_gate, gate
 
@@ -106,12 +119,12 @@ def share_stage(root: Path, bundle: Path, gguf: Path, recipe: dict, log=print) -
     """Build, quantize, gate (or copy the recorded gates) and install the shared trunk and heads."""
     from edge_genarm.export.bundle_write import scratch_dir, tidy_bundle
     from edge_genarm.export.lean_pack import base_weights, n_params, trunk_pieces
-    from edge_genarm.export.pack_record import heldout_seqs, load_record
+    from edge_genarm.export.pack_record import heldout_seqs, load_records
 
     from edge_genarm.bundle import sha256_file
 
     tidy_bundle(bundle)  # what a killed run left
-    share, record, d = recipe["share"], load_record(recipe), Path(recipe["_dir"])
+    share, records, d = recipe["share"], load_records(recipe), Path(recipe["_dir"])
     training = {n: json.loads((root / "lean" / n / "arm.json").read_text()) for n in recipe["arms"]}
     heads32 = {n: root / "lean" / n / "head.onnx" for n in recipe["arms"]}
     with scratch_dir(bundle, "lean-share") as tmp:
@@ -123,7 +136,7 @@ def share_stage(root: Path, bundle: Path, gguf: Path, recipe: dict, log=print) -
             kinds = kinds_of(attempt, share)
             q = _quantize(Path(tmp) / "fp32", heads32, Path(tmp) / f"q{i}", attempt, share)
             files = {_rel(name, sha): sha256_file(p) for name, p in q.items()}
-            why = mismatch(record, files, kinds, d)
+            record, why = matching(records, files, kinds, d)
             if why is None:
                 log(f"files identical to the recipe's record ({len(files)} graphs): its gate figures are copied")
                 gates = {n: {**record["gates"][n], "recorded": True} for n in recipe["arms"]}
@@ -203,14 +216,14 @@ def _install(bundle: Path, recipe: dict, q: dict[str, Path], sha: str, k: int, n
 def base_tap_stage(bundle: Path, recipe: dict, log=print) -> dict:
     """The base tap's record: the recipe's, when every file of the bundle is the recorded one; else measured."""
     from edge_genarm.export.base_tap import base_tap
-    from edge_genarm.export.pack_record import heldout_seqs, load_record, probe_seqs
+    from edge_genarm.export.pack_record import heldout_seqs, load_records, probe_seqs
 
     from edge_genarm.manifest import read_manifest, write_manifest
 
-    m, record = read_manifest(bundle), load_record(recipe)
+    m, records = read_manifest(bundle), [r for r in load_records(recipe) if r.get("base_tap")]
     (key,) = m["trunks"]
     files = {rel: r["sha256"] for rel, r in m["files"].items() if rel != m.get("nudges", {}).get("file")}
-    why = mismatch(record, files, {}, Path(recipe["_dir"])) if record and record.get("base_tap") else "no record"
+    record, why = matching(records, files, {}, Path(recipe["_dir"])) if records else (None, "no record")
     if why is None:
         m["trunks"][key]["base_tap"] = {**record["base_tap"], "recorded": True}
         write_manifest(bundle, m)

@@ -38,9 +38,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def load_record(recipe: dict) -> dict | None:
+def load_records(recipe: dict) -> list[dict]:
+    """The builds the recipe records, newest first: one per set of file bytes (onnxruntime's
+    quantizer writes other bytes on some CPUs, so one recipe can have several)."""
     p = Path(recipe["_dir"]) / RECORD
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return []
+    data = json.loads(p.read_text())
+    return list(data["builds"]) if "builds" in data else [data]
 
 
 

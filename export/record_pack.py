@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_genarm.export.pack_record import HELDOUT, NUDGES, RECORD, record_heldout, versions  # noqa: F401
+from edge_genarm.export.pack_record import HELDOUT, NUDGES, RECORD, load_records, record_heldout, versions  # noqa: F401
 
 from edge_genarm.errors import EdgeGenarmError
 from edge_genarm.paths import atomic_write_json
@@ -45,7 +45,10 @@ def record_pack(name: str) -> Path:
         "base_tap": trunk.get("base_tap"),
         "nudges": {k: v for k, v in m.get("nudges", {}).items() if k != "reward_source"} or None,
     }
-    atomic_write_json(d / RECORD, record)
+    # the builds recorded on machines whose quantizer wrote other bytes stay beside this one
+    others = [r for r in load_records(recipe)
+              if any(r.get("files", {}).get(k) not in (None, v) for k, v in record["files"].items())]  # fmt: skip
+    atomic_write_json(d / RECORD, {"note": record["note"], "builds": [record, *others]} if others else record)
     return d / RECORD
 
 

@@ -116,6 +116,39 @@ def test_a_record_that_does_not_match_runs_the_gates_and_says_which_file(env, mo
         assert "recorded" not in g and g == env["manifest"]["arms"][arm]["gate"]  # measured again, the same
 
 
+def test_a_recipe_records_one_build_per_machine_whose_quantizer_writes_other_bytes(env, monkeypatch):
+    """recorded.json can hold several builds (onnxruntime's quantizer writes other bytes on some
+    CPUs): a build matching any of them copies that one's figures; `record_pack` puts this
+    machine's build first and keeps the others."""
+    rec_path = env["dir"] / RECORD
+    original = rec_path.read_text()
+    mine = json.loads(original)
+    other = json.loads(original)
+    trunk = next(k for k in other["files"] if k.endswith("/trunk.onnx"))
+    other["files"][trunk] = "0" * 64
+    other["gates"]["yes"] = {**other["gates"]["yes"], "accuracy_fp32": -1.0}  # tells the two apart
+    try:
+        rec_path.write_text(json.dumps({"note": "two machines", "builds": [other, mine]}))
+        record_pack("tiny")  # this machine's build first, the other kept; recording again adds nothing
+        record_pack("tiny")
+        builds = json.loads(rec_path.read_text())["builds"]
+        assert [b["files"][trunk] for b in builds] == [mine["files"][trunk], "0" * 64]
+        rec_path.write_text(json.dumps({"note": "two machines", "builds": [other, mine]}))
+        _no_torch(monkeypatch)
+        logs: list[str] = []
+        bundle = pack.build_pack("tiny", force=True, log=logs.append)
+        assert any("files identical to the recipe's record" in line for line in logs), logs
+        assert not any("running the gates" in line for line in logs), logs
+        _, m = _files(bundle)
+        assert m["arms"]["yes"]["gate"]["accuracy_fp32"] == mine["gates"]["yes"]["accuracy_fp32"]
+        rec_path.write_text(json.dumps({"note": "two machines", "builds": [other, {**other, "files": {trunk: "1" * 64}}]}))
+        logs.clear()
+        pack.build_pack("tiny", force=True, log=logs.append)
+        assert any("none of the recipe's 2 recorded builds matches" in line for line in logs), logs
+    finally:
+        rec_path.write_text(original)
+
+
 def test_without_torch_a_recipe_that_needs_training_says_what_to_install(env, monkeypatch):
     text = (env["dir"] / "recipe.toml").read_text()
     (env["dir"] / "recipe.toml").write_text(text.replace('adapter = "adapters/no"\n', ""))
