@@ -381,10 +381,9 @@ def _build_with_torch(root: Path, bundle: Path, gguf: Path, recipe: dict, stage,
                     info = json.loads((bundle / "manifest.json").read_text())
             if recipe.get("mix"):
                 with stage("mix head"):  # the committed adapter, in numpy (export/lean_mix.py)
-                    if "mix" not in info:
-                        from edge_genarm.export.lean_mix import mix_stage
+                    from edge_genarm.export.lean_mix import ensure_mix
 
-                        mix_stage(bundle, gguf, recipe, log)
+                    ensure_mix(bundle, gguf, recipe, log)
 
 
 def build_pack_quietly(

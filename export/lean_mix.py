@@ -168,3 +168,11 @@ def mix_stage(bundle: Path, gguf: Path, recipe: dict, log=print) -> dict:
     write_manifest(bundle, m)
     log(f"mix head: layers {k}-{len(base.layers) - 1}, {', '.join(info['objectives'])}, {chosen or 'fp32'}")
     return m["mix"]
+
+
+def ensure_mix(bundle: Path, gguf: Path, recipe: dict, log=print) -> None:
+    """The pack build's "mix head" stage (both build paths): `mix_stage` unless the bundle has one."""
+    from edge_genarm.manifest import read_manifest
+
+    if "mix" not in read_manifest(bundle):
+        mix_stage(bundle, gguf, recipe, log)

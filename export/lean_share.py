@@ -255,11 +255,10 @@ def build_stages(root: Path, bundle: Path, gguf: Path, recipe: dict, stage, log=
         with stage("base tap"):
             if any("base_tap" not in t for t in read_manifest(bundle).get("trunks", {}).values()):
                 base_tap_stage(bundle, recipe, log)
-    if recipe.get("mix"):
-        from edge_genarm.export.lean_mix import mix_stage
+        if recipe.get("mix"):  # it runs on the base's tap (pack.stage_names)
+            from edge_genarm.export.lean_mix import ensure_mix
 
-        with stage("mix head"):
-            if "mix" not in read_manifest(bundle):
-                mix_stage(bundle, gguf, recipe, log)
+            with stage("mix head"):
+                ensure_mix(bundle, gguf, recipe, log)
     _BASE.clear()
 
