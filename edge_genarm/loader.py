@@ -110,7 +110,7 @@ def build_engine(
         # one thread unless asked: a 4-layer int4 head at one position took 1.28 ms on one thread and
         # 1.70 on two (2 cores, docs/speed.md): too little work to split
         mix_unit = MixUnit(plan.mix_path, mix["objectives"], int(mix["tap_layer"]), group, device=opts.arm_device,
-                           threads=opts.arm_threads or 1)  # fmt: skip
+                           threads=opts.arm_threads or 1, merge=_merge_allowed(mix))  # fmt: skip
     for a in plan.arms:
         vocab = getattr(loaded[a.name], "vocab_size", None)
         check_arm_vocab(
@@ -120,6 +120,18 @@ def build_engine(
         base, loaded, plan.weights, chat_template=plan.chat_template, parallel=parallel,
         nudge_table=plan.nudge_table, mix=mix_unit,
     )  # fmt: skip
+
+
+def _merge_allowed(mix: dict) -> bool | str:
+    """True when the pack's build checked the mix head merged at an alpha (export/lean_mix.py),
+    else why it runs as shipped."""
+    rec = mix.get("merged") or {}
+    if rec.get("passed") is True:
+        return True
+    if "kl_to_fp32" in rec:
+        return f"merged, its KL to the float head was {rec['kl_to_fp32']:.3f} at the pack's build"
+    return rec.get("why") or ("the pack was built before merged heads were checked "
+                              "(`edge-genarm pack build NAME --force` checks them)")  # fmt: skip
 
 
 TRUNK_MODES = ("auto", "base", "graph")

@@ -71,9 +71,10 @@ def head_logits(path: Path, hidden: np.ndarray, alpha, lm_head: np.ndarray) -> n
     from edge_genarm.backends.onnx_arm import session_options
 
     s = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
-    feed = {"hidden": hidden[None].astype(np.float32), "alpha": np.asarray(alpha, dtype=np.float32),
-            "attention_mask": np.ones((1, len(hidden)), dtype=np.int64)}  # fmt: skip
+    feed = {"hidden": hidden[None].astype(np.float32), "attention_mask": np.ones((1, len(hidden)), dtype=np.int64)}
     for i in s.get_inputs():
+        if i.name == "alpha":  # (a head merged at one alpha has none: backends/mix_merge.py)
+            feed["alpha"] = np.asarray(alpha, dtype=np.float32)
         if i.name.startswith("past_key_values."):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
     normed = s.run(["normed"], feed)[0][0]
@@ -156,18 +157,41 @@ def mix_stage(bundle: Path, gguf: Path, recipe: dict, log=print) -> dict:
                 chosen = kind
                 break
             log(f"mix head {kind}: KL {kl:.3f} > {MAX_KL}: trying the next form")
+        merged = _merged_gate(path, gguf, f32, hidden, mid, base.lm_head, Path(tmp), log)
         (bundle / MIX_FILE).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(path), bundle / MIX_FILE)
     m["files"][MIX_FILE] = file_record(bundle / MIX_FILE)
     m["mix"] = {
         "file": MIX_FILE, "trunk": key, "objectives": info["objectives"], "first_layer": k, "tap_layer": k - 1,
-        "rank": info["rank"], "quantize": chosen or "fp32", "kl_to_fp32": kl, "parity": parity,
+        "rank": info["rank"], "quantize": chosen or "fp32", "kl_to_fp32": kl, "parity": parity, "merged": merged,
         "training": {x: info.get(x) for x in ("held_out", "held_out_init", "epochs", "seconds", "per_objective")},
         "source": str(Path(recipe["_dir"]) / spec["adapter"]),
     }  # fmt: skip
     write_manifest(bundle, m)
     log(f"mix head: layers {k}-{len(base.layers) - 1}, {', '.join(info['objectives'])}, {chosen or 'fp32'}")
     return m["mix"]
+
+
+def _merged_gate(path: Path, gguf: Path, f32: Path, hidden, mid, lm_head, tmp: Path, log) -> dict:
+    """The fast mode runs the head merged at each alpha (backends/mix_merge.py): the LoRAs added to
+    the base's float weights, quantized as `path` was. Its KL to the float head at the vertices
+    and the mid point, as the quantized head's own is measured above; `passed` (<= MAX_KL) lets
+    the runtime merge, else it runs the head as shipped."""
+    from edge_genarm.backends.mix_merge import MergeError, merged_model
+    from edge_genarm.export.onnx_io import save_model
+
+    kls = {}
+    for a in ([1.0, 0.0], mid, [0.0, 1.0])[: 3 if len(mid) == 2 else 1]:
+        try:
+            m = merged_model(path, gguf, np.asarray(a, dtype=np.float32))
+        except MergeError as e:
+            log(f"mix head merged: not possible ({e})")
+            return {"passed": False, "why": str(e)}
+        save_model(m, tmp / "mix-merged.onnx")
+        kls[str(a)] = _kl(head_logits(f32, hidden, a, lm_head), head_logits(tmp / "mix-merged.onnx", hidden, a, lm_head))
+    kl = max(kls.values())
+    log(f"mix head merged at an alpha: KL to fp32 {', '.join(f'{a} {v:.4f}' for a, v in kls.items())}")
+    return {"kl_to_fp32": kl, "at": kls, "passed": kl <= MAX_KL}
 
 
 def ensure_mix(bundle: Path, gguf: Path, recipe: dict, log=print) -> None:

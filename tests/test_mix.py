@@ -386,3 +386,143 @@ def test_the_in_place_kv_cache_is_bit_for_bit_the_copying_one(tiny_weights, tmp_
     assert np.array_equal(outs[0], outs[1])
     assert set(caps[0].values()) == {1024} and caps[1] == {}  # 256 -> 512 -> 1024 positions
     assert onnx_arm.KV_BLOCK == 256
+
+
+# --- the mix head merged at each alpha (backends/mix_merge.py) --------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_blocks_is_what_matmulnbits_reads(bits):
+    """Our int4/int8 blocks, run by onnxruntime's MatMulNBits (fp32 compute), give x @ W with W
+    dequantized by hand from the same bytes; and W is the input within a step."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_genarm.backends.mix_merge import quantize_blocks
+
+    rng = np.random.default_rng(bits)
+    n, k, block = 48, 80, 32  # K not a multiple of the block: the last block is padded
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, s = quantize_blocks(w, bits, block)
+    nb = -(-k // block)
+    assert q.shape == (n, nb, block * bits // 8) and s.shape == (n, nb)
+    codes = np.stack([q & 0xF, q >> 4], -1).reshape(n, nb, block) if bits == 4 else q
+    deq = ((codes.astype(np.float32) - (1 << (bits - 1))) * s[..., None]).reshape(n, -1)[:, :k]
+    step = np.repeat(np.abs(s), block, 1)[:, :k]
+    # half a step, but for values of the peak's opposite sign past the top code (one step at most)
+    err = np.abs(deq - w)
+    assert np.all(err <= step + 1e-6) and np.mean(err <= step / 2 + 1e-6) > 0.9
+    node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=0)  # fmt: skip
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mixed_int4(tapped, tmp_path_factory):  # noqa: F811
+    """The `mixed` bundle with its mix head quantized to int4, as the default pack's."""
+    import shutil
+
+    from edge_genarm.export.lean_mix import mix_stage, read_mix
+    from edge_genarm.export.lean_pack import base_weights
+
+    bundle, _, _ = tapped
+    root = tmp_path_factory.mktemp("mix4")
+    out = root / "bundle"
+    shutil.copytree(bundle, out)
+    base = base_weights(out / "base.gguf")
+    # LoRAs the size of the default pack's beside their weights (|delta| / |W| ~0.1 at a vertex;
+    # the default pack's: median 0.05, largest 0.10)
+    info, lora = _random_mix(base, 2, size=0.004)
+    _write_mix(root / "recipe" / "adapters" / "mix", info, lora)
+    recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": {"quantize": ["int4"], "block_size": 32}}
+    rec = mix_stage(out, out / "base.gguf", recipe, log=lambda s: None)
+    assert rec["quantize"] == "int4" and rec["merged"]["passed"] and 0 < rec["merged"]["kl_to_fp32"] < 0.25
+    return out, read_mix(root / "recipe" / "adapters" / "mix"), base
+
+
+def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_path, caplog):
+    """At each alpha the fast mode runs the head with the LoRAs merged into the base's float
+    weights and quantized once: over 40 positions its KL to the float head (numpy, merged) is the
+    shipped int4 head's (LoRAs beside the int4 weights); its graph has no LoRA node and no alpha
+    input; the engine runs it, and returning to an alpha reuses its merged head."""
+    from edge_genarm.backends.mix import _MergedGraph
+    from edge_genarm.backends.mix_merge import merged_model, projections
+    from edge_genarm.export.lean_mix import head_logits, merged_at
+    from edge_genarm.export.numpy_build import numpy_forward
+    from edge_genarm.export.onnx_io import save_model
+
+    bundle, (info, lora), base = mixed_int4
+    shipped = bundle / "mix" / "mix.onnx"
+    seq = [int(t) for t in np.random.default_rng(5).integers(3, 4000, 40)]
+    hidden = numpy_forward(base, seq, upto=2)
+    mean_kl = lambda p, q: float(np.mean(np.sum(np.exp(p) * (p - q), -1)))  # noqa: E731
+    lsm = lambda z: np.stack([G.log_softmax(r) for r in z])  # noqa: E731
+    no_lora = None
+    for alpha in ([0.0, 0.0], [1.0, 0.0], [0.3, 0.7], [0.0, 1.0]):
+        m = merged_model(shipped, bundle / "base.gguf", np.array(alpha, np.float32))
+        ops = [n.op_type for n in m.graph.node]
+        assert not projections(m.graph) and "MatMul" not in ops and ops.count("MatMulNBits") == 7
+        assert "alpha" not in [i.name for i in m.graph.input]
+        save_model(m, tmp_path / "merged.onnx")
+        ref = lsm(numpy_forward(merged_at(base, info, lora, alpha), seq))
+        got = lsm(head_logits(tmp_path / "merged.onnx", hidden, alpha, base.lm_head))
+        ship = lsm(head_logits(shipped, hidden, alpha, base.lm_head))
+        kl_got, kl_ship = mean_kl(ref, got), mean_kl(ref, ship)
+        assert kl_got <= 1.5 * kl_ship + 1e-4, (alpha, kl_got, kl_ship)
+        if alpha == [0.0, 0.0]:  # no LoRA: the same weights quantized as onnxruntime's quantizer did
+            assert kl_got == pytest.approx(kl_ship, rel=0.2, abs=1e-4)
+            no_lora = got
+        else:  # the LoRAs are in it: nearer the float head at alpha than the head without them
+            assert kl_got < mean_kl(ref, no_lora), (alpha, kl_got, mean_kl(ref, no_lora))
+    e = _load(bundle)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge_genarm"):
+            for alpha in ([1.0, 0.0], [0.3, 0.7], [0.5, 0.5], [1.0, 0.0]):
+                e.mix.set_alpha(np.array(alpha, np.float32))
+                assert isinstance(e.mix.graph, _MergedGraph)
+                e.base.prefill(seq[:-2])
+                e.mix.prefill(seq[:-2])
+                for t in seq[-2:]:
+                    e.base.step(t)
+                    out = e.mix.step(t)["mix"]
+                m = merged_model(shipped, bundle / "base.gguf", np.array(alpha, np.float32))
+                save_model(m, tmp_path / "merged.onnx")
+                want = head_logits(tmp_path / "merged.onnx", hidden, alpha, base.lm_head)[-1]
+                # (the engine's hidden states are llama.cpp's, rounded to int8 per block by the
+                # int4 kernel, and its LM head the pack's graph: the test's are numpy's and float)
+                np.testing.assert_allclose(G.log_softmax(out), G.log_softmax(want), atol=3e-2)
+                assert np.argmax(out) == np.argmax(want)
+        assert "runs as shipped" not in caplog.text
+        assert len(e.mix._merged) == 3  # [1, 0] came back: kept with its cache, not merged again
+    finally:
+        e.close()
+
+
+def test_a_pack_whose_merged_head_was_not_checked_runs_it_as_shipped(mixed_int4, tmp_path):
+    import shutil
+
+    from edge_genarm.manifest import read_manifest, write_manifest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(mixed_int4[0], bundle)
+    for merged, why in ((None, "built before merged heads were checked"), ({"kl_to_fp32": 0.4, "passed": False}, "0.400")):
+        m = read_manifest(bundle)
+        m["mix"].pop("merged", None)
+        if merged is not None:
+            m["mix"]["merged"] = merged
+        write_manifest(bundle, m)
+        e = _load(bundle)
+        try:
+            assert isinstance(e.mix.merge, str) and why in e.mix.merge
+            e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
+            assert e.mix.graph is e.mix.shipped and "alpha" in e.mix.graph._inputs
+            c = e.generate("Tell me a story.", max_tokens=4, seed=1, weights={"a": 0.5, "b": 0.5}, exact=False)
+            assert c.records and all(set(r.arm_contrib) <= {"mix"} for r in c.records)
+        finally:
+            e.close()

@@ -19,12 +19,20 @@ runs the separate ARMs and logs why.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
 import numpy as np
 
 from .onnx_arm import KVGraph
 from .units import Partial, reusable
 
+log = logging.getLogger("edge_genarm")
+
 MIX = "mix"  # the unit's one name: StepRecord.arm_contrib and the timings call its term this
+MERGED_KEPT = 3  # merged heads kept (one per alpha): a server alternating a few mixes merges each once
 
 
 class _MixGraph(KVGraph):
@@ -32,15 +40,37 @@ class _MixGraph(KVGraph):
     out_name = "normed"
 
 
+class _MergedGraph(_MixGraph):
+    """A mix head merged at one alpha (backends.mix_merge), its session made from the model in memory."""
+
+    def __init__(self, path, model_bytes: bytes, **kw):
+        self._bytes = model_bytes
+        super().__init__(path, MIX, **kw)
+
+    def _session(self, opts, providers):
+        import onnxruntime as ort
+
+        self.from_cache = False
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(self._bytes, sess_options=opts, providers=providers)
+        self._bytes = b""
+        return session
+
+
 class MixUnit:
     """The mix head as a forward unit (backends.units): `names` is (MIX,); `set_alpha` first."""
 
     after_base = True
 
-    def __init__(self, path, objectives, tap_layer: int, group, device: str = "cpu", threads: int = 1, cache=True):
+    def __init__(self, path, objectives, tap_layer: int, group, device: str = "cpu", threads: int = 1, cache=True,
+                 merge: bool = True):  # fmt: skip
         """`group`: the TrunkGroup whose LM head (and tapped base) it shares; `tap_layer`: the
-        base layer whose output enters the head."""
-        self.graph = _MixGraph(path, MIX, device=device, threads=threads, cache=cache)
+        base layer whose output enters the head; `merge`: run it merged at each alpha
+        (backends.mix_merge) rather than as shipped, where it can be."""
+        self.graph = self.shipped = _MixGraph(path, MIX, device=device, threads=threads, cache=cache)
+        self._kw = {"device": device, "threads": threads}
+        self.merge: str | bool = merge  # True, False, or why merging is off
+        self._merged: OrderedDict[bytes, KVGraph] = OrderedDict()
         if "alpha" not in self.graph._inputs:
             from ..errors import ModelFileError
 
@@ -70,11 +100,37 @@ class MixUnit:
         return np.array([active.get(n, 0.0) / s for n in self.objectives], dtype=np.float32), s
 
     def set_alpha(self, alpha: np.ndarray) -> None:
-        """Condition the head on `alpha`; its cache was computed for another alpha: emptied."""
+        """Condition the head on `alpha`: the head merged at it (made now, or kept from before with
+        its cache), else the shipped head, whose cache was computed for another alpha: emptied."""
         alpha = np.asarray(alpha, dtype=np.float32)
-        if self.alpha is None or not np.array_equal(alpha, self.alpha):
-            self.graph.reset()
-            self.alpha = alpha
+        if self.alpha is not None and np.array_equal(alpha, self.alpha):
+            return
+        self.alpha = alpha
+        merged = self._merged_at(alpha) if self.merge is True else None
+        if merged is None:
+            self.shipped.reset()
+        self.graph = merged or self.shipped
+
+    def _merged_at(self, alpha: np.ndarray) -> KVGraph | None:
+        from .mix_merge import MergeError, merged_model
+
+        key = alpha.tobytes()
+        if key in self._merged:
+            self._merged.move_to_end(key)
+            return self._merged[key]
+        t0 = time.perf_counter()
+        try:
+            model = merged_model(self.shipped.path, Path(self.tap.path), alpha)
+            graph = _MergedGraph(self.shipped.path, model.SerializeToString(), **self._kw)
+        except MergeError as e:
+            self.merge = str(e)
+            log.warning("the mix head runs as shipped, its LoRAs beside its weights: %s", e)
+            return None
+        log.debug("mix head merged at alpha %s in %.2f s", np.round(alpha, 4).tolist(), time.perf_counter() - t0)
+        self._merged[key] = graph
+        while len(self._merged) > MERGED_KEPT:
+            self._merged.popitem(last=False)
+        return graph
 
     @property
     def tap(self):
@@ -91,7 +147,8 @@ class MixUnit:
         g = self.graph
         keep = reusable(g.tokens, tokens)
         g.truncate(keep)
-        normed = g.feed(tokens[keep:], hidden[None, keep : len(tokens)], extra={"alpha": self.alpha})[-1]
+        extra = {"alpha": self.alpha} if "alpha" in g._inputs else None
+        normed = g.feed(tokens[keep:], hidden[None, keep : len(tokens)], extra=extra)[-1]
         g.n_exact = min(g.n_exact, base.n_exact)
         rows = self.group.lm_rows() if ids is not None else None
         if rows is not None:
@@ -113,8 +170,10 @@ class MixUnit:
         self.graph.truncate(min(reusable(self.tap.tokens, tokens, self.tap.n_exact), self.graph.exact_keep(tokens)))
 
     def reset(self) -> None:
-        self.graph.reset()
+        self.shipped.reset()
+        for g in self._merged.values():
+            g.reset()
 
     @property
     def graphs(self) -> list:
-        return [self.graph]
+        return [self.shipped, *self._merged.values()]

@@ -76,11 +76,29 @@ class LMRows:
             self.zp = np.stack([zp & 0xF, zp >> 4], -1).reshape(self.size, -1)[:, : self.blocks].astype(np.float32)
         else:
             self.zp = zp.reshape(self.size, self.blocks).astype(np.float32)
+        self._kept, self._have, self._n_kept = None, None, 0
+
+    # Dequantized rows are kept (the base's likeliest tokens recur from step to step: dequantizing
+    # 129 rows was 0.25 of the 0.3 ms a step spent here). The table is allocated zeroed, so only
+    # the pages of rows written cost memory; past ROWS_KEPT rows it starts again, empty.
+    ROWS_KEPT = 8192  # 18 MB of float32 rows at d = 576
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """The weight rows of `ids`, (len(ids), d) float32."""
         if self.kind == "MatMul":
             return self.w[ids]
+        if self._kept is None or self._n_kept > self.ROWS_KEPT:
+            self._kept = np.zeros((self.size, self.k), dtype=np.float32)
+            self._have = np.zeros(self.size, dtype=bool)
+            self._n_kept = 0
+        new = np.unique(ids[~self._have[ids]])
+        if new.size:
+            self._kept[new] = self._dequantize(new)
+            self._have[new] = True
+            self._n_kept += new.size
+        return self._kept[ids]
+
+    def _dequantize(self, ids: np.ndarray) -> np.ndarray:
         q = self.q[ids]
         if self.bits == 4:
             q = np.stack([q & 0xF, q >> 4], -1).reshape(len(ids), -1)
