@@ -177,8 +177,9 @@ def _merged_gate(path: Path, gguf: Path, f32: Path, hidden, mid, lm_head, tmp: P
     the base's float weights, quantized as `path` was. Its KL to the float head at the vertices
     and the mid point, as the quantized head's own is measured above; `passed` (<= MAX_KL) lets
     the runtime merge, else it runs the head as shipped."""
-    from edge_genarm.backends.mix_merge import MergeError, merged_model
     from edge_genarm.export.onnx_io import save_model
+
+    from edge_genarm.backends.mix_merge import MergeError, merged_model
 
     kls = {}
     for a in ([1.0, 0.0], mid, [0.0, 1.0])[: 3 if len(mid) == 2 else 1]:

@@ -451,11 +451,12 @@ def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_p
     weights and quantized once: over 40 positions its KL to the float head (numpy, merged) is the
     shipped int4 head's (LoRAs beside the int4 weights); its graph has no LoRA node and no alpha
     input; the engine runs it, and returning to an alpha reuses its merged head."""
-    from edge_genarm.backends.mix import _MergedGraph
-    from edge_genarm.backends.mix_merge import merged_model, projections
     from edge_genarm.export.lean_mix import head_logits, merged_at
     from edge_genarm.export.numpy_build import numpy_forward
     from edge_genarm.export.onnx_io import save_model
+
+    from edge_genarm.backends.mix import _MergedGraph
+    from edge_genarm.backends.mix_merge import merged_model, projections
 
     bundle, (info, lora), base = mixed_int4
     shipped = bundle / "mix" / "mix.onnx"
