@@ -1,6 +1,6 @@
 """How much of the exact mode's judged gain the fast mode keeps, from one `edge-genarm eval` folder.
 
-    python scripts/fast_kept.py DIR
+    python scripts/fast_kept.py DIR [DIR ...]
 
 DIR holds `unguided` and methods run both ways, `SPEC@exact=1` and `SPEC@exact=0` (e.g. the
 grid: `--method positive=0.2,concise=0.8@exact=1 --method positive=0.2,concise=0.8@exact=0`).
@@ -8,6 +8,10 @@ Per grid point and judge: each mode's paired gain over the unguided replies (sam
 seed), the fast mode's share of the exact mode's gain, and the paired difference fast - exact
 with its standard error; then each mode's loops (distinct-bigram ratio < 0.6) and NLL under the
 base. A share is printed only where the exact gain is at least two standard errors from 0.
+
+Several folders (the same evaluation at other `--seed`s) are pooled: each prompt's differences
+are averaged over the seeds first, and the standard errors are over prompts (the replies to one
+prompt are not independent of each other).
 """
 
 from __future__ import annotations
@@ -20,11 +24,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gain_kept import mean_se, records  # noqa: E402
 
 
+def pooled(keys: list, x: dict, y: dict) -> tuple[float, float]:
+    """Mean and SE of x - y over (seed, prompt) keys: per prompt, the mean over its seeds first."""
+    by: dict = {}
+    for k in keys:
+        by.setdefault(k[1], []).append(x[k] - y[k])
+    return mean_se([sum(v) / len(v) for v in by.values()])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folders", type=Path, nargs="+")
     a = ap.parse_args()
-    cfg, recs = records(a.folder)
+    cfg, recs, seeds = None, {}, []
+    for folder in a.folders:
+        c, r = records(folder)
+        if cfg is not None and any(c[k] != cfg[k] for k in ("weights", "prompts", "skip", "max_tokens")):
+            sys.exit(f"{folder}: another evaluation than {a.folders[0]} (not only another seed)")
+        cfg = cfg or c
+        seeds.append(c["seed"])
+        recs.update({(m, (c["seed"], i)): x for (m, i), x in r.items()})
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"the folders repeat a seed ({seeds}): nothing to pool")
     judges = cfg["judges"]
     prompts = sorted({i for (m, i) in recs if m == "unguided"})
     specs = [m[: -len("@exact=1")] for m in cfg["methods"] if m.endswith("@exact=1")]
@@ -33,12 +54,14 @@ def main() -> None:
         both = [i for i in prompts if (ex, i) in recs and (fa, i) in recs]
         if not both:
             continue
-        print(f"{spec}  ({len(both)} prompts)")
+        n_prompts = len({i for _, i in both})
+        print(f"{spec}  ({n_prompts} prompts x {len(both) // max(1, n_prompts)} seeds)")
+
         for j in judges:
-            u = [recs[("unguided", i)]["scores"][j] for i in both]
-            ge = mean_se([recs[(ex, i)]["scores"][j] - x for i, x in zip(both, u)])
-            gf = mean_se([recs[(fa, i)]["scores"][j] - x for i, x in zip(both, u)])
-            d = mean_se([recs[(fa, i)]["scores"][j] - recs[(ex, i)]["scores"][j] for i in both])
+            sc = {m: {k: recs[(m, k)]["scores"][j] for k in both} for m in ("unguided", ex, fa)}
+            ge = pooled(both, sc[ex], sc["unguided"])
+            gf = pooled(both, sc[fa], sc["unguided"])
+            d = pooled(both, sc[fa], sc[ex])
             share = f"{gf[0] / ge[0]:6.0%}" if abs(ge[0]) >= 2 * ge[1] and ge[0] else "     -"
             print(f"  {j:<10} exact {ge[0]:+8.3f} ± {ge[1]:.3f}   fast {gf[0]:+8.3f} ± {gf[1]:.3f}   kept {share}"
                   f"   fast - exact {d[0]:+.3f} ± {d[1]:.3f}")  # fmt: skip
