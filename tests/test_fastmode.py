@@ -133,3 +133,16 @@ def test_lm_rows_compute_the_lm_head_graphs_logits_on_some_ids(tmp_path, kind):
     np.testing.assert_allclose(got, want[:, ids], atol=1e-5 * scale if kind is None else 2e-2 * scale)
     if kind:  # and the dequantized rows are the quantized weight, not the float one it came from
         assert np.abs(LMRows(path).rows(ids).T - w[:, ids]).max() > 1e-5
+        # rows are kept once dequantized: asked again, among others, in another order, with a
+        # repeat, they are the same; past ROWS_KEPT the table starts again, and is still right
+        rows = LMRows(path)
+        first = rows.rows(ids)
+        more = np.array([42, 7, 999, 7, 3, 600])
+        np.testing.assert_array_equal(rows.rows(more), LMRows(path).rows(more))
+        np.testing.assert_array_equal(rows.rows(ids), first)
+        assert rows._have.sum() == len(set(ids) | set(more))
+        rows.ROWS_KEPT = 8
+        np.testing.assert_array_equal(rows.rows(np.arange(20)), LMRows(path).rows(np.arange(20)))
+        assert rows._n_kept > 8
+        np.testing.assert_array_equal(rows.rows(ids), first)  # a new table: only these rows
+        assert rows._have.sum() == len(ids)
