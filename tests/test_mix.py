@@ -183,27 +183,32 @@ def test_draw_alpha_stays_on_the_simplex():
     assert len({round(a[0], 3) for a in draws}) > 100  # and spread between
 
 
-@pytest.fixture(scope="module")
-def mixed(tapped, tmp_path_factory):  # noqa: F811
-    """The tapped tiny bundle (tests/test_tap.py: heads on layer 2, tap at layer 1) + a mix head on layer 2."""
+def _mixed_bundle(tapped, factory, name: str, size: float, share: dict):  # noqa: F811
+    """A copy of the tapped tiny bundle with a random mix head built by the pack's mix stage:
+    (bundle, (mix.json, LoRAs), the base's weights, the stage's manifest record)."""
     import shutil
 
-    from edge_genarm.export.lean_mix import mix_stage
+    from edge_genarm.export.lean_mix import mix_stage, read_mix
     from edge_genarm.export.lean_pack import base_weights
 
     bundle, _, _ = tapped
-    root = tmp_path_factory.mktemp("mix")
+    root = factory.mktemp(name)
     out = root / "bundle"
     shutil.copytree(bundle, out)
     base = base_weights(out / "base.gguf")
-    info, lora = _random_mix(base, 2, size=0.02)
+    info, lora = _random_mix(base, 2, size=size)
     _write_mix(root / "recipe" / "adapters" / "mix", info, lora)
-    recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": {"quantize": []}}
+    recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": share}
     rec = mix_stage(out, out / "base.gguf", recipe, log=lambda s: None)
-    assert rec["tap_layer"] == 1 and rec["objectives"] == ["a", "b"] and rec["parity"]["mean_kl"] < 1e-3
-    from edge_genarm.export.lean_mix import read_mix
+    return out, read_mix(root / "recipe" / "adapters" / "mix"), base, rec
 
-    return out, read_mix(root / "recipe" / "adapters" / "mix"), base
+
+@pytest.fixture(scope="module")
+def mixed(tapped, tmp_path_factory):  # noqa: F811
+    """The tapped tiny bundle (tests/test_tap.py: heads on layer 2, tap at layer 1) + a mix head on layer 2."""
+    out, mix, base, rec = _mixed_bundle(tapped, tmp_path_factory, "mix", 0.02, {"quantize": []})
+    assert rec["tap_layer"] == 1 and rec["objectives"] == ["a", "b"] and rec["parity"]["mean_kl"] < 1e-3
+    return out, mix, base
 
 
 def _load(bundle, **kw):
@@ -425,25 +430,12 @@ def test_quantize_blocks_is_what_matmulnbits_reads(bits):
 
 @pytest.fixture(scope="module")
 def mixed_int4(tapped, tmp_path_factory):  # noqa: F811
-    """The `mixed` bundle with its mix head quantized to int4, as the default pack's."""
-    import shutil
-
-    from edge_genarm.export.lean_mix import mix_stage, read_mix
-    from edge_genarm.export.lean_pack import base_weights
-
-    bundle, _, _ = tapped
-    root = tmp_path_factory.mktemp("mix4")
-    out = root / "bundle"
-    shutil.copytree(bundle, out)
-    base = base_weights(out / "base.gguf")
-    # LoRAs the size of the default pack's beside their weights (|delta| / |W| ~0.1 at a vertex;
-    # the default pack's: median 0.05, largest 0.10)
-    info, lora = _random_mix(base, 2, size=0.004)
-    _write_mix(root / "recipe" / "adapters" / "mix", info, lora)
-    recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": {"quantize": ["int4"], "block_size": 32}}
-    rec = mix_stage(out, out / "base.gguf", recipe, log=lambda s: None)
+    """The `mixed` bundle with its mix head quantized to int4, as the default pack's; LoRAs the
+    size of the default pack's beside their weights (|delta| / |W| ~0.1 at a vertex; the default
+    pack's: median 0.05, largest 0.10)."""
+    out, mix, base, rec = _mixed_bundle(tapped, tmp_path_factory, "mix4", 0.004, {"quantize": ["int4"], "block_size": 32})
     assert rec["quantize"] == "int4" and rec["merged"]["passed"] and 0 < rec["merged"]["kl_to_fp32"] < 0.25
-    return out, read_mix(root / "recipe" / "adapters" / "mix"), base
+    return out, mix, base
 
 
 def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_path, caplog):
