@@ -7,7 +7,8 @@ grid: `--method positive=0.2,concise=0.8@exact=1 --method positive=0.2,concise=0
 Per grid point and judge: each mode's paired gain over the unguided replies (same prompt and
 seed), the fast mode's share of the exact mode's gain, and the paired difference fast - exact
 with its standard error; then each mode's loops (distinct-bigram ratio < 0.6) and NLL under the
-base. A share is printed only where the exact gain is at least two standard errors from 0.
+base. A share is printed only where the exact gain is at least two standard errors above 0
+("loss": as far below it).
 
 Several folders (the same evaluation at other `--seed`s) are pooled: each prompt's differences
 are averaged over the seeds first, and the standard errors are over prompts (the replies to one
@@ -62,7 +63,9 @@ def main() -> None:
             ge = pooled(both, sc[ex], sc["unguided"])
             gf = pooled(both, sc[fa], sc["unguided"])
             d = pooled(both, sc[fa], sc[ex])
-            share = f"{gf[0] / ge[0]:6.0%}" if abs(ge[0]) >= 2 * ge[1] and ge[0] else "     -"
+            # a share of a gain only: where the exact mode loses on a judge (positive lengthens
+            # replies: a loss on tokens) there is no gain to keep
+            share = ("  loss" if ge[0] < 0 else f"{gf[0] / ge[0]:6.0%}") if abs(ge[0]) >= 2 * ge[1] and ge[0] else "     -"
             print(f"  {j:<10} exact {ge[0]:+8.3f} ± {ge[1]:.3f}   fast {gf[0]:+8.3f} ± {gf[1]:.3f}   kept {share}"
                   f"   fast - exact {d[0]:+.3f} ± {d[1]:.3f}")  # fmt: skip
         for name, m in (("exact", ex), ("fast", fa)):
