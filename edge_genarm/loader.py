@@ -110,7 +110,7 @@ def build_engine(
         # one thread unless asked: a 4-layer int4 head at one position took 1.28 ms on one thread and
         # 1.70 on two (2 cores, docs/speed.md): too little work to split
         mix_unit = MixUnit(plan.mix_path, mix["objectives"], int(mix["tap_layer"]), group, device=opts.arm_device,
-                           threads=opts.arm_threads or 1, merge=_merge_allowed(mix))  # fmt: skip
+                           threads=opts.arm_threads or 1, merge=_merge_allowed(mix, opts.merge_mix))  # fmt: skip
     for a in plan.arms:
         vocab = getattr(loaded[a.name], "vocab_size", None)
         check_arm_vocab(
@@ -122,9 +122,11 @@ def build_engine(
     )  # fmt: skip
 
 
-def _merge_allowed(mix: dict) -> bool | str:
-    """True when the pack's build checked the mix head merged at an alpha (export/lean_mix.py),
-    else why it runs as shipped."""
+def _merge_allowed(mix: dict, asked: bool = True) -> bool | str:
+    """True when asked to (LoadOptions.merge_mix) and the pack's build checked the mix head merged
+    at an alpha (export/lean_mix.py), else why it runs as shipped."""
+    if not asked:
+        return "not asked for (--merge-mix)"
     rec = mix.get("merged") or {}
     if rec.get("passed") is True:
         return True

@@ -31,7 +31,7 @@ def main() -> None:
         a.weights = str(default_bundle())
     from edge_genarm.backends.mix import MixUnit
 
-    e = load(a.weights, trunk="base")
+    e = load(a.weights, trunk="base", merge_mix=True)
     if e.mix is None:
         raise SystemExit(f"{a.weights} has no mix head")
     b, mix = e.base, e.mix

@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fast", action="store_true", help="also each guided mode with exact=False")
+    ap.add_argument("--merge-mix", action="store_true", help="the fast mode's mix head merged at each alpha")
     a = ap.parse_args()
     if a.weights is None:
         from edge_genarm.pack import default_bundle
 
         a.weights = str(default_bundle())
-    plain, tapped = load(a.weights, arms=[], trunk="graph"), load(a.weights, trunk="base")
+    plain, tapped = load(a.weights, arms=[], trunk="graph"), load(a.weights, trunk="base", merge_mix=a.merge_mix)
     off = {n: 0.0 for n in tapped.arms}
     one = {**off, next(iter(tapped.arms)): tapped.weights[next(iter(tapped.arms))] or 0.5}
     modes = {

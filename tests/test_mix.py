@@ -403,7 +403,7 @@ def test_quantize_blocks_is_what_matmulnbits_reads(bits):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_genarm.backends.mix_merge import quantize_blocks
+    from edge_genarm.backends.mix_merge import dequantize_blocks, quantize_blocks
 
     rng = np.random.default_rng(bits)
     n, k, block = 48, 80, 32  # K not a multiple of the block: the last block is padded
@@ -413,6 +413,7 @@ def test_quantize_blocks_is_what_matmulnbits_reads(bits):
     assert q.shape == (n, nb, block * bits // 8) and s.shape == (n, nb)
     codes = np.stack([q & 0xF, q >> 4], -1).reshape(n, nb, block) if bits == 4 else q
     deq = ((codes.astype(np.float32) - (1 << (bits - 1))) * s[..., None]).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(dequantize_blocks(q, s, bits, k), deq)
     step = np.repeat(np.abs(s), block, 1)[:, :k]
     # half a step, but for values of the peak's opposite sign past the top code (one step at most)
     err = np.abs(deq - w)
@@ -473,7 +474,7 @@ def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_p
             no_lora = got
         else:  # the LoRAs are in it: nearer the float head at alpha than the head without them
             assert kl_got < mean_kl(ref, no_lora), (alpha, kl_got, mean_kl(ref, no_lora))
-    e = _load(bundle)
+    e = _load(bundle, merge_mix=True)
     try:
         with caplog.at_level(logging.WARNING, logger="edge_genarm"):
             for alpha in ([1.0, 0.0], [0.3, 0.7], [0.5, 0.5], [1.0, 0.0]):
@@ -495,6 +496,55 @@ def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_p
         assert len(e.mix._merged) == 3  # [1, 0] came back: kept with its cache, not merged again
     finally:
         e.close()
+    e = _load(bundle, merge_mix=False)  # the default: merging is asked for, never implied
+    try:
+        assert isinstance(e.mix.merge, str) and "--merge-mix" in e.mix.merge
+        e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
+        assert e.mix.graph is e.mix.shipped and not e.mix._merged
+    finally:
+        e.close()
+
+
+def test_merge_options_int8_projections_kept_loras_and_the_mean_error_as_bias(mixed_int4, tmp_path):
+    """scripts/eos_study.py's variants of the merge: `bits` quantizes the named projections in
+    int8, `keep` leaves their LoRAs beside them (the graph keeps its alpha input), and `x_mean`
+    adds the mean output error back as MatMulNBits' bias: at an input equal to that mean the
+    merged projection then gives the float one."""
+    from onnx import numpy_helper
+
+    from edge_genarm.backends.mix_merge import _key, dequantize_blocks, merged_model, projections
+
+    bundle, _, _ = mixed_int4
+    shipped = bundle / "mix" / "mix.onnx"
+    import onnx
+
+    keys = [_key(p["A"]) for p in projections(onnx.load(str(shipped)).graph)]
+    first, last = keys[0], keys[-1]
+    alpha = np.array([0.3, 0.7], np.float32)
+    m = merged_model(shipped, bundle / "base.gguf", alpha, bits={first: 8}, keep={last})
+    nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in nodes]
+    assert bits.count(8) == 1 and bits.count(4) == len(nodes) - 1
+    assert [_key(p["A"]) for p in projections(m.graph)] == [last] and "alpha" in {i.name for i in m.graph.input}
+    # x_mean: at x = the mean, the projection with its bias is the float merged one (numpy)
+    from edge_genarm.export.lean_mix import merged_at
+
+    (info, lora), base = mixed_int4[1], mixed_int4[2]
+    plain = merged_model(shipped, bundle / "base.gguf", alpha)
+    node = next(n for n in plain.graph.node if n.op_type == "MatMulNBits")
+    key = next(_key(p["A"]) for p in projections(onnx.load(str(shipped)).graph) if p["node"].name == node.name)
+    at = {a.name: a.i for a in node.attribute}
+    mean = np.random.default_rng(0).standard_normal(at["K"]).astype(np.float32)
+    m = merged_model(shipped, bundle / "base.gguf", alpha, x_mean={key: mean})
+    assert sum(len(n.input) > 5 for n in m.graph.node if n.op_type == "MatMulNBits") == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    biased = next(n for n in m.graph.node if n.name == node.name)
+    q, sc = inits[biased.input[1]], inits[biased.input[2]].reshape(at["N"], -1)
+    deq = dequantize_blocks(q.reshape(at["N"], sc.shape[1], -1), sc, at["bits"], at["K"])  # (N, K)
+    w = merged_at(base, info, lora, alpha).layers[key[0]][key[1]].astype(np.float64)  # (K, N)
+    got = mean.astype(np.float64) @ deq.T + inits[biased.input[5]]
+    np.testing.assert_allclose(got, mean.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.abs(mean @ w).max())
+    assert np.abs(mean @ deq.T - mean @ w).max() > 10 * np.abs(got - mean @ w).max()  # the error it takes back
 
 
 def test_a_pack_whose_merged_head_was_not_checked_runs_it_as_shipped(mixed_int4, tmp_path):
@@ -510,7 +560,7 @@ def test_a_pack_whose_merged_head_was_not_checked_runs_it_as_shipped(mixed_int4,
         if merged is not None:
             m["mix"]["merged"] = merged
         write_manifest(bundle, m)
-        e = _load(bundle)
+        e = _load(bundle, merge_mix=True)
         try:
             assert isinstance(e.mix.merge, str) and why in e.mix.merge
             e.mix.set_alpha(np.array([0.5, 0.5], np.float32))

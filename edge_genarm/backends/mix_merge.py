@@ -92,6 +92,15 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
     return np.ascontiguousarray(q, dtype=np.uint8), scale
 
 
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """`quantize_blocks`' output back to (N, K) float32."""
+    n, nb = scale.shape
+    if bits == 4:
+        q = np.stack([q & 15, q >> 4], -1).reshape(n, nb, -1)
+    x = (q.astype(np.float32) - (1 << (bits - 1))) * scale[..., None]
+    return x.reshape(n, -1)[:, :k]
+
+
 def _layer_weights(gguf: Path, wanted: set[tuple[int, str]]) -> dict[tuple[int, str], np.ndarray]:
     """{(layer, key): float32 (in, out)} for the base GGUF's projections `wanted`, dequantized."""
     try:
@@ -113,10 +122,17 @@ def _layer_weights(gguf: Path, wanted: set[tuple[int, str]]) -> dict[tuple[int, 
     return {(i, key): _Layer(get, i, heads, n_kv)[key] for i, key in sorted(wanted)}
 
 
-def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | None = None):
+def _key(lora_a: str) -> tuple[int, str] | None:
+    hit = re.fullmatch(r"l(\d+)\.(\w+)\.lora_A", lora_a)
+    return (int(hit.group(1)), hit.group(2)) if hit else None
+
+
+def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | None = None,
+                 bits: dict | None = None, keep=(), x_mean: dict | None = None):  # fmt: skip
     """The mix head at `path` (an onnx ModelProto) with every gated LoRA merged at `alpha` into the
     base GGUF's float weights and quantized as its projection was (`block_size`: in blocks of
-    that size instead); raises MergeError."""
+    that size instead; `bits`: {(layer, matrix): bits} in those bits instead; `keep`: the
+    (layer, matrix) projections left as shipped, their LoRAs beside them); raises MergeError."""
     import onnx
     from onnx import numpy_helper
 
@@ -127,7 +143,7 @@ def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | No
     if "alpha_spread" not in inits:
         raise MergeError("no 'alpha_spread' (not a mix head built by compact.build)")
     gate = (np.asarray(alpha, dtype=np.float64)[None] @ arr("alpha_spread").astype(np.float64))[0]
-    projs = projections(g)
+    projs = [p for p in projections(g) if _key(p["A"]) not in set(keep)]
     if not projs:
         raise MergeError("no gated-LoRA projection found")
     keys = {}
@@ -156,15 +172,25 @@ def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | No
             if w.shape != (at["K"], at["N"]):
                 raise MergeError(f"'{node.name}' is {at['K']}x{at['N']}, the base's matrix {w.shape}")
             block = block_size or at["block_size"]
-            q, s = quantize_blocks((w + delta).T.astype(np.float32), at["bits"], block)
+            nbits = (bits or {}).get(keys[p["out"]], at["bits"])
+            q, s = quantize_blocks((w + delta).T.astype(np.float32), nbits, block)
             q_name, s_name = node.input[1], node.input[2]
-            if block != at["block_size"]:
+            if block != at["block_size"] or nbits != at["bits"]:
                 from onnx import helper
 
-                node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
-                node.attribute.append(helper.make_attribute("block_size", block))
+                for name, v in (("block_size", block), ("bits", nbits)):
+                    node.attribute.remove(next(a for a in node.attribute if a.name == name))
+                    node.attribute.append(helper.make_attribute(name, v))
             else:
                 q, s = q.reshape(arr(q_name).shape), s.reshape(arr(s_name).shape)
+            if x_mean is not None and keys[p["out"]] in x_mean:  # the mean output error, taken back
+                err = (w + delta).T.astype(np.float32) - dequantize_blocks(q.reshape(at["N"], -1, q.shape[-1]) if nbits == 4 else q.reshape(at["N"], -1, block), s.reshape(at["N"], -1), nbits, at["K"])
+                bias = (err @ x_mean[keys[p["out"]]].astype(np.float32)).astype(np.float32)
+                b_name = node.output[0] + ".bias"
+                g.initializer.append(numpy_helper.from_array(bias, b_name))
+                while len(node.input) < 5:
+                    node.input.append("")
+                node.input.append(b_name)
             inits[q_name].CopyFrom(numpy_helper.from_array(q, q_name))
             inits[s_name].CopyFrom(numpy_helper.from_array(s, s_name))
         dropped.update(n.output[0] for n in p["nodes"][1:])
