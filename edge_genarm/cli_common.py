@@ -129,9 +129,9 @@ model_options = options(
                       "base-tap gate) or run the trunk graph (graph); auto: base where allowed."),
     click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
                  help="A Jinja chat template file overriding the model's."),
-    click.option("--merge-mix", is_flag=True,
-                 help="--fast: run the pack's mix head merged at each weight mix (about 6% faster; ends "
-                      "replies less often than the ARMs under a length objective: docs/speed.md)."),
+    click.option("--merge-mix/--no-merge-mix", default=None,
+                 help="--fast: run the pack's mix head merged at each weight mix (about 8% faster). Default: "
+                      "where the pack's build checked it, the ends of replies included."),
 )  # fmt: skip
 
 sampling_options = options(
@@ -190,7 +190,7 @@ def load_options(o: dict, portable: bool = False):
         gpu_layers=o["gpu_layers"], arm_device=o["arm_device"], arm_threads=o["arm_threads"],
         parallel=o["parallel"], chat_template=Path(o["chat_template"]) if o.get("chat_template") else None,
         trunk=o.get("trunk", DEFAULTS["trunk"]), base=None if base is None else resolve_weights(base),
-        merge_mix=bool(o.get("merge_mix")),
+        merge_mix=o.get("merge_mix"),
     )  # fmt: skip
     if opts.base is not None:
         _log(f"the ARMs of '{opts.weights}' guide base '{opts.base}' (no base tap: a shared trunk runs its graph)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 from .backends.llama_base import LlamaBase, default_threads
 from .backends.onnx_arm import OnnxARM
@@ -110,7 +111,8 @@ def build_engine(
         # one thread unless asked: a 4-layer int4 head at one position took 1.28 ms on one thread and
         # 1.70 on two (2 cores, docs/speed.md): too little work to split
         mix_unit = MixUnit(plan.mix_path, mix["objectives"], int(mix["tap_layer"]), group, device=opts.arm_device,
-                           threads=opts.arm_threads or 1, merge=_merge_allowed(mix, opts.merge_mix))  # fmt: skip
+                           threads=opts.arm_threads or 1, merge=_merge_allowed(mix, opts.merge_mix),
+                           calibration=_calibration(plan, mix))  # fmt: skip
     for a in plan.arms:
         vocab = getattr(loaded[a.name], "vocab_size", None)
         check_arm_vocab(
@@ -122,14 +124,24 @@ def build_engine(
     )  # fmt: skip
 
 
-def _merge_allowed(mix: dict, asked: bool = True) -> bool | str:
-    """True when asked to (LoadOptions.merge_mix) and the pack's build checked the mix head merged
-    at an alpha (export/lean_mix.py), else why it runs as shipped."""
-    if not asked:
-        return "not asked for (--merge-mix)"
+def _calibration(plan: LoadPlan, mix: dict) -> Path | None:
+    """The mix head's calibration (the merge's bias, backends/mix_merge.py), where the pack has one."""
+    name = (mix.get("merged") or {}).get("calibration")
+    return plan.root / name if name else None
+
+
+def _merge_allowed(mix: dict, asked: bool | None = None) -> bool | str:
+    """True when the pack's build checked the mix head merged at an alpha (export/lean_mix.py) and
+    it passed: its KL and (unless `asked` is True) its ends of replies; else why it runs as shipped.
+    `asked`: LoadOptions.merge_mix."""
+    if asked is False:
+        return "not asked for (--no-merge-mix)"
     rec = mix.get("merged") or {}
-    if rec.get("passed") is True:
+    if rec.get("passed") is True and (asked or "ends_rel_err" in rec):
         return True
+    if rec.get("passed") is True:
+        return ("the pack's build did not check the merged head's ends of replies (`edge-genarm pack build "
+                "NAME --force` checks them; --merge-mix merges anyway)")
     if "kl_to_fp32" in rec:
         return f"merged, its KL to the float head was {rec['kl_to_fp32']:.3f} at the pack's build"
     return rec.get("why") or ("the pack was built before merged heads were checked "

@@ -45,9 +45,11 @@ class LoadOptions:
     Path to a file, or the template's text. `parallel` overlaps base and ARM forwards (None:
     by the bundle's measurement, else by size). `cores`: the cores this engine may use (a Ray
     actor passes its CPUs). `trunk`: where heads on a shared trunk get their input
-    ("auto", "base" or "graph"; see loader.choose_tap). `merge_mix`: the fast mode runs the
-    pack's mix head merged at each alpha (faster; off by default: merged, the default pack's head
-    ends replies 22% less often than the ARMs at concise=1, docs/speed.md). For Ray, `weights` must name the same
+    ("auto", "base" or "graph"; see loader.choose_tap). `merge_mix`: whether the fast mode runs
+    the pack's mix head merged at each alpha (backends/mix_merge.py; faster): None, where the
+    pack's build checked the merged head, the ends of replies included; True, also where it
+    checked only its KL (merged without a bias, it ended replies 22% less often at concise=1:
+    docs/speed.md); False, never. For Ray, `weights` must name the same
     path on every node (a shared folder, or `edge-genarm pack build` run on each).
     """
 
@@ -64,7 +66,7 @@ class LoadOptions:
     cores: int | None = None
     trunk: str = DEFAULTS["trunk"]
     base: str | None = None
-    merge_mix: bool = False
+    merge_mix: bool | None = None
 
     def __post_init__(self):
         check_options(

@@ -24,6 +24,15 @@ MIX_FILE = "mix/mix.onnx"
 # and keep their held-out accuracy within 0.01 (the pack's gate); the mix head's int4 form
 # measured 0.096, int8 0.002: int4 is kept, and the eval measures what it keeps (docs/speed.md).
 MAX_KL = 0.25
+# The merged head (backends/mix_merge.py): its expected ends per held-out reply within 10% of
+# the float head's at every probed alpha (measured on the default pack: merged without the bias
+# 22% fewer ends than the ARMs at concise=1, which cost a quarter of the length objective's gain).
+MAX_ENDS = 0.10
+CALIB_FILE = "mix/mix-calib.npz"
+# ... at the alphas where the float head ends a held-out reply at least this often (at the
+# positive vertex and the even mix of the default pack it does so ~0.00-0.01 times a reply).
+ENDS_FLOOR = 0.1
+CALIB_PAIRS, CHECK_PAIRS, MAX_SEQ, CHECK_STRIDE = 8, 8, 256, 6
 
 
 def read_mix(adapter: Path):
@@ -157,8 +166,11 @@ def mix_stage(bundle: Path, gguf: Path, recipe: dict, log=print) -> dict:
                 chosen = kind
                 break
             log(f"mix head {kind}: KL {kl:.3f} > {MAX_KL}: trying the next form")
-        merged = _merged_gate(path, gguf, f32, hidden, mid, base.lm_head, Path(tmp), log)
         (bundle / MIX_FILE).parent.mkdir(parents=True, exist_ok=True)
+        merged = _merged_gate(path, gguf, f32, hidden, mid, base.lm_head, Path(tmp), log,
+                              calib=_calibrate(path, gguf, recipe, info["objectives"], k - 1, bundle / CALIB_FILE, log))
+        if merged.get("calibration"):
+            m["files"][CALIB_FILE] = file_record(bundle / CALIB_FILE)
         shutil.move(str(path), bundle / MIX_FILE)
     m["files"][MIX_FILE] = file_record(bundle / MIX_FILE)
     m["mix"] = {
@@ -172,27 +184,117 @@ def mix_stage(bundle: Path, gguf: Path, recipe: dict, log=print) -> dict:
     return m["mix"]
 
 
-def _merged_gate(path: Path, gguf: Path, f32: Path, hidden, mid, lm_head, tmp: Path, log) -> dict:
+def _calibrate(path: Path, gguf: Path, recipe: dict, objectives, layer: int, out: Path, log):
+    """(the calibration file, the check sequences' hidden states and reply starts, the end ids), or
+    None: each projection's mean input at each objective's vertex over the first held-out pairs
+    (heldout.json; the base's own layer `layer` read through llama.cpp), saved to `out` for the
+    merge's bias (backends/mix_merge.py); the next held-out pairs are kept to check the merged
+    head's ends of replies. None where there are no held-out pairs or no tap."""
+    from edge_genarm.export.pack_record import HELDOUT
+
+    from edge_genarm.backends.capture import CaptureUnavailable
+    from edge_genarm.backends.mix_merge import MergeError, input_means, save_calibration
+
+    p = Path(recipe["_dir"]) / HELDOUT
+    arms = json.loads(p.read_text()).get("arms", {}) if p.is_file() else {}
+    calib, check = [], []
+    for o in objectives:
+        pairs = arms.get(o, {}).get("pairs", [])
+        n = min(CALIB_PAIRS, len(pairs) // 2)
+        for i, e in enumerate(pairs[: n + CHECK_PAIRS]):
+            for reply in e[1:3]:
+                (calib if i < n else check).append((list(e[0]), list(reply)[: max(0, MAX_SEQ - len(e[0]))]))
+    if not calib or not check:
+        log("mix head merged: no held-out pairs to calibrate on (heldout.json): merged without a bias")
+        return None
+    from edge_genarm.backends.llama_base import LlamaBase
+
+    try:
+        base = LlamaBase(gguf, n_ctx=2 * MAX_SEQ, tap=layer)
+    except CaptureUnavailable as e:
+        log(f"mix head merged: no base tap ({e}): merged without a bias")
+        return None
+
+    def states(seqs):
+        out = []
+        for prompt, reply in seqs:
+            base.reset()
+            base.prefill(prompt + reply)
+            out.append(np.array(base.hidden, dtype=np.float32))
+        return out
+
+    h_calib, h_check = states(calib), states(check)
+    eos = sorted(base.eos_ids)
+    n_obj = len(objectives)
+    try:
+        save_calibration(out, [input_means(path, h_calib, np.eye(n_obj, dtype=np.float32)[i]) for i in range(n_obj)])
+    except MergeError as e:
+        log(f"mix head merged: calibration failed ({e}): merged without a bias")
+        return None
+    return out, [(h, len(prompt)) for h, (prompt, _) in zip(h_check, check)], eos
+
+
+def _ends(path: Path, checks, alpha, lm_head, eos) -> float:
+    """The expected number of ends per check reply under the head at `path` alone: the probability
+    of an end id, summed over every CHECK_STRIDE-th reply position, averaged over the replies."""
+    import onnxruntime as ort
+
+    from edge_genarm.backends.onnx_arm import session_options
+
+    s = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    lm = lm_head.astype(np.float32)
+    total = 0.0
+    for h, start in checks:
+        feed = {"hidden": h[None].astype(np.float32), "attention_mask": np.ones((1, len(h)), dtype=np.int64)}
+        if "alpha" in names:
+            feed["alpha"] = np.asarray(alpha, dtype=np.float32)
+        for i in s.get_inputs():
+            if i.name.startswith("past_key_values."):
+                feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        normed = s.run(["normed"], feed)[0][0]
+        z = (normed[max(start - 1, 0) :: CHECK_STRIDE] @ lm).astype(np.float64)
+        lse = np.logaddexp.reduce(z, axis=-1)
+        total += float(np.exp(np.logaddexp.reduce(z[:, eos], axis=-1) - lse).sum()) * CHECK_STRIDE
+    return total / len(checks)
+
+
+def _merged_gate(path: Path, gguf: Path, f32: Path, hidden, mid, lm_head, tmp: Path, log, calib=None) -> dict:
     """The fast mode runs the head merged at each alpha (backends/mix_merge.py): the LoRAs added to
-    the base's float weights, quantized as `path` was. Its KL to the float head at the vertices
-    and the mid point, as the quantized head's own is measured above; `passed` (<= MAX_KL) lets
-    the runtime merge, else it runs the head as shipped."""
+    the base's float weights, quantized as `path` was, the mean error of each projection taken
+    back as its bias where the pack has calibration (`_calibrate`). Its KL to the float head at the
+    vertices and the mid point, as the quantized head's own is measured above, and its expected
+    ends per held-out reply against the float head's (a length objective lives in them, and KL
+    over the vocabulary barely sees them); `passed` (KL <= MAX_KL, ends within MAX_ENDS) lets the
+    runtime merge, else it runs the head as shipped."""
     from edge_genarm.export.onnx_io import save_model
 
-    from edge_genarm.backends.mix_merge import MergeError, merged_model
+    from edge_genarm.backends.mix_merge import MergeError, calibration_at, merged_model
 
-    kls = {}
+    kls, ends = {}, {}
     for a in ([1.0, 0.0], mid, [0.0, 1.0])[: 3 if len(mid) == 2 else 1]:
         try:
-            m = merged_model(path, gguf, np.asarray(a, dtype=np.float32))
+            x_mean = calibration_at(calib[0], a) if calib else None
+            m = merged_model(path, gguf, np.asarray(a, dtype=np.float32), x_mean=x_mean)
         except MergeError as e:
             log(f"mix head merged: not possible ({e})")
             return {"passed": False, "why": str(e)}
         save_model(m, tmp / "mix-merged.onnx")
         kls[str(a)] = _kl(head_logits(f32, hidden, a, lm_head), head_logits(tmp / "mix-merged.onnx", hidden, a, lm_head))
+        if calib:
+            ends[str(a)] = {"float": _ends(f32, calib[1], a, lm_head, calib[2])}
+            if ends[str(a)]["float"] >= ENDS_FLOOR:  # else there is nothing to keep
+                ends[str(a)]["merged"] = _ends(tmp / "mix-merged.onnx", calib[1], a, lm_head, calib[2])
     kl = max(kls.values())
     log(f"mix head merged at an alpha: KL to fp32 {', '.join(f'{a} {v:.4f}' for a, v in kls.items())}")
-    return {"kl_to_fp32": kl, "at": kls, "passed": kl <= MAX_KL}
+    rec = {"kl_to_fp32": kl, "at": kls, "passed": kl <= MAX_KL, "calibration": CALIB_FILE if calib else None}
+    if ends:
+        gated = [e for e in ends.values() if "merged" in e]  # where the float head ends replies at all
+        worst = max((abs(e["merged"] / e["float"] - 1) for e in gated), default=0.0)
+        log("mix head merged at an alpha: ends per held-out reply, float -> merged "
+            + ", ".join(f"{a} {e['float']:.3f} -> {e.get('merged', float('nan')):.3f}" for a, e in ends.items()))  # fmt: skip
+        rec.update(ends=ends, ends_rel_err=worst, passed=rec["passed"] and worst <= MAX_ENDS)
+    return rec
 
 
 def ensure_mix(bundle: Path, gguf: Path, recipe: dict, log=print) -> None:

@@ -183,9 +183,10 @@ def test_draw_alpha_stays_on_the_simplex():
     assert len({round(a[0], 3) for a in draws}) > 100  # and spread between
 
 
-def _mixed_bundle(tapped, factory, name: str, size: float, share: dict):  # noqa: F811
+def _mixed_bundle(tapped, factory, name: str, size: float, share: dict, heldout: bool = False):  # noqa: F811
     """A copy of the tapped tiny bundle with a random mix head built by the pack's mix stage:
-    (bundle, (mix.json, LoRAs), the base's weights, the stage's manifest record)."""
+    (bundle, (mix.json, LoRAs), the base's weights, the stage's manifest record). `heldout`: the
+    recipe has held-out pairs (random ids) for the merge's calibration and ends check."""
     import shutil
 
     from edge_genarm.export.lean_mix import mix_stage, read_mix
@@ -198,6 +199,12 @@ def _mixed_bundle(tapped, factory, name: str, size: float, share: dict):  # noqa
     base = base_weights(out / "base.gguf")
     info, lora = _random_mix(base, 2, size=size)
     _write_mix(root / "recipe" / "adapters" / "mix", info, lora)
+    if heldout:
+        rng = np.random.default_rng(5)
+        ids = lambda n: [int(x) for x in rng.integers(100, 1000, n)]  # noqa: E731
+        pairs = {o: {"pairs": [[ids(8), ids(int(rng.integers(6, 20))), ids(int(rng.integers(6, 20)))] for _ in range(6)]}
+                 for o in ("a", "b")}  # fmt: skip
+        (root / "recipe" / "heldout.json").write_text(json.dumps({"arms": pairs}))
     recipe = {"_dir": root / "recipe", "mix": {"adapter": "adapters/mix"}, "share": share}
     rec = mix_stage(out, out / "base.gguf", recipe, log=lambda s: None)
     return out, read_mix(root / "recipe" / "adapters" / "mix"), base, rec
@@ -498,9 +505,14 @@ def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_p
         e.close()
     e = _load(bundle, merge_mix=False)  # the default: merging is asked for, never implied
     try:
-        assert isinstance(e.mix.merge, str) and "--merge-mix" in e.mix.merge
+        assert isinstance(e.mix.merge, str) and "--no-merge-mix" in e.mix.merge
         e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
         assert e.mix.graph is e.mix.shipped and not e.mix._merged
+    finally:
+        e.close()
+    e = _load(bundle)  # by default only a head whose ends of replies the build checked (this one's were not)
+    try:
+        assert isinstance(e.mix.merge, str) and "ends of replies" in e.mix.merge
     finally:
         e.close()
 
@@ -545,6 +557,55 @@ def test_merge_options_int8_projections_kept_loras_and_the_mean_error_as_bias(mi
     got = mean.astype(np.float64) @ deq.T + inits[biased.input[5]]
     np.testing.assert_allclose(got, mean.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.abs(mean @ w).max())
     assert np.abs(mean @ deq.T - mean @ w).max() > 10 * np.abs(got - mean @ w).max()  # the error it takes back
+
+
+def test_the_merge_is_calibrated_on_held_out_pairs_and_gated_on_the_ends_of_replies(tapped, tmp_path_factory, monkeypatch):  # noqa: F811
+    """With held-out pairs, the pack's build saves each projection's mean input at each vertex
+    (the merge's bias), checks the merged head's ends of replies against the float head's, and
+    the runtime merges with that bias by default; a merged head whose ends drift past MAX_ENDS
+    is not merged."""
+    from edge_genarm.export import lean_mix
+
+    from edge_genarm.backends.mix import _MergedGraph
+    from edge_genarm.backends.mix_merge import calibration_at, input_means
+
+    bundle, _, _, rec = _mixed_bundle(tapped, tmp_path_factory, "mixc", 0.004,
+                                      {"quantize": ["int4"], "block_size": 32}, heldout=True)  # fmt: skip
+    merged = rec["merged"]
+    assert merged["passed"] and merged["calibration"] == lean_mix.CALIB_FILE and "ends_rel_err" in merged
+    assert set(merged["ends"]) == {"[1.0, 0.0]", "[0.5, 0.5]", "[0.0, 1.0]"}
+    assert all(0 <= e["float"] < lean_mix.ENDS_FLOOR and "merged" not in e for e in merged["ends"].values())
+    with np.load(bundle / lean_mix.CALIB_FILE) as z:
+        import onnx
+
+        from edge_genarm.backends.mix_merge import projections
+
+        n_proj = len(projections(onnx.load(str(bundle / "mix" / "mix.onnx")).graph))
+        assert n_proj >= 7 and len(z.files) == n_proj and all(z[k].shape[0] == 2 for k in z.files)
+    # the means mix linearly in alpha, and the vertex's are the head's mean inputs at that vertex
+    at = calibration_at(bundle / lean_mix.CALIB_FILE, [0.25, 0.75])
+    v0, v1 = (calibration_at(bundle / lean_mix.CALIB_FILE, a) for a in ([1.0, 0.0], [0.0, 1.0]))
+    for k in at:
+        np.testing.assert_allclose(at[k], 0.25 * v0[k] + 0.75 * v1[k], rtol=1e-5, atol=1e-6)
+    hid = [np.random.default_rng(1).standard_normal((12, next(m.size for k, m in v0.items() if k[1] == "q"))).astype(np.float32)]
+    means = input_means(bundle / "mix" / "mix.onnx", hid, [0.0, 1.0])
+    assert set(means) == set(v1) and all(m.shape == v1[k].shape for k, m in means.items())
+    e = _load(bundle)  # the default: merged, with the bias
+    try:
+        assert e.mix.merge is True and e.mix.calibration == bundle / lean_mix.CALIB_FILE
+        e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
+        assert isinstance(e.mix.graph, _MergedGraph)
+        c = e.generate("Tell me a story.", max_tokens=4, seed=1, weights={"a": 0.5, "b": 0.5}, exact=False)
+        assert c.records and all(set(r.arm_contrib) <= {"mix"} for r in c.records)
+    finally:
+        e.close()
+    # a gate that looks at every alpha and allows no drift at all: not merged
+    monkeypatch.setattr(lean_mix, "ENDS_FLOOR", 0.0)
+    monkeypatch.setattr(lean_mix, "MAX_ENDS", 0.0)
+    _, _, _, strict = _mixed_bundle(tapped, tmp_path_factory, "mixs", 0.004,
+                                    {"quantize": ["int4"], "block_size": 32}, heldout=True)  # fmt: skip
+    assert strict["merged"]["kl_to_fp32"] <= lean_mix.MAX_KL and not strict["merged"]["passed"]
+    assert all("merged" in e for e in strict["merged"]["ends"].values()) and strict["merged"]["ends_rel_err"] > 0
 
 
 def test_a_pack_whose_merged_head_was_not_checked_runs_it_as_shipped(mixed_int4, tmp_path):

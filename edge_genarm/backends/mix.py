@@ -63,13 +63,14 @@ class MixUnit:
     after_base = True
 
     def __init__(self, path, objectives, tap_layer: int, group, device: str = "cpu", threads: int = 1, cache=True,
-                 merge: bool = True):  # fmt: skip
+                 merge: bool = True, calibration=None):  # fmt: skip
         """`group`: the TrunkGroup whose LM head (and tapped base) it shares; `tap_layer`: the
         base layer whose output enters the head; `merge`: run it merged at each alpha
         (backends.mix_merge) rather than as shipped, where it can be."""
         self.graph = self.shipped = _MixGraph(path, MIX, device=device, threads=threads, cache=cache)
         self._kw = {"device": device, "threads": threads}
         self.merge: str | bool = merge  # True, False, or why merging is off
+        self.calibration = calibration  # the projections' mean inputs: the merge's bias (mix_merge)
         self._merged: OrderedDict[bytes, KVGraph] = OrderedDict()
         if "alpha" not in self.graph._inputs:
             from ..errors import ModelFileError
@@ -112,7 +113,7 @@ class MixUnit:
         self.graph = merged or self.shipped
 
     def _merged_at(self, alpha: np.ndarray) -> KVGraph | None:
-        from .mix_merge import MergeError, merged_model
+        from .mix_merge import MergeError, calibration_at, merged_model
 
         key = alpha.tobytes()
         if key in self._merged:
@@ -120,7 +121,8 @@ class MixUnit:
             return self._merged[key]
         t0 = time.perf_counter()
         try:
-            model = merged_model(self.shipped.path, Path(self.tap.path), alpha)
+            x_mean = calibration_at(self.calibration, alpha) if self.calibration else None
+            model = merged_model(self.shipped.path, Path(self.tap.path), alpha, x_mean=x_mean)
             graph = _MergedGraph(self.shipped.path, model.SerializeToString(), **self._kw)
         except MergeError as e:
             self.merge = str(e)

@@ -217,3 +217,57 @@ def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | No
         g.input.remove(i)
     return m
 
+
+
+def input_means(path: Path, hiddens: list[np.ndarray], alpha) -> dict[tuple[int, str], np.ndarray]:
+    """{(layer, matrix): the mean input of that projection} of the mix head at `path` run at
+    `alpha` on each (seq, d) hidden-state array of `hiddens`, over every position but the first
+    (the attention sink, whose activations are hundreds of times the others')."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    projs = projections(m.graph)
+    names = sorted({p["x"] for p in projs})
+    for x in names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums, count = dict.fromkeys(names, 0.0), 0
+    for h in hiddens:
+        feed = {"hidden": np.asarray(h, np.float32)[None], "attention_mask": np.ones((1, len(h)), np.int64),
+                "alpha": np.asarray(alpha, np.float32)}  # fmt: skip
+        for inp in sess.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+        for x, v in zip(names, sess.run(names, feed)):
+            sums[x] = sums[x] + v.reshape(-1, v.shape[-1])[1:].astype(np.float64).sum(0)
+        count += len(h) - 1
+    if count <= 0:
+        raise MergeError("no calibration positions")
+    return {_key(p["A"]): (sums[p["x"]] / count).astype(np.float32) for p in projs}
+
+
+def save_calibration(path: Path, per_vertex: list[dict]) -> None:
+    """The input means at each objective's vertex, as `calibration_at` reads them (npz, atomic)."""
+    import os
+    import tempfile
+
+    keys = sorted(per_vertex[0])
+    arrays = {f"l{layer}.{matrix}": np.stack([v[(layer, matrix)] for v in per_vertex]) for layer, matrix in keys}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def calibration_at(path: Path, alpha) -> dict[tuple[int, str], np.ndarray]:
+    """The input means at `alpha`: the vertices' mixed by alpha (the LoRAs enter linearly)."""
+    alpha = np.asarray(alpha, np.float64)
+    with np.load(path) as z:
+        out = {}
+        for name in z.files:
+            means = z[name]
+            if means.shape[0] != alpha.size:
+                raise MergeError(f"'{path}' holds means for {means.shape[0]} objectives, alpha has {alpha.size}")
+            out[_key(name + ".lora_A")] = (alpha @ means.astype(np.float64)).astype(np.float32)
+    return out
