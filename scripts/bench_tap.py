@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fast", action="store_true", help="also each guided mode with exact=False")
-    ap.add_argument("--merge-mix", action="store_true", help="the fast mode's mix head merged at each alpha")
+    ap.add_argument("--merge-mix", action="store_true", default=None,
+                    help="the fast mode's mix head merged at each alpha, even where the pack did not check its ends")
+    ap.add_argument("--no-merge-mix", dest="merge_mix", action="store_false", help="the mix head as shipped")
     a = ap.parse_args()
     if a.weights is None:
         from edge_genarm.pack import default_bundle

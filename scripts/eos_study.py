@@ -1,6 +1,7 @@
 """Where the fast mode's mix head ends replies less often than the exact mode's ARMs (issue 21).
 
     .venv/bin/python scripts/eos_study.py [--weights BUNDLE] [-n 32] [--max-tokens 64] [--arm concise=1 ...]
+        [--shipped | --no-calibration | --int8 SPEC | --keep SPEC | --bias-correct N]
 
 Decodes each held-out prompt in the exact mode (seed = the prompt's index), then reads the same
 tokens again through the exact mode's ARMs and through the mix head at the fast mode's alpha, one
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=W")
     ap.add_argument("--shipped", action="store_true", help="the mix head as shipped (LoRAs beside), not merged")
+    ap.add_argument("--no-calibration", action="store_true", help="merged without the pack's bias (mix-calib.npz)")
     ap.add_argument("--int8", default="", help="merged projections in int8: LAYER.MATRIX,... or LAYER,... or all")
     ap.add_argument("--keep", default="", help="projections left as shipped (LoRA beside): same form")
     ap.add_argument("--block", type=int, default=None, help="merged int4 in blocks of this size")
@@ -105,8 +107,11 @@ def main() -> None:
             return out
 
         state = {"x_mean": None}
-        mix_merge.merged_model = lambda path, gguf, alpha, block_size=None: plain(  # noqa: E731
-            path, gguf, alpha, a.block, bits={k: 8 for k in pick(a.int8)}, keep=pick(a.keep), x_mean=state["x_mean"])
+        def merged(path, gguf, alpha, block_size=None, x_mean=None):
+            x_mean = state["x_mean"] if a.bias_correct else x_mean
+            return plain(path, gguf, alpha, a.block, bits={k: 8 for k in pick(a.int8)}, keep=pick(a.keep), x_mean=x_mean)
+
+        mix_merge.merged_model = merged
     if a.weights is None:
         from edge_genarm.pack import default_bundle
 
@@ -115,8 +120,10 @@ def main() -> None:
     weights = {k: float(v) for k, v in (s.split("=") for s in a.arm)} or dict(engine.weights)
     active = {k: w for k, w in weights.items() if w}
     mix = engine.mix
-    if a.shipped:
-        mix.merge = "off (--shipped)"
+    mix.merge = "off (--shipped)" if a.shipped else True  # merged even where the pack's build did not check it
+    if a.no_calibration:
+        mix.calibration = None
+    kind = "shipped" if a.shipped else "merged, " + ("with the pack's bias" if mix.calibration else "no bias")
     alpha, strength = mix.plan(active)
     if a.bias_correct:
         state["x_mean"] = calibrate(engine, read_prompts(a.prompts, 1400, a.bias_correct), a.max_tokens, weights, alpha)
@@ -153,7 +160,7 @@ def main() -> None:
                                "dlog_head": r[:, 3].mean(), "kl_head": r[:, 4].mean()})  # fmt: skip
     P = {k: np.array([p[k] for p in per_prompt]) for k in per_prompt[0]}
     print(f"{len(per_prompt)} prompts, {int(P['n'].sum())} reply positions, weights {weights}, "
-          f"alpha {np.round(alpha, 3).tolist()} strength {strength:g}, mix head {'shipped' if a.shipped else 'merged'}"
+          f"alpha {np.round(alpha, 3).tolist()} strength {strength:g}, mix head {kind}"
           f"{f' int8 {a.int8}' if a.int8 else ''}{f' keep {a.keep}' if a.keep else ''}{f' block {a.block}' if a.block else ''}")
     print(f"  p(end) per position, mean      exact {P['p_exact'].mean():.4f} ± {se(P['p_exact']):.4f}   "
           f"fast {P['p_fast'].mean():.4f} ± {se(P['p_fast']):.4f}")

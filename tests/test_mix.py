@@ -503,7 +503,7 @@ def test_the_merged_int4_head_is_the_float_head_quantized_once(mixed_int4, tmp_p
         assert len(e.mix._merged) == 3  # [1, 0] came back: kept with its cache, not merged again
     finally:
         e.close()
-    e = _load(bundle, merge_mix=False)  # the default: merging is asked for, never implied
+    e = _load(bundle, merge_mix=False)  # --no-merge-mix: never merged
     try:
         assert isinstance(e.mix.merge, str) and "--no-merge-mix" in e.mix.merge
         e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
