@@ -152,8 +152,9 @@ sampling_options = options(
     click.option("--stop", multiple=True, help="Stop string, repeatable."),
     click.option("--system", "-s", help="System prompt."),
     click.option("--exact/--fast", "exact", default=None,
-                 help="--fast skips the ARMs where the base is confident (fastmode.py); --exact (the "
-                 "default) runs them at every step."),
+                 help="--fast runs the pack's mix head for any mix of its objectives (else the ARMs' heads) and "
+                 "skips it where the base is confident (fastmode.py); --exact runs every ARM at every step, "
+                 "the reference. Default: --fast where the pack's mix head serves the weights, else --exact."),
 )  # fmt: skip
 
 nudge_options = options(

@@ -24,7 +24,8 @@ from .records import DataError, read_prompts
 @click.option("-n", "n_prompts", default=64, show_default=True, help="Prompts to use.")
 @click.option("--method", "methods", multiple=True, metavar="SPEC",
               help="unguided | nudge | NAME=W[,NAME=W][+nudge] | bon:N[:SCORER] | args:K[:W], repeatable "
-              "(default: unguided, each ARM at its default weight, all defaults, nudge, bon:4).")  # fmt: skip
+              "(default: unguided, each ARM at its default weight, all defaults, nudge, bon:4); GenARM methods "
+              "run in the exact mode unless @exact=0 (SPEC@KEY=V,.. sets sampling settings).")  # fmt: skip
 @click.option("--grid", "grid", multiple=True, metavar="A:B|NAME=W1,..",
               help="A:B (the 11-point front between two ARMs at their default strength) or NAME=W1,W2,.. (one axis per ARM: every combination), repeatable.")  # fmt: skip
 @click.option("--judge", "judges", multiple=True, default=("sentiment", "afinn"), show_default=True,

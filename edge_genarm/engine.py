@@ -26,7 +26,7 @@ from .backends.mix import MIX
 from .chat import check_messages, render
 from .config import DEFAULTS
 from .errors import ConfigError, ContextOverflowError, EdgeGenarmError
-from .fastmode import gate_tau
+from .fastmode import default_exact, gate_tau
 from .generation import Completion, Generation, StepRecord, Timings
 from .nudge import NudgeConfig, NudgeTable
 
@@ -204,6 +204,8 @@ class Engine:
                 "nudge rollouts are scored by the ARMs, and none is active: give an ARM a weight "
                 "(--arm NAME=W), or set rollouts to 0"
             )
+        if exact is None:  # the default mode: fast where the pack's mix head serves these weights
+            exact = default_exact(nudge is None and self.mix is not None and isinstance(self.mix.plan(active), tuple))
         fast_tau = gate_tau(exact, bool(active))
         ids = self.prompt_ids(prompt, raw, system)
         runs, run_active, alpha = self.units_for(active), active, None

@@ -24,6 +24,10 @@ prompt-to-prompt variation cancels), the loop rate, NLL, tokens, finish rate, to
 forwards per generated token; two plots (judged gain vs tok/s, and the two-objective front of
 a weight grid) are written as PNG next to report.md.
 
+A GenARM method runs in the exact mode (every ARM at every step, the reference) unless it says
+`@exact=0`, whatever the runtime's default mode: the tables made with it stay reproducible, and
+the fast mode is measured against it by name.
+
 Records are appended to OUT/records.jsonl one whole line at a time; a rerun with the same
 settings skips what is there (resume), and refuses a folder made with other settings.
 """
@@ -227,7 +231,7 @@ def run_method(engine, m: Method, prompt: str, seed: int, max_tokens: int, rm=No
     if m.kind in ("unguided", "genarm"):
         c = engine.generate(
             prompt, seed=seed, max_tokens=max_tokens, weights=m.weights, guidance=m.kind == "genarm",
-            nudge=NudgeConfig() if m.nudge else None, **m.sampling,
+            nudge=NudgeConfig() if m.nudge else None, **{"exact": True, **m.sampling},
         )  # fmt: skip
         n_active = sum(1 for w in m.weights.values() if w) if m.kind == "genarm" else 0
         forwards = (1 + n_active) * len(c.tokens)

@@ -33,7 +33,18 @@ FAST_TAU = 0.5  # nats: below this base entropy a step is decoded without the AR
 # mode's mass on tokens past the base's top FAST_CANDIDATES (measured: docs/speed.md). Off with
 # nudging, whose rollouts score tokens anywhere in the vocabulary.
 FAST_CANDIDATES = 128
-DEFAULT_EXACT = True  # the fast mode becomes the default only once it keeps the gain (docs/speed.md)
+# The default mode, where a request does not say: the fast mode where the bundle's mix head serves
+# the request's weights (it met issue 21's bar on the default pack: docs/speed.md, "The end of the
+# reply"), else the exact mode (the fast mode on separate ARM heads kept 53-86% of the gain at some
+# weights: docs/speed.md, "The fast mode").
+DEFAULT_EXACT = True  # without a mix head for the weights
+DEFAULT_EXACT_WITH_MIX = False
+
+
+def default_exact(mix_serves: bool) -> bool:
+    """The mode a request gets when it does not choose: `mix_serves`, the engine's mix head can run
+    these weights (backends.mix.MixUnit.plan) and nothing else (nudging) needs the ARMs."""
+    return DEFAULT_EXACT_WITH_MIX if mix_serves else DEFAULT_EXACT
 
 
 def gate_tau(exact, guided: bool) -> float | None:

@@ -66,10 +66,11 @@ def test_every_step_guided_is_the_exact_mode(engine, monkeypatch):
     assert all(r.guided for r in fast.records) and fast.timings.guided == len(fast.records)
 
 
-def test_the_exact_mode_is_the_default_and_exact_must_be_a_boolean(engine):
+def test_without_a_mix_head_the_exact_mode_is_the_default_and_exact_must_be_a_boolean(engine):
+    assert engine.mix is None
     a, _ = _run(engine, None)
     b, _ = _run(engine, True)
-    assert a.tokens == b.tokens and fastmode.DEFAULT_EXACT
+    assert a.tokens == b.tokens and fastmode.DEFAULT_EXACT and fastmode.default_exact(False)
     for bad in ("yes", 1, None.__class__):
         with pytest.raises(ConfigError, match="exact must be true or false"):
             engine.stream("Hi", weights=W, exact=bad)

@@ -595,8 +595,11 @@ def test_the_merge_is_calibrated_on_held_out_pairs_and_gated_on_the_ends_of_repl
         assert e.mix.merge is True and e.mix.calibration == bundle / lean_mix.CALIB_FILE
         e.mix.set_alpha(np.array([0.5, 0.5], np.float32))
         assert isinstance(e.mix.graph, _MergedGraph)
-        c = e.generate("Tell me a story.", max_tokens=4, seed=1, weights={"a": 0.5, "b": 0.5}, exact=False)
+        # the default mode: fast where the mix head serves the weights, exact where it cannot
+        c = e.generate("Tell me a story.", max_tokens=4, seed=1, weights={"a": 0.5, "b": 0.5})
         assert c.records and all(set(r.arm_contrib) <= {"mix"} for r in c.records)
+        c = e.generate("Tell me a story.", max_tokens=4, seed=1, weights={"a": -0.5, "b": 0.5})
+        assert c.records and all(set(r.arm_contrib) == {"a", "b"} and r.guided for r in c.records)
     finally:
         e.close()
     # a gate that looks at every alpha and allows no drift at all: not merged
