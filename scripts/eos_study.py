@@ -24,6 +24,9 @@ import numpy as np
 from edge_genarm import guidance as G
 from edge_genarm import load
 from edge_genarm.backends.mix import MIX
+from edge_genarm.fastmode import FAST_CANDIDATES, FAST_TAU
+
+EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, float("inf"))
 
 
 def read_prompts(path: str, skip: int, n: int) -> list[str]:
@@ -129,7 +132,8 @@ def main() -> None:
         state["x_mean"] = calibrate(engine, read_prompts(a.prompts, 1400, a.bias_correct), a.max_tokens, weights, alpha)
     mix.set_alpha(alpha)
     eos = engine.eos_candidates
-    per_prompt = []
+    per_prompt, steps = [], []
+    params = G.SamplingParams()
     for i, prompt in enumerate(read_prompts(a.prompts, a.skip, a.n)):
         c = engine.generate(prompt, max_tokens=a.max_tokens, seed=i, weights=weights, exact=True)
         ids = engine.prompt_ids(prompt)
@@ -149,6 +153,20 @@ def main() -> None:
             mixture = sum(alpha[j] * arm_lp[n] for j, n in enumerate(mix.objectives) if n in arm_lp)
             exact = G.log_softmax(base_lp + sum(w * arm_lp[n] for n, w in active.items()))
             fast = G.log_softmax(base_lp + strength * mix_lp)
+            # the fast mode as it samples: the base alone below FAST_TAU, else the mix head on the
+            # base's FAST_CANDIDATES likeliest tokens + the end ids (every other token -inf)
+            H = float(-np.sum(np.exp(base_lp) * base_lp))
+            if H < FAST_TAU:
+                fast_s = base_lp.copy()
+            else:
+                fast_s = np.full_like(base_lp, -np.inf)
+                keep = np.union1d(np.argsort(-base_lp)[:FAST_CANDIDATES], eos)
+                fast_s[keep] = (base_lp + strength * mix_lp)[keep]
+            pe, pf = G.sampling_distribution(exact, params), G.sampling_distribution(fast_s, params)
+            on = np.isfinite(fast_s)  # KL on the fast mode's support, the exact mass past it apart
+            le, lf = G.log_softmax(exact[on]), G.log_softmax(fast_s[on])
+            steps.append((H, float(np.sum(np.exp(le) * (le - lf))), 0.5 * float(np.abs(pe - pf).sum()),
+                          int(np.argmax(exact) != np.argmax(fast_s)), float(np.exp(exact[~on]).sum())))  # fmt: skip
             end = lambda lp: float(np.logaddexp.reduce(lp[eos]))  # noqa: E731
             mixture_n = G.log_softmax(mixture)
             rows.append((np.exp(end(exact)), np.exp(end(fast)), end(fast) - end(exact), end(mix_lp) - end(mixture_n),
@@ -169,6 +187,16 @@ def main() -> None:
     print(f"  log p(end) fast - exact        {P['dlog'].mean():+.3f} ± {se(P['dlog']):.3f} nats")
     print(f"  the head's own log pi(end) - the ARMs' mixture's  {P['dlog_head'].mean():+.3f} ± {se(P['dlog_head']):.3f} nats;"
           f" KL(mixture || head) {P['kl_head'].mean():.4f}")
+    st = np.array(steps)
+    print(f"per step, exact vs the fast mode as it samples (gate {FAST_TAU} nats, {FAST_CANDIDATES} candidates + ends), by the "
+          f"base's entropy: KL(exact || fast) at temperature 1 on the fast mode's tokens (exact mass past them apart), TV of the samplers ({params.temperature=}, top-k "
+          f"{params.top_k}, top-p {params.top_p}, min-p {params.min_p}; the least chance a draw differs), greedy pick differs")
+    for lo, hi in zip(EDGES, EDGES[1:]):
+        b = st[(st[:, 0] >= lo) & (st[:, 0] < hi)]
+        if len(b):
+            print(f"  H [{lo:g}, {hi:g})  {len(b) / len(st):6.1%} of steps   KL {b[:, 1].mean():.4f}   TV {b[:, 2].mean():.4f}"
+                  f"   greedy differs {b[:, 3].mean():6.1%}   exact mass past {b[:, 4].mean():.1e}")  # fmt: skip
+    print(f"  all            {len(st)} steps   KL {st[:, 1].mean():.4f}   TV {st[:, 2].mean():.4f}   greedy differs {st[:, 3].mean():6.1%}")
 
 
 if __name__ == "__main__":
