@@ -17,9 +17,9 @@ own log-prob of the end against the ARMs' mixture.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
+from fast_study import read_prompts  # scripts/ is on the path of a script run from it
 
 from edge_genarm import guidance as G
 from edge_genarm import load
@@ -27,19 +27,6 @@ from edge_genarm.backends.mix import MIX
 from edge_genarm.fastmode import FAST_CANDIDATES, FAST_TAU
 
 EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, float("inf"))
-
-
-def read_prompts(path: str, skip: int, n: int) -> list[str]:
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if i < skip:
-                continue
-            if len(out) == n:
-                break
-            row = json.loads(line)
-            out.append(row.get("prompt") or row.get("text"))
-    return out
 
 
 def se(x) -> float:
