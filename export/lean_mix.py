@@ -32,7 +32,7 @@ CALIB_FILE = "mix/mix-calib.npz"
 # ... at the alphas where the float head ends a held-out reply at least this often (at the
 # positive vertex and the even mix of the default pack it does so ~0.00-0.01 times a reply).
 ENDS_FLOOR = 0.1
-CALIB_PAIRS, CHECK_PAIRS, MAX_SEQ, CHECK_STRIDE = 8, 4, 256, 8
+CALIB_PAIRS, CHECK_PAIRS, MAX_SEQ, CHECK_STRIDE = 8, 8, 256, 6
 
 
 def read_mix(adapter: Path):
