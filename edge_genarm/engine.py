@@ -204,13 +204,13 @@ class Engine:
                 "nudge rollouts are scored by the ARMs, and none is active: give an ARM a weight "
                 "(--arm NAME=W), or set rollouts to 0"
             )
+        mixed = self.mix.plan(active) if nudge is None and self.mix is not None else None
         if exact is None:  # the default mode: fast where the pack's mix head serves these weights
-            exact = default_exact(nudge is None and self.mix is not None and isinstance(self.mix.plan(active), tuple))
+            exact = default_exact(isinstance(mixed, tuple))
         fast_tau = gate_tau(exact, bool(active))
         ids = self.prompt_ids(prompt, raw, system)
         runs, run_active, alpha = self.units_for(active), active, None
-        if fast_tau is not None and nudge is None and self.mix is not None:
-            mixed = self.mix.plan(active)
+        if fast_tau is not None and mixed is not None:
             if isinstance(mixed, str):  # said once per reason: a server would repeat it at every request
                 say = log.debug if mixed in self._mix_refusals else log.warning
                 self._mix_refusals.add(mixed)

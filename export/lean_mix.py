@@ -77,16 +77,11 @@ def head_logits(path: Path, hidden: np.ndarray, alpha, lm_head: np.ndarray) -> n
     """The graph at `path` on `hidden` (seq, d) at `alpha`: logits (seq, vocab), float64."""
     import onnxruntime as ort
 
+    from edge_genarm.backends.mix_merge import head_feed
     from edge_genarm.backends.onnx_arm import session_options
 
     s = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
-    feed = {"hidden": hidden[None].astype(np.float32), "attention_mask": np.ones((1, len(hidden)), dtype=np.int64)}
-    for i in s.get_inputs():
-        if i.name == "alpha":  # (a head merged at one alpha has none: backends/mix_merge.py)
-            feed["alpha"] = np.asarray(alpha, dtype=np.float32)
-        if i.name.startswith("past_key_values."):
-            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-    normed = s.run(["normed"], feed)[0][0]
+    normed = s.run(["normed"], head_feed(s, hidden, alpha))[0][0]
     return normed.astype(np.float64) @ lm_head.astype(np.float64)
 
 
@@ -239,20 +234,14 @@ def _ends(path: Path, checks, alpha, lm_head, eos) -> float:
     of an end id, summed over every CHECK_STRIDE-th reply position, averaged over the replies."""
     import onnxruntime as ort
 
+    from edge_genarm.backends.mix_merge import head_feed
     from edge_genarm.backends.onnx_arm import session_options
 
     s = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
-    names = {i.name for i in s.get_inputs()}
     lm = lm_head.astype(np.float32)
     total = 0.0
     for h, start in checks:
-        feed = {"hidden": h[None].astype(np.float32), "attention_mask": np.ones((1, len(h)), dtype=np.int64)}
-        if "alpha" in names:
-            feed["alpha"] = np.asarray(alpha, dtype=np.float32)
-        for i in s.get_inputs():
-            if i.name.startswith("past_key_values."):
-                feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-        normed = s.run(["normed"], feed)[0][0]
+        normed = s.run(["normed"], head_feed(s, h, alpha))[0][0]
         z = (normed[max(start - 1, 0) :: CHECK_STRIDE] @ lm).astype(np.float64)
         lse = np.logaddexp.reduce(z, axis=-1)
         total += float(np.exp(np.logaddexp.reduce(z[:, eos], axis=-1) - lse).sum()) * CHECK_STRIDE

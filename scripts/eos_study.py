@@ -35,35 +35,17 @@ def se(x) -> float:
 
 
 def calibrate(engine, prompts, max_tokens, weights, alpha) -> dict:
-    """{(layer, matrix): the mean input of that projection of the shipped mix head}, over the exact
-    mode's replies to `prompts` (their prompt and reply positions)."""
-    import onnx
-    import onnxruntime as ort
+    """{(layer, matrix): the mean input of that projection of the shipped mix head} over the exact
+    mode's replies to `prompts` (their prompt and reply positions): mix_merge.input_means."""
+    from edge_genarm.backends.mix_merge import input_means
 
-    from edge_genarm.backends.mix_merge import _key, projections
-
-    mix = engine.mix
-    m = onnx.load(str(mix.shipped.path))
-    projs = projections(m.graph)
-    names = sorted({p["x"] for p in projs})
-    for x in names:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    sums, count = {x: 0.0 for x in names}, 0
+    mix, hiddens = engine.mix, []
     for i, prompt in enumerate(prompts):
         c = engine.generate(prompt, max_tokens=max_tokens, seed=i, weights=weights, exact=True)
         seq = engine.prompt_ids(prompt) + [t for t in c.tokens if t not in set(engine.eos_candidates.tolist())]
         engine.base.prefill(seq)
-        hidden = engine.base.hidden_at(mix.tap_layer)[None, : len(seq)].astype(np.float32)
-        feed = {"hidden": hidden, "attention_mask": np.ones((1, len(seq)), np.int64), "alpha": alpha}
-        for inp in sess.get_inputs():
-            if inp.name.startswith("past_key_values"):
-                feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
-        outs = sess.run(names, feed)
-        for x, v in zip(names, outs):
-            sums[x] = sums[x] + v.reshape(-1, v.shape[-1])[1:].sum(0)  # the first position (the attention sink) left out
-        count += len(seq) - 1
-    return {_key(p["A"]): sums[p["x"]] / count for p in projs}
+        hiddens.append(np.array(engine.base.hidden_at(mix.tap_layer)[: len(seq)], dtype=np.float32))
+    return input_means(mix.shipped.path, hiddens, alpha)
 
 
 def main() -> None:

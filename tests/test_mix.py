@@ -587,6 +587,14 @@ def test_the_merge_is_calibrated_on_held_out_pairs_and_gated_on_the_ends_of_repl
     v0, v1 = (calibration_at(bundle / lean_mix.CALIB_FILE, a) for a in ([1.0, 0.0], [0.0, 1.0]))
     for k in at:
         np.testing.assert_allclose(at[k], 0.25 * v0[k] + 0.75 * v1[k], rtol=1e-5, atol=1e-6)
+    from edge_genarm.backends.mix_merge import MergeError
+
+    bad = bundle.parent / "bad-calib.npz"
+    bad.write_bytes((bundle / lean_mix.CALIB_FILE).read_bytes()[:100])  # truncated: named, with the fix
+    with pytest.raises(MergeError, match="bad-calib.npz.*pack build"):
+        calibration_at(bad, [0.5, 0.5])
+    with pytest.raises(MergeError, match="rebuild the pack"):
+        calibration_at(bundle / lean_mix.CALIB_FILE, [0.2, 0.3, 0.5])
     hid = [np.random.default_rng(1).standard_normal((12, next(m.size for k, m in v0.items() if k[1] == "q"))).astype(np.float32)]
     means = input_means(bundle / "mix" / "mix.onnx", hid, [0.0, 1.0])
     assert set(means) == set(v1) and all(m.shape == v1[k].shape for k, m in means.items())

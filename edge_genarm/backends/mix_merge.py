@@ -219,6 +219,18 @@ def merged_model(path: Path, gguf: Path, alpha: np.ndarray, block_size: int | No
 
 
 
+def head_feed(session, hidden: np.ndarray, alpha) -> dict:
+    """The inputs of a mix head graph (shipped or merged) run over `hidden` (seq, d) from an empty
+    cache: alpha only where the graph still takes it."""
+    feed = {"hidden": np.asarray(hidden, np.float32)[None], "attention_mask": np.ones((1, len(hidden)), np.int64)}
+    for inp in session.get_inputs():
+        if inp.name == "alpha":
+            feed["alpha"] = np.asarray(alpha, np.float32)
+        elif inp.name.startswith("past_key_values."):
+            feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+    return feed
+
+
 def input_means(path: Path, hiddens: list[np.ndarray], alpha) -> dict[tuple[int, str], np.ndarray]:
     """{(layer, matrix): the mean input of that projection} of the mix head at `path` run at
     `alpha` on each (seq, d) hidden-state array of `hiddens`, over every position but the first
@@ -234,12 +246,7 @@ def input_means(path: Path, hiddens: list[np.ndarray], alpha) -> dict[tuple[int,
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     sums, count = dict.fromkeys(names, 0.0), 0
     for h in hiddens:
-        feed = {"hidden": np.asarray(h, np.float32)[None], "attention_mask": np.ones((1, len(h)), np.int64),
-                "alpha": np.asarray(alpha, np.float32)}  # fmt: skip
-        for inp in sess.get_inputs():
-            if inp.name.startswith("past_key_values."):
-                feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
-        for x, v in zip(names, sess.run(names, feed)):
+        for x, v in zip(names, sess.run(names, head_feed(sess, h, alpha))):
             sums[x] = sums[x] + v.reshape(-1, v.shape[-1])[1:].astype(np.float64).sum(0)
         count += len(h) - 1
     if count <= 0:
@@ -263,11 +270,15 @@ def save_calibration(path: Path, per_vertex: list[dict]) -> None:
 def calibration_at(path: Path, alpha) -> dict[tuple[int, str], np.ndarray]:
     """The input means at `alpha`: the vertices' mixed by alpha (the LoRAs enter linearly)."""
     alpha = np.asarray(alpha, np.float64)
-    with np.load(path) as z:
-        out = {}
-        for name in z.files:
-            means = z[name]
-            if means.shape[0] != alpha.size:
-                raise MergeError(f"'{path}' holds means for {means.shape[0]} objectives, alpha has {alpha.size}")
-            out[_key(name + ".lora_A")] = (alpha @ means.astype(np.float64)).astype(np.float32)
+    try:
+        with np.load(path) as z:
+            arrays = {name: z[name] for name in z.files}
+    except Exception as e:  # missing, truncated, not an npz: numpy's and zipfile's own errors
+        raise MergeError(f"cannot read the merge's calibration '{path}' ({type(e).__name__}: {e}): rebuild the "
+                         "pack (`edge-genarm pack build NAME --force`)") from None  # fmt: skip
+    out = {}
+    for name, means in arrays.items():
+        if means.ndim != 2 or means.shape[0] != alpha.size or _key(name + ".lora_A") is None:
+            raise MergeError(f"'{path}' holds {name} {means.shape}, not means for {alpha.size} objectives: rebuild the pack")
+        out[_key(name + ".lora_A")] = (alpha @ means.astype(np.float64)).astype(np.float32)
     return out
